@@ -1,0 +1,637 @@
+//! Publish-body decoding: every body format of the contract, with or without gzip, turned
+//! into validated [`NewEvent`]s.
+//!
+//! Pure functions, free of I/O and async, so fuzzers and property tests call them directly.
+//! A body is accepted or refused as a whole: one bad envelope refuses the batch, before any
+//! id exists.
+
+use std::io::Read;
+
+use base64::Engine as _;
+use bytes::Bytes;
+use serde::de::{self, Deserializer, MapAccess, SeqAccess, Visitor};
+use serde::Deserialize;
+use serde_json::value::RawValue;
+
+use crate::envelope::{Data, NewEvent};
+use crate::topic::{NameError, Topic};
+
+/// Longest accepted event type, in bytes.
+pub const MAX_TYPE_LEN: usize = 128;
+/// Longest accepted `msg_id`, in bytes.
+pub const MAX_MSG_ID_LEN: usize = 256;
+
+/// The publish body formats of the contract.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum BodyFormat {
+    /// `application/json`: one envelope or an array of them.
+    Json,
+    /// `application/x-ndjson`: one envelope per line.
+    Ndjson,
+    /// `application/msgpack` and aliases: a map envelope or an array of them.
+    Msgpack,
+    /// `text/plain`: the body is the (string) data of one event.
+    Text,
+    /// `application/octet-stream`: the body is the (bytes) data of one event.
+    Bytes,
+}
+
+impl BodyFormat {
+    /// Picks the format from a `Content-Type` value (parameters such as `charset` ignored).
+    pub fn from_content_type(value: &str) -> Result<Self, DecodeError> {
+        let essence = value
+            .split(';')
+            .next()
+            .unwrap_or("")
+            .trim()
+            .to_ascii_lowercase();
+        match essence.as_str() {
+            "application/json" => Ok(BodyFormat::Json),
+            "application/x-ndjson" | "application/ndjson" | "application/jsonl" => {
+                Ok(BodyFormat::Ndjson)
+            }
+            "application/msgpack" | "application/x-msgpack" | "application/vnd.msgpack" => {
+                Ok(BodyFormat::Msgpack)
+            }
+            "text/plain" => Ok(BodyFormat::Text),
+            "application/octet-stream" => Ok(BodyFormat::Bytes),
+            _ => Err(DecodeError::UnsupportedMediaType(value.to_string())),
+        }
+    }
+}
+
+/// Where the events of a body go.
+#[derive(Debug, Clone)]
+pub enum Target {
+    /// `POST /v1/topics/{topic}/events`: every event goes to this topic.
+    Topic(Topic),
+    /// `POST /v1/events`: each envelope names its own topic.
+    PerEnvelope,
+}
+
+/// Bounds applied while decoding.
+#[derive(Debug, Clone, Copy)]
+pub struct Limits {
+    /// Largest body after gzip inflation, in bytes.
+    pub max_decompressed: usize,
+    /// Most events one request may carry.
+    pub max_events: usize,
+    /// Longest topic, in bytes (never above the contract's 200).
+    pub max_topic_len: usize,
+}
+
+impl Default for Limits {
+    fn default() -> Self {
+        Limits {
+            max_decompressed: 16 << 20,
+            max_events: 10_000,
+            max_topic_len: crate::topic::MAX_TOPIC_LEN,
+        }
+    }
+}
+
+/// Defaults for the single-event formats (`text/plain`, octet-stream), which carry no envelope.
+#[derive(Debug, Clone, Default)]
+pub struct BareDefaults {
+    /// Event type to use (from the `type` query parameter).
+    pub event_type: Option<String>,
+    /// Dedupe id to use (from the `msg_id` query parameter).
+    pub msg_id: Option<String>,
+}
+
+/// Why a body was refused. Each maps to one status of the contract.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum DecodeError {
+    /// 415: a content type or encoding we do not read.
+    #[error("unsupported content type {0:?}")]
+    UnsupportedMediaType(String),
+    /// 415: a content encoding other than gzip or identity.
+    #[error("unsupported content encoding {0:?}: use gzip or none")]
+    UnsupportedEncoding(String),
+    /// 400: the bytes are not the format they claim to be.
+    #[error("malformed body: {0}")]
+    Malformed(String),
+    /// 413: more than the limit after inflation.
+    #[error("body inflates beyond the {0}-byte limit")]
+    InflatesTooLarge(usize),
+    /// 413: more events than one request may carry.
+    #[error("batch of {count} events exceeds the limit of {max}")]
+    TooManyEvents {
+        /// Events in the body.
+        count: usize,
+        /// The limit in force.
+        max: usize,
+    },
+    /// 422: well-formed but invalid (bad topic, bad field, empty batch).
+    #[error("{0}")]
+    Invalid(String),
+}
+
+/// Decodes a whole publish body. `gzip` says the body carries `Content-Encoding: gzip`.
+pub fn decode_publish(
+    target: &Target,
+    format: BodyFormat,
+    gzip: bool,
+    body: &[u8],
+    limits: &Limits,
+    bare: &BareDefaults,
+) -> Result<Vec<NewEvent>, DecodeError> {
+    let inflated;
+    let body = if gzip {
+        inflated = gunzip(body, limits.max_decompressed)?;
+        &inflated[..]
+    } else {
+        if body.len() > limits.max_decompressed {
+            return Err(DecodeError::InflatesTooLarge(limits.max_decompressed));
+        }
+        body
+    };
+    let raw = match format {
+        BodyFormat::Json => decode_json(body)?,
+        BodyFormat::Ndjson => decode_ndjson(body)?,
+        BodyFormat::Msgpack => decode_msgpack(body)?,
+        BodyFormat::Text => {
+            let text = std::str::from_utf8(body)
+                .map_err(|_| DecodeError::Malformed("text/plain body is not UTF-8".into()))?;
+            let json =
+                serde_json::to_string(text).map_err(|e| DecodeError::Malformed(e.to_string()))?;
+            vec![bare_envelope(Data::Json(json.into()), bare)]
+        }
+        BodyFormat::Bytes => vec![bare_envelope(
+            Data::Bytes(Bytes::copy_from_slice(body)),
+            bare,
+        )],
+    };
+    if raw.is_empty() {
+        return Err(DecodeError::Invalid("the batch holds no event".into()));
+    }
+    if raw.len() > limits.max_events {
+        return Err(DecodeError::TooManyEvents {
+            count: raw.len(),
+            max: limits.max_events,
+        });
+    }
+    raw.into_iter()
+        .enumerate()
+        .map(|(i, env)| {
+            validate(env, target, limits)
+                .map_err(|msg| DecodeError::Invalid(format!("event {i}: {msg}")))
+        })
+        .collect()
+}
+
+/// Inflates a gzip body, refusing (without inflating further) once it passes `limit` bytes.
+pub fn gunzip(body: &[u8], limit: usize) -> Result<Vec<u8>, DecodeError> {
+    let mut out = Vec::with_capacity(body.len().saturating_mul(4).min(limit));
+    let mut decoder = flate2::read::MultiGzDecoder::new(body).take(limit as u64 + 1);
+    decoder
+        .read_to_end(&mut out)
+        .map_err(|e| DecodeError::Malformed(format!("gzip: {e}")))?;
+    if out.len() > limit {
+        return Err(DecodeError::InflatesTooLarge(limit));
+    }
+    Ok(out)
+}
+
+/// An envelope as read from the wire, before validation.
+#[derive(Debug)]
+struct RawEnvelope {
+    topic: Option<String>,
+    event_type: Option<String>,
+    msg_id: Option<String>,
+    data: Data,
+}
+
+fn bare_envelope(data: Data, bare: &BareDefaults) -> RawEnvelope {
+    RawEnvelope {
+        topic: None,
+        event_type: bare.event_type.clone(),
+        msg_id: bare.msg_id.clone(),
+        data,
+    }
+}
+
+fn validate(env: RawEnvelope, target: &Target, limits: &Limits) -> Result<NewEvent, String> {
+    let topic = match (target, env.topic) {
+        (Target::Topic(t), None) => t.clone(),
+        (Target::Topic(t), Some(named)) if named == t.as_str() => t.clone(),
+        (Target::Topic(t), Some(named)) => {
+            return Err(format!(
+                "names topic {named:?} but is published to {:?}",
+                t.as_str()
+            ))
+        }
+        (Target::PerEnvelope, None) => return Err("`topic` is required in this batch".into()),
+        (Target::PerEnvelope, Some(named)) => Topic::parse_with_limit(&named, limits.max_topic_len)
+            .map_err(|e: NameError| format!("topic {named:?} {e}"))?,
+    };
+    if let Some(t) = &env.event_type {
+        if t.is_empty() || t.len() > MAX_TYPE_LEN || t.chars().any(char::is_control) {
+            return Err(format!(
+                "`type` must be 1 to {MAX_TYPE_LEN} bytes without control characters"
+            ));
+        }
+        if t == "gap" {
+            return Err("`type` \"gap\" is reserved for the gap signal".into());
+        }
+    }
+    if let Some(m) = &env.msg_id {
+        if m.is_empty() || m.len() > MAX_MSG_ID_LEN {
+            return Err(format!("`msg_id` must be 1 to {MAX_MSG_ID_LEN} bytes"));
+        }
+    }
+    Ok(NewEvent {
+        topic,
+        event_type: env.event_type.map(Into::into),
+        msg_id: env.msg_id.map(Into::into),
+        data: env.data,
+    })
+}
+
+// ---------------------------------------------------------------- JSON and NDJSON
+
+#[derive(Deserialize)]
+struct JsonEnvelope<'a> {
+    #[serde(borrow)]
+    data: &'a RawValue,
+    #[serde(default, rename = "type")]
+    event_type: Option<String>,
+    #[serde(default)]
+    msg_id: Option<String>,
+    #[serde(default)]
+    topic: Option<String>,
+    #[serde(default)]
+    encoding: Option<String>,
+}
+
+fn json_error(e: serde_json::Error) -> DecodeError {
+    use serde_json::error::Category;
+    match e.classify() {
+        Category::Data => DecodeError::Invalid(format!("invalid envelope: {e}")),
+        _ => DecodeError::Malformed(format!("JSON: {e}")),
+    }
+}
+
+fn from_json_envelope(env: JsonEnvelope<'_>) -> Result<RawEnvelope, DecodeError> {
+    let data = match env.encoding.as_deref() {
+        None => Data::Json(compact_json(env.data.get())?),
+        Some("base64") => {
+            let text: &str = serde_json::from_str(env.data.get()).map_err(|_| {
+                DecodeError::Invalid("`data` must be a string when `encoding` is base64".into())
+            })?;
+            let bytes = base64::engine::general_purpose::STANDARD
+                .decode(text)
+                .map_err(|e| DecodeError::Invalid(format!("`data` is not valid base64: {e}")))?;
+            Data::Bytes(Bytes::from(bytes))
+        }
+        Some(other) => {
+            return Err(DecodeError::Invalid(format!(
+                "unknown `encoding` {other:?}: only \"base64\""
+            )))
+        }
+    };
+    Ok(RawEnvelope {
+        topic: env.topic,
+        event_type: env.event_type,
+        msg_id: env.msg_id,
+        data,
+    })
+}
+
+/// Returns JSON text on one line: as given when it already is, re-serialised when it
+/// spans lines (an SSE `data:` line must not break).
+fn compact_json(text: &str) -> Result<Box<str>, DecodeError> {
+    if text.contains(['\n', '\r']) {
+        let v: serde_json::Value = serde_json::from_str(text).map_err(json_error)?;
+        Ok(v.to_string().into())
+    } else {
+        Ok(text.into())
+    }
+}
+
+fn decode_json(body: &[u8]) -> Result<Vec<RawEnvelope>, DecodeError> {
+    let first = body.iter().find(|b| !b.is_ascii_whitespace());
+    match first {
+        Some(b'[') => {
+            let envs: Vec<JsonEnvelope<'_>> = serde_json::from_slice(body).map_err(json_error)?;
+            envs.into_iter().map(from_json_envelope).collect()
+        }
+        Some(b'{') => {
+            let env: JsonEnvelope<'_> = serde_json::from_slice(body).map_err(json_error)?;
+            Ok(vec![from_json_envelope(env)?])
+        }
+        Some(_) => {
+            // Well-formed JSON that is not an envelope is invalid, anything else malformed.
+            serde_json::from_slice::<serde::de::IgnoredAny>(body).map_err(json_error)?;
+            Err(DecodeError::Invalid(
+                "a JSON body is an envelope object or an array of them".into(),
+            ))
+        }
+        None => Err(DecodeError::Malformed("empty body".into())),
+    }
+}
+
+fn decode_ndjson(body: &[u8]) -> Result<Vec<RawEnvelope>, DecodeError> {
+    let mut out = Vec::new();
+    for (n, line) in body.split(|b| *b == b'\n').enumerate() {
+        if line.iter().all(u8::is_ascii_whitespace) {
+            continue;
+        }
+        let env: JsonEnvelope<'_> =
+            serde_json::from_slice(line).map_err(|e| match json_error(e) {
+                DecodeError::Invalid(m) => DecodeError::Invalid(format!("line {}: {m}", n + 1)),
+                DecodeError::Malformed(m) => DecodeError::Malformed(format!("line {}: {m}", n + 1)),
+                other => other,
+            })?;
+        out.push(from_json_envelope(env)?);
+    }
+    Ok(out)
+}
+
+// ---------------------------------------------------------------- MessagePack
+
+/// An envelope's `data` in MessagePack: `bin` stays bytes, anything else becomes JSON.
+struct MsgpackData(Data);
+
+impl<'de> Deserialize<'de> for MsgpackData {
+    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        d.deserialize_any(MsgpackDataVisitor)
+    }
+}
+
+struct MsgpackDataVisitor;
+
+/// Builds the JSON text of a non-`bin` value; nested `bin` is refused (JSON has no bytes).
+fn json_data<E: de::Error>(v: serde_json::Value) -> Result<MsgpackData, E> {
+    Ok(MsgpackData(Data::Json(v.to_string().into())))
+}
+
+impl<'de> Visitor<'de> for MsgpackDataVisitor {
+    type Value = MsgpackData;
+
+    fn expecting(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("any MessagePack value")
+    }
+    fn visit_bytes<E: de::Error>(self, v: &[u8]) -> Result<Self::Value, E> {
+        Ok(MsgpackData(Data::Bytes(Bytes::copy_from_slice(v))))
+    }
+    fn visit_byte_buf<E: de::Error>(self, v: Vec<u8>) -> Result<Self::Value, E> {
+        Ok(MsgpackData(Data::Bytes(Bytes::from(v))))
+    }
+    fn visit_bool<E: de::Error>(self, v: bool) -> Result<Self::Value, E> {
+        json_data(v.into())
+    }
+    fn visit_i64<E: de::Error>(self, v: i64) -> Result<Self::Value, E> {
+        json_data(v.into())
+    }
+    fn visit_u64<E: de::Error>(self, v: u64) -> Result<Self::Value, E> {
+        json_data(v.into())
+    }
+    fn visit_f64<E: de::Error>(self, v: f64) -> Result<Self::Value, E> {
+        match serde_json::Number::from_f64(v) {
+            Some(n) => json_data(serde_json::Value::Number(n)),
+            None => Err(E::custom("non-finite float has no JSON form")),
+        }
+    }
+    fn visit_str<E: de::Error>(self, v: &str) -> Result<Self::Value, E> {
+        json_data(v.into())
+    }
+    fn visit_unit<E: de::Error>(self) -> Result<Self::Value, E> {
+        json_data(serde_json::Value::Null)
+    }
+    fn visit_none<E: de::Error>(self) -> Result<Self::Value, E> {
+        json_data(serde_json::Value::Null)
+    }
+    fn visit_some<D: Deserializer<'de>>(self, d: D) -> Result<Self::Value, D::Error> {
+        json_data(serde_json::Value::deserialize(d)?)
+    }
+    fn visit_seq<A: SeqAccess<'de>>(self, seq: A) -> Result<Self::Value, A::Error> {
+        let v = serde_json::Value::deserialize(de::value::SeqAccessDeserializer::new(seq))?;
+        json_data(v)
+    }
+    fn visit_map<A: MapAccess<'de>>(self, map: A) -> Result<Self::Value, A::Error> {
+        let v = serde_json::Value::deserialize(de::value::MapAccessDeserializer::new(map))?;
+        json_data(v)
+    }
+}
+
+#[derive(Deserialize)]
+struct MsgpackEnvelope {
+    data: MsgpackData,
+    #[serde(default, rename = "type")]
+    event_type: Option<String>,
+    #[serde(default)]
+    msg_id: Option<String>,
+    #[serde(default)]
+    topic: Option<String>,
+}
+
+impl From<MsgpackEnvelope> for RawEnvelope {
+    fn from(m: MsgpackEnvelope) -> Self {
+        RawEnvelope {
+            topic: m.topic,
+            event_type: m.event_type,
+            msg_id: m.msg_id,
+            data: m.data.0,
+        }
+    }
+}
+
+fn msgpack_error(e: rmp_serde::decode::Error) -> DecodeError {
+    use rmp_serde::decode::Error as E;
+    match e {
+        E::Syntax(m) => DecodeError::Invalid(format!("invalid envelope: {m}")),
+        E::TypeMismatch(m) => DecodeError::Invalid(format!("invalid envelope: {m:?}")),
+        other => DecodeError::Malformed(format!("MessagePack: {other}")),
+    }
+}
+
+fn decode_msgpack(body: &[u8]) -> Result<Vec<RawEnvelope>, DecodeError> {
+    let Some(&first) = body.first() else {
+        return Err(DecodeError::Malformed("empty body".into()));
+    };
+    let mut de = rmp_serde::Deserializer::new(std::io::Cursor::new(body));
+    let envs: Vec<RawEnvelope> = match first {
+        0x90..=0x9f | 0xdc | 0xdd => Vec::<MsgpackEnvelope>::deserialize(&mut de)
+            .map_err(msgpack_error)?
+            .into_iter()
+            .map(Into::into)
+            .collect(),
+        0x80..=0x8f | 0xde | 0xdf => {
+            vec![MsgpackEnvelope::deserialize(&mut de)
+                .map_err(msgpack_error)?
+                .into()]
+        }
+        _ => {
+            return Err(DecodeError::Invalid(
+                "a MessagePack body is an envelope map or an array of them".into(),
+            ))
+        }
+    };
+    if (de.position() as usize) < body.len() {
+        return Err(DecodeError::Malformed(
+            "trailing bytes after the MessagePack value".into(),
+        ));
+    }
+    Ok(envs)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn topic() -> Target {
+        Target::Topic(Topic::parse("t").unwrap())
+    }
+
+    fn decode(format: BodyFormat, body: &[u8]) -> Result<Vec<NewEvent>, DecodeError> {
+        decode_publish(
+            &topic(),
+            format,
+            false,
+            body,
+            &Limits::default(),
+            &BareDefaults::default(),
+        )
+    }
+
+    fn json_text(e: &NewEvent) -> &str {
+        match &e.data {
+            Data::Json(s) => s,
+            Data::Bytes(_) => panic!("bytes"),
+        }
+    }
+
+    #[test]
+    fn json_single_and_array() {
+        let one = decode(
+            BodyFormat::Json,
+            br#"{"data":{"t":1},"type":"r","msg_id":"m"}"#,
+        )
+        .unwrap();
+        assert_eq!(json_text(&one[0]), r#"{"t":1}"#);
+        assert_eq!(one[0].event_type.as_deref(), Some("r"));
+        assert_eq!(one[0].msg_id.as_deref(), Some("m"));
+        let many = decode(BodyFormat::Json, br#"[{"data":1},{"data":null}]"#).unwrap();
+        assert_eq!(many.len(), 2);
+        assert_eq!(json_text(&many[1]), "null");
+    }
+
+    #[test]
+    fn multiline_json_data_is_compacted_to_one_line() {
+        let e = decode(BodyFormat::Json, b"{\"data\":{\n \"a\": [1,\n2]\n}}").unwrap();
+        assert_eq!(json_text(&e[0]), r#"{"a":[1,2]}"#);
+    }
+
+    #[test]
+    fn malformed_is_400_class_and_invalid_is_422_class() {
+        assert!(matches!(
+            decode(BodyFormat::Json, b"{\"data\":"),
+            Err(DecodeError::Malformed(_))
+        ));
+        assert!(matches!(
+            decode(BodyFormat::Json, b"{\"nodata\":1}"),
+            Err(DecodeError::Invalid(_))
+        ));
+        assert!(matches!(
+            decode(BodyFormat::Json, b"[]"),
+            Err(DecodeError::Invalid(_))
+        ));
+        assert!(matches!(
+            decode(BodyFormat::Json, b"42"),
+            Err(DecodeError::Invalid(_))
+        ));
+    }
+
+    #[test]
+    fn ndjson_one_envelope_per_line() {
+        let e = decode(BodyFormat::Ndjson, b"{\"data\":1}\n\n{\"data\":2}\r\n").unwrap();
+        assert_eq!(e.len(), 2);
+        assert!(matches!(
+            decode(BodyFormat::Ndjson, b"{\"data\":1}\n{oops}\n"),
+            Err(DecodeError::Malformed(m)) if m.starts_with("line 2")
+        ));
+    }
+
+    #[test]
+    fn msgpack_bin_stays_bytes_and_maps_become_json() {
+        #[derive(serde::Serialize)]
+        struct Env<'a> {
+            #[serde(with = "serde_bytes")]
+            data: &'a [u8],
+        }
+        let body = rmp_serde::to_vec_named(&vec![Env { data: b"\x01\x02" }]).unwrap();
+        let e = decode(BodyFormat::Msgpack, &body).unwrap();
+        assert_eq!(e[0].data, Data::Bytes(Bytes::from_static(b"\x01\x02")));
+
+        let map =
+            rmp_serde::to_vec_named(&serde_json::json!({"data": {"t": 1.5, "ok": true}})).unwrap();
+        let e = decode(BodyFormat::Msgpack, &map).unwrap();
+        assert_eq!(json_text(&e[0]), r#"{"ok":true,"t":1.5}"#);
+    }
+
+    #[test]
+    fn gzip_bomb_is_refused_without_inflating_it_all() {
+        use flate2::write::GzEncoder;
+        use std::io::Write;
+        let mut enc = GzEncoder::new(Vec::new(), flate2::Compression::best());
+        enc.write_all(&vec![b' '; 64 << 20]).unwrap();
+        let bomb = enc.finish().unwrap();
+        assert!(bomb.len() < 1 << 20);
+        let r = decode_publish(
+            &topic(),
+            BodyFormat::Json,
+            true,
+            &bomb,
+            &Limits::default(),
+            &BareDefaults::default(),
+        );
+        assert_eq!(r, Err(DecodeError::InflatesTooLarge(16 << 20)));
+    }
+
+    #[test]
+    fn reserved_and_bad_fields_are_invalid() {
+        for body in [
+            &br#"{"data":1,"type":"gap"}"#[..],
+            br#"{"data":1,"type":"a\nb"}"#,
+            br#"{"data":1,"msg_id":""}"#,
+            br#"{"data":1,"topic":"other"}"#,
+            br#"{"data":1,"encoding":"hex"}"#,
+            br#"{"data":"!!","encoding":"base64"}"#,
+        ] {
+            assert!(
+                matches!(decode(BodyFormat::Json, body), Err(DecodeError::Invalid(_))),
+                "{}",
+                String::from_utf8_lossy(body)
+            );
+        }
+    }
+
+    #[test]
+    fn per_envelope_target_requires_valid_topics() {
+        let d = |b: &[u8]| {
+            decode_publish(
+                &Target::PerEnvelope,
+                BodyFormat::Json,
+                false,
+                b,
+                &Limits::default(),
+                &BareDefaults::default(),
+            )
+        };
+        assert_eq!(
+            d(br#"[{"topic":"a/b","data":1}]"#).unwrap()[0]
+                .topic
+                .as_str(),
+            "a/b"
+        );
+        assert!(matches!(
+            d(br#"[{"data":1}]"#),
+            Err(DecodeError::Invalid(_))
+        ));
+        assert!(matches!(
+            d(br#"[{"topic":"a//b","data":1}]"#),
+            Err(DecodeError::Invalid(_))
+        ));
+    }
+}

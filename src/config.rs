@@ -1,0 +1,182 @@
+//! Server configuration: defaults, then a TOML file, then `TIDEWIRE_*` environment
+//! variables, then command-line flags, each overriding the one before.
+//!
+//! `deploy/tidewire.toml` is the fully commented sample; every key below appears there.
+
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+
+use figment::providers::{Env, Format, Serialized, Toml};
+use figment::Figment;
+use serde::{Deserialize, Serialize};
+
+/// The address the server listens on by default (loopback: an open server is never exposed
+/// by accident).
+pub const DEFAULT_LISTEN: &str = "127.0.0.1:7700";
+
+/// Everything `tidewire serve` can be told.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields, default)]
+pub struct Config {
+    /// Address and port to listen on.
+    pub listen: SocketAddr,
+    /// Directory of the embedded log (created when missing).
+    pub data_dir: PathBuf,
+    /// Allow an open (token-less) server to listen on a non-loopback address.
+    pub insecure_open: bool,
+    /// Largest request body accepted on the wire, in bytes (413 above).
+    pub max_body_bytes: usize,
+    /// Largest publish body after gzip inflation, in bytes (413 above).
+    pub max_decompressed_bytes: usize,
+    /// Most events one publish request may carry (413 above).
+    pub max_batch_events: usize,
+    /// Longest topic accepted, in bytes (at most 200).
+    pub max_topic_len: usize,
+    /// Most patterns one subscription may name.
+    pub max_patterns: usize,
+    /// Seconds between SSE heartbeat comments (keep below proxies' idle timeouts).
+    pub sse_heartbeat_secs: u64,
+    /// Reconnection delay advertised to SSE clients (`retry:`), milliseconds.
+    pub sse_retry_ms: u64,
+    /// Committed batches the live hub keeps for subscribers; a subscriber further behind
+    /// reads from the log instead.
+    pub hub_capacity: usize,
+    /// Events read from the log per step when a subscriber replays history.
+    pub replay_page: usize,
+    /// sled page cache, bytes.
+    pub cache_bytes: u64,
+    /// Seconds allowed for in-flight requests to finish on shutdown.
+    pub shutdown_grace_secs: u64,
+    /// Origins allowed to read cross-origin (CORS); `*` allows any. Empty: same-origin only.
+    pub allowed_origins: Vec<String>,
+}
+
+impl Default for Config {
+    fn default() -> Self {
+        Config {
+            listen: DEFAULT_LISTEN
+                .parse()
+                .unwrap_or_else(|_| SocketAddr::from(([127, 0, 0, 1], 7700))),
+            data_dir: PathBuf::from("tidewire-data"),
+            insecure_open: false,
+            max_body_bytes: 1 << 20,
+            max_decompressed_bytes: 16 << 20,
+            max_batch_events: 10_000,
+            max_topic_len: crate::topic::MAX_TOPIC_LEN,
+            max_patterns: 32,
+            sse_heartbeat_secs: 15,
+            sse_retry_ms: 2000,
+            hub_capacity: 1024,
+            replay_page: 1000,
+            cache_bytes: 256 << 20,
+            shutdown_grace_secs: 10,
+            allowed_origins: Vec::new(),
+        }
+    }
+}
+
+/// Why a configuration was refused.
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    /// A source could not be read or a key holds a wrong value.
+    #[error("configuration: {0}")]
+    Load(#[from] Box<figment::Error>),
+    /// The values are individually fine but unsafe or inconsistent together.
+    #[error("configuration: {0}")]
+    Invalid(String),
+}
+
+impl Config {
+    /// Loads the configuration: defaults, then `file` (if given), then `TIDEWIRE_*`
+    /// variables, then `overrides` (command-line flags; `None` fields are left alone).
+    pub fn load<T: Serialize>(file: Option<&Path>, overrides: &T) -> Result<Self, ConfigError> {
+        let mut fig = Figment::from(Serialized::defaults(Config::default()));
+        if let Some(path) = file {
+            if !path.exists() {
+                return Err(ConfigError::Invalid(format!(
+                    "config file {} does not exist",
+                    path.display()
+                )));
+            }
+            fig = fig.merge(Toml::file(path));
+        }
+        let keys = Config::default().keys();
+        fig = fig
+            .merge(Env::prefixed("TIDEWIRE_").filter(move |k| keys.iter().any(|x| k == x.as_str())))
+            .merge(Serialized::defaults(overrides));
+        let config: Config = fig.extract().map_err(Box::new)?;
+        config.validate()?;
+        Ok(config)
+    }
+
+    fn keys(&self) -> Vec<String> {
+        match serde_json::to_value(self) {
+            Ok(serde_json::Value::Object(m)) => m.keys().cloned().collect(),
+            _ => Vec::new(),
+        }
+    }
+
+    /// Checks the rules that span several keys.
+    pub fn validate(&self) -> Result<(), ConfigError> {
+        if !self.listen.ip().is_loopback() && !self.insecure_open {
+            return Err(ConfigError::Invalid(format!(
+                "refusing to listen on {} without authentication: an open server listens on \
+                 loopback only unless started with --insecure-open",
+                self.listen
+            )));
+        }
+        if self.max_topic_len == 0 || self.max_topic_len > crate::topic::MAX_TOPIC_LEN {
+            return Err(ConfigError::Invalid(format!(
+                "max_topic_len must be 1 to {}",
+                crate::topic::MAX_TOPIC_LEN
+            )));
+        }
+        for (name, v) in [
+            ("max_body_bytes", self.max_body_bytes),
+            ("max_decompressed_bytes", self.max_decompressed_bytes),
+            ("max_batch_events", self.max_batch_events),
+            ("max_patterns", self.max_patterns),
+            ("hub_capacity", self.hub_capacity),
+            ("replay_page", self.replay_page),
+        ] {
+            if v == 0 {
+                return Err(ConfigError::Invalid(format!("{name} must be at least 1")));
+            }
+        }
+        if self.sse_heartbeat_secs == 0 {
+            return Err(ConfigError::Invalid(
+                "sse_heartbeat_secs must be at least 1".into(),
+            ));
+        }
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[derive(Serialize, Default)]
+    struct NoOverrides {}
+
+    #[test]
+    fn sample_config_parses_and_matches_the_defaults() {
+        let path = Path::new(env!("CARGO_MANIFEST_DIR")).join("deploy/tidewire.toml");
+        let c = Config::load(Some(&path), &NoOverrides {}).unwrap();
+        assert_eq!(c, Config::default());
+    }
+
+    #[test]
+    fn open_server_refuses_a_public_address() {
+        let c = Config {
+            listen: "0.0.0.0:7700".parse().unwrap(),
+            ..Config::default()
+        };
+        assert!(c.validate().is_err());
+        let c = Config {
+            insecure_open: true,
+            ..c
+        };
+        assert!(c.validate().is_ok());
+    }
+}

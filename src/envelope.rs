@@ -1,0 +1,257 @@
+//! The event and its wire forms: the one place where an event becomes JSON, an SSE frame
+//! or MessagePack.
+//!
+//! Every rendering of a committed [`Event`] is built at most once and then shared (as
+//! [`Bytes`]) by every subscriber that sends it, however many there are.
+
+use std::sync::{Arc, OnceLock};
+
+use base64::Engine as _;
+use bytes::Bytes;
+use serde::Serialize;
+
+use crate::topic::Topic;
+
+/// A server-assigned event id: strictly increasing across the whole server, never reused,
+/// also across restarts. `EventId(0)` is never assigned; as a cursor it means "before everything".
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, Default)]
+pub struct EventId(pub u64);
+
+impl EventId {
+    /// The id as a number.
+    pub fn get(self) -> u64 {
+        self.0
+    }
+}
+
+impl std::fmt::Display for EventId {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        self.0.fmt(f)
+    }
+}
+
+/// The payload of an event.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Data {
+    /// A JSON value, held as compact JSON text on one line (validated when it was published).
+    Json(Box<str>),
+    /// Raw bytes (published as MessagePack `bin`, octet-stream, or base64 in JSON).
+    Bytes(Bytes),
+}
+
+impl Data {
+    /// Size of the payload in bytes, as counted in topic statistics.
+    pub fn len(&self) -> usize {
+        match self {
+            Data::Json(s) => s.len(),
+            Data::Bytes(b) => b.len(),
+        }
+    }
+
+    /// Whether the payload is empty (zero bytes; never true for JSON).
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+}
+
+/// An event as a publisher submits it: validated, not yet stored, without id or time.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct NewEvent {
+    /// Where it is published.
+    pub topic: Topic,
+    /// Optional event type (SSE `event:` name); validated to be one line, never `gap`.
+    pub event_type: Option<Box<str>>,
+    /// Optional producer-chosen id for deduplication of retries.
+    pub msg_id: Option<Box<str>>,
+    /// The payload.
+    pub data: Data,
+}
+
+/// A committed event: durable in the log, with its id and the server's receive time.
+#[derive(Debug)]
+pub struct Event {
+    /// The id the log assigned.
+    pub id: EventId,
+    /// The server's receive time, Unix milliseconds.
+    pub time: u64,
+    /// The rest, as published.
+    pub body: NewEvent,
+    json: OnceLock<Bytes>,
+    sse: OnceLock<Bytes>,
+}
+
+/// A committed event shared by every subscriber that receives it.
+pub type SharedEvent = Arc<Event>;
+
+impl Event {
+    /// Wraps a committed event; renderings are built lazily on first use.
+    pub fn new(id: EventId, time: u64, body: NewEvent) -> Self {
+        Event {
+            id,
+            time,
+            body,
+            json: OnceLock::new(),
+            sse: OnceLock::new(),
+        }
+    }
+
+    /// The topic of the event.
+    pub fn topic(&self) -> &Topic {
+        &self.body.topic
+    }
+
+    /// The JSON envelope `{"id","topic","type"?,"time","data"[,"encoding"]}` on one line,
+    /// built once.
+    pub fn json(&self) -> &Bytes {
+        self.json.get_or_init(|| Bytes::from(self.render_json()))
+    }
+
+    /// The SSE frame `id:`, `event:` (typed events only), `data:` and a blank line, built once.
+    pub fn sse_frame(&self) -> &Bytes {
+        self.sse.get_or_init(|| {
+            let json = self.json();
+            let mut out = Vec::with_capacity(json.len() + 48);
+            out.extend_from_slice(b"id: ");
+            out.extend_from_slice(self.id.0.to_string().as_bytes());
+            out.push(b'\n');
+            if let Some(t) = &self.body.event_type {
+                out.extend_from_slice(b"event: ");
+                out.extend_from_slice(t.as_bytes());
+                out.push(b'\n');
+            }
+            out.extend_from_slice(b"data: ");
+            out.extend_from_slice(json);
+            out.extend_from_slice(b"\n\n");
+            Bytes::from(out)
+        })
+    }
+
+    fn render_json(&self) -> Vec<u8> {
+        let b = &self.body;
+        let mut out = Vec::with_capacity(b.data.len() + b.topic.as_str().len() + 80);
+        out.extend_from_slice(b"{\"id\":");
+        out.extend_from_slice(self.id.0.to_string().as_bytes());
+        // Topics are drawn from [A-Za-z0-9_.~/-]: nothing in them needs JSON escaping.
+        out.extend_from_slice(b",\"topic\":\"");
+        out.extend_from_slice(b.topic.as_str().as_bytes());
+        out.push(b'"');
+        if let Some(t) = &b.event_type {
+            out.extend_from_slice(b",\"type\":");
+            push_json_string(&mut out, t);
+        }
+        out.extend_from_slice(b",\"time\":");
+        out.extend_from_slice(self.time.to_string().as_bytes());
+        out.extend_from_slice(b",\"data\":");
+        match &b.data {
+            Data::Json(text) => out.extend_from_slice(text.as_bytes()),
+            Data::Bytes(bytes) => {
+                out.push(b'"');
+                out.extend_from_slice(
+                    base64::engine::general_purpose::STANDARD
+                        .encode(bytes)
+                        .as_bytes(),
+                );
+                out.extend_from_slice(b"\",\"encoding\":\"base64\"");
+            }
+        }
+        out.push(b'}');
+        out
+    }
+}
+
+fn push_json_string(out: &mut Vec<u8>, s: &str) {
+    // serde_json cannot fail to serialise a str into a Vec.
+    let _ = serde_json::to_writer(&mut *out, s);
+}
+
+/// The body of a `201` answer to a publish.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, serde::Deserialize)]
+pub struct PublishReceipt {
+    /// Id of the first stored event of the request.
+    pub first_id: u64,
+    /// Id of the last stored event of the request; ids of one request are contiguous.
+    pub last_id: u64,
+    /// Number of events the request carried.
+    pub count: u64,
+    /// How many of them were recognised as retries and not stored again.
+    pub duplicates: u64,
+}
+
+/// The gap signal: events between `requested` and `oldest` may have been dropped by
+/// retention; delivery resumes from `oldest`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+pub struct Gap {
+    /// The cursor the client asked for.
+    pub requested: u64,
+    /// The oldest id from which the stream is complete again.
+    pub oldest: u64,
+}
+
+impl Gap {
+    /// The SSE frame for a gap: `event: gap`, `id: oldest-1`, and the gap as JSON data.
+    pub fn sse_frame(&self) -> Bytes {
+        Bytes::from(format!(
+            "id: {}\nevent: gap\ndata: {{\"requested\":{},\"oldest\":{}}}\n\n",
+            self.oldest.saturating_sub(1),
+            self.requested,
+            self.oldest
+        ))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn event(data: Data, event_type: Option<&str>) -> Event {
+        Event::new(
+            EventId(42),
+            1_763_800_000_000,
+            NewEvent {
+                topic: Topic::parse("sensors/a").unwrap(),
+                event_type: event_type.map(Into::into),
+                msg_id: None,
+                data,
+            },
+        )
+    }
+
+    #[test]
+    fn json_envelope_matches_the_contract() {
+        let e = event(Data::Json(r#"{"t":21.5}"#.into()), Some("reading"));
+        assert_eq!(
+            std::str::from_utf8(e.json()).unwrap(),
+            r#"{"id":42,"topic":"sensors/a","type":"reading","time":1763800000000,"data":{"t":21.5}}"#
+        );
+    }
+
+    #[test]
+    fn untyped_events_have_no_type_key_and_no_event_line() {
+        let e = event(Data::Json("1".into()), None);
+        assert!(!std::str::from_utf8(e.json()).unwrap().contains("type"));
+        assert_eq!(
+            std::str::from_utf8(e.sse_frame()).unwrap(),
+            "id: 42\ndata: {\"id\":42,\"topic\":\"sensors/a\",\"time\":1763800000000,\"data\":1}\n\n"
+        );
+    }
+
+    #[test]
+    fn bytes_render_as_base64_with_encoding() {
+        let e = event(Data::Bytes(Bytes::from_static(b"\x00\xff")), None);
+        let v: serde_json::Value = serde_json::from_slice(e.json()).unwrap();
+        assert_eq!(v["data"], "AP8=");
+        assert_eq!(v["encoding"], "base64");
+    }
+
+    #[test]
+    fn gap_frame_sets_the_cursor_before_oldest() {
+        let g = Gap {
+            requested: 3,
+            oldest: 10,
+        };
+        assert_eq!(
+            std::str::from_utf8(&g.sse_frame()).unwrap(),
+            "id: 9\nevent: gap\ndata: {\"requested\":3,\"oldest\":10}\n\n"
+        );
+    }
+}

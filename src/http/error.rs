@@ -1,0 +1,123 @@
+//! The one place where errors of every layer become the contract's status codes and bodies:
+//! `{"error": {"code": "<snake_case>", "message": "<for a person>"}}`.
+
+use http::{header, HeaderValue, StatusCode};
+
+use crate::codec::DecodeError;
+use crate::log::LogError;
+use crate::topic::NameError;
+
+/// An error as the HTTP client sees it.
+#[derive(Debug, Clone)]
+pub struct ApiError {
+    /// HTTP status.
+    pub status: StatusCode,
+    /// The contract's snake_case code.
+    pub code: &'static str,
+    /// A sentence for a person.
+    pub message: String,
+    /// Extra header (e.g. `Allow` on 405).
+    pub header: Option<(header::HeaderName, HeaderValue)>,
+}
+
+impl ApiError {
+    /// An error with a status, code and message.
+    pub fn new(status: StatusCode, code: &'static str, message: impl Into<String>) -> Self {
+        ApiError {
+            status,
+            code,
+            message: message.into(),
+            header: None,
+        }
+    }
+
+    /// 400 with code `bad_request`.
+    pub fn bad_request(message: impl Into<String>) -> Self {
+        Self::new(StatusCode::BAD_REQUEST, "bad_request", message)
+    }
+
+    /// 404 for an unknown route.
+    pub fn not_found() -> Self {
+        Self::new(StatusCode::NOT_FOUND, "not_found", "no such route")
+    }
+
+    /// 405 listing the allowed methods.
+    pub fn method_not_allowed(allow: &'static str) -> Self {
+        ApiError {
+            header: Some((header::ALLOW, HeaderValue::from_static(allow))),
+            ..Self::new(
+                StatusCode::METHOD_NOT_ALLOWED,
+                "method_not_allowed",
+                format!("this route accepts {allow}"),
+            )
+        }
+    }
+
+    /// 503 while the log is opening or the server is shutting down.
+    pub fn not_ready() -> Self {
+        Self::new(
+            StatusCode::SERVICE_UNAVAILABLE,
+            "not_ready",
+            "the server is starting or shutting down",
+        )
+    }
+
+    /// 422 for a topic that breaks the naming rules.
+    pub fn invalid_topic(name: &str, e: NameError) -> Self {
+        Self::new(
+            StatusCode::UNPROCESSABLE_ENTITY,
+            "invalid_topic",
+            format!("topic {name:?} {e}"),
+        )
+    }
+
+    /// 422 for a pattern that breaks the naming rules.
+    pub fn invalid_pattern(name: &str, e: NameError) -> Self {
+        Self::new(
+            StatusCode::UNPROCESSABLE_ENTITY,
+            "invalid_pattern",
+            format!("pattern {name:?} {e}"),
+        )
+    }
+
+    /// The JSON body of the error.
+    pub fn body(&self) -> String {
+        serde_json::json!({"error": {"code": self.code, "message": self.message}}).to_string()
+    }
+}
+
+impl From<DecodeError> for ApiError {
+    fn from(e: DecodeError) -> Self {
+        let (status, code) = match &e {
+            DecodeError::UnsupportedMediaType(_) => {
+                (StatusCode::UNSUPPORTED_MEDIA_TYPE, "unsupported_media_type")
+            }
+            DecodeError::UnsupportedEncoding(_) => {
+                (StatusCode::UNSUPPORTED_MEDIA_TYPE, "unsupported_encoding")
+            }
+            DecodeError::Malformed(_) => (StatusCode::BAD_REQUEST, "malformed_body"),
+            DecodeError::InflatesTooLarge(_) => {
+                (StatusCode::PAYLOAD_TOO_LARGE, "payload_too_large")
+            }
+            DecodeError::TooManyEvents { .. } => (StatusCode::PAYLOAD_TOO_LARGE, "too_many_events"),
+            DecodeError::Invalid(_) => (StatusCode::UNPROCESSABLE_ENTITY, "invalid_envelope"),
+        };
+        Self::new(status, code, e.to_string())
+    }
+}
+
+impl From<LogError> for ApiError {
+    fn from(e: LogError) -> Self {
+        match e {
+            LogError::Closed => Self::not_ready(),
+            LogError::Storage(m) => Self::new(
+                StatusCode::SERVICE_UNAVAILABLE,
+                "storage_unavailable",
+                format!("the event was not stored: {m}"),
+            ),
+            LogError::Corrupt(m) | LogError::Open(m) => {
+                Self::new(StatusCode::INTERNAL_SERVER_ERROR, "internal", m)
+            }
+        }
+    }
+}

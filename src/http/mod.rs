@@ -1,0 +1,245 @@
+//! The HTTP surface of the contract: routing, shared request helpers and the per-route
+//! handlers (one module each). Handlers know the publish path, the log interface and the hub;
+//! they know nothing of sled.
+
+use std::borrow::Cow;
+use std::convert::Infallible;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, OnceLock};
+
+use bytes::Bytes;
+use http::{header, HeaderMap, HeaderValue, Method, Request, Response, StatusCode};
+use http_body_util::combinators::UnsyncBoxBody;
+use http_body_util::{BodyExt, Full};
+use tokio::sync::watch;
+
+use crate::config::Config;
+use crate::hub::Hub;
+use crate::log::EventLog;
+use crate::metrics::Metrics;
+use crate::publish::Publisher;
+
+pub mod error;
+mod health;
+mod publish;
+mod sse;
+mod topics;
+
+pub use error::ApiError;
+
+/// Every response body: either whole (`Full`) or streamed (SSE).
+pub type Body = UnsyncBoxBody<Bytes, Infallible>;
+
+/// What every handler can reach.
+pub struct AppState {
+    /// The configuration in force.
+    pub config: Config,
+    /// The live fan-out.
+    pub hub: Hub,
+    /// Metrics of this server.
+    pub metrics: Metrics,
+    log: OnceLock<Arc<dyn EventLog>>,
+    ready: AtomicBool,
+    stop: watch::Receiver<bool>,
+}
+
+impl AppState {
+    /// State for a server whose log is not open yet (`/readyz` answers 503 until
+    /// [`AppState::set_log`]). `stop` turns true when the server shuts down.
+    pub fn new(config: Config, hub: Hub, metrics: Metrics, stop: watch::Receiver<bool>) -> Self {
+        AppState {
+            config,
+            hub,
+            metrics,
+            log: OnceLock::new(),
+            ready: AtomicBool::new(false),
+            stop,
+        }
+    }
+
+    /// Installs the opened log and declares the server ready.
+    pub fn set_log(&self, log: Arc<dyn EventLog>) {
+        let _ = self.log.set(log);
+        self.ready.store(true, Ordering::Release);
+    }
+
+    /// Declares the server not ready (shutting down).
+    pub fn set_not_ready(&self) {
+        self.ready.store(false, Ordering::Release);
+    }
+
+    /// Whether the server takes requests.
+    pub fn is_ready(&self) -> bool {
+        self.ready.load(Ordering::Acquire) && !*self.stop.borrow()
+    }
+
+    /// The log, or 503 while it is not open.
+    pub fn log(&self) -> Result<Arc<dyn EventLog>, ApiError> {
+        self.log.get().cloned().ok_or_else(ApiError::not_ready)
+    }
+
+    /// The publish path, or 503 while the log is not open.
+    pub fn publisher(&self) -> Result<Publisher, ApiError> {
+        Ok(Publisher::new(self.log()?, self.metrics.clone()))
+    }
+
+    /// A receiver that turns true when the server shuts down (streams end then).
+    pub fn stop_signal(&self) -> watch::Receiver<bool> {
+        self.stop.clone()
+    }
+}
+
+/// Serves one request. Never fails: every error becomes the contract's error response.
+pub async fn handle<B>(state: Arc<AppState>, req: Request<B>) -> Response<Body>
+where
+    B: hyper::body::Body<Data = Bytes> + Send + 'static,
+    B::Error: std::error::Error + Send + Sync + 'static,
+{
+    let method = req.method().clone();
+    let path = req.uri().path().to_string();
+    let origin = req.headers().get(header::ORIGIN).cloned();
+    tracing::debug!(%method, %path, "request");
+    let result = if method == Method::OPTIONS {
+        Ok(preflight(&state, origin.as_ref()))
+    } else {
+        route(&state, req, &method, &path).await
+    };
+    let mut resp = match result {
+        Ok(resp) => resp,
+        Err(e) => {
+            state.metrics.observe_rejected(e.status.as_u16(), e.code);
+            tracing::debug!(%method, %path, status = e.status.as_u16(), code = e.code, "refused");
+            error_response(&e)
+        }
+    };
+    apply_cors(&state.config, origin.as_ref(), resp.headers_mut());
+    resp
+}
+
+async fn route<B>(
+    state: &Arc<AppState>,
+    req: Request<B>,
+    method: &Method,
+    path: &str,
+) -> Result<Response<Body>, ApiError>
+where
+    B: hyper::body::Body<Data = Bytes> + Send + 'static,
+    B::Error: std::error::Error + Send + Sync + 'static,
+{
+    let get_only = |m: &Method| {
+        if m == Method::GET || m == Method::HEAD {
+            Ok(())
+        } else {
+            Err(ApiError::method_not_allowed("GET"))
+        }
+    };
+    match path {
+        "/healthz" => get_only(method).map(|_| health::healthz()),
+        "/readyz" => get_only(method).map(|_| health::readyz(state)),
+        "/metrics" => get_only(method).map(|_| health::metrics(state)),
+        "/v1/sse" => {
+            get_only(method)?;
+            sse::subscribe(state, &req).await
+        }
+        "/v1/events" => {
+            if method != Method::POST {
+                return Err(ApiError::method_not_allowed("POST"));
+            }
+            publish::publish(state, req, None).await
+        }
+        "/v1/topics" => {
+            get_only(method)?;
+            topics::list(state, req.uri().query())
+        }
+        _ => {
+            let Some(rest) = path.strip_prefix("/v1/topics/") else {
+                return Err(ApiError::not_found());
+            };
+            if method == Method::POST {
+                let Some(topic) = rest.strip_suffix("/events") else {
+                    return Err(ApiError::method_not_allowed("GET"));
+                };
+                return publish::publish(state, req, Some(topic)).await;
+            }
+            get_only(method).map_err(|_| ApiError::method_not_allowed("GET, POST"))?;
+            topics::one(state, rest)
+        }
+    }
+}
+
+/// A JSON response with the given status.
+pub fn json_response(status: StatusCode, body: impl Into<Bytes>) -> Response<Body> {
+    let mut resp = Response::new(full(body));
+    *resp.status_mut() = status;
+    resp.headers_mut().insert(
+        header::CONTENT_TYPE,
+        HeaderValue::from_static("application/json"),
+    );
+    resp
+}
+
+/// A whole (non-streamed) body.
+pub fn full(body: impl Into<Bytes>) -> Body {
+    Full::new(body.into()).boxed_unsync()
+}
+
+fn error_response(e: &ApiError) -> Response<Body> {
+    let mut resp = json_response(e.status, e.body());
+    if let Some((name, value)) = &e.header {
+        resp.headers_mut().insert(name.clone(), value.clone());
+    }
+    resp
+}
+
+/// The query string's pairs, percent-decoded.
+pub fn query_pairs(query: Option<&str>) -> Vec<(Cow<'_, str>, Cow<'_, str>)> {
+    form_urlencoded::parse(query.unwrap_or("").as_bytes()).collect()
+}
+
+fn origin_allowed(config: &Config, origin: &HeaderValue) -> bool {
+    config
+        .allowed_origins
+        .iter()
+        .any(|o| o == "*" || o.as_bytes() == origin.as_bytes())
+}
+
+/// Adds CORS headers when the request's origin is allowed by `allowed_origins`.
+fn apply_cors(config: &Config, origin: Option<&HeaderValue>, headers: &mut HeaderMap) {
+    if config.allowed_origins.is_empty() {
+        return;
+    }
+    headers.insert(header::VARY, HeaderValue::from_static("Origin"));
+    if let Some(origin) = origin {
+        if origin_allowed(config, origin) {
+            headers.insert(header::ACCESS_CONTROL_ALLOW_ORIGIN, origin.clone());
+            headers.insert(
+                header::ACCESS_CONTROL_EXPOSE_HEADERS,
+                HeaderValue::from_static("Content-Type, Retry-After"),
+            );
+        }
+    }
+}
+
+/// Answers a CORS preflight: allowed origins get the methods and headers the API uses.
+fn preflight(state: &AppState, origin: Option<&HeaderValue>) -> Response<Body> {
+    let mut resp = Response::new(full(Bytes::new()));
+    *resp.status_mut() = StatusCode::NO_CONTENT;
+    if origin.is_some_and(|o| origin_allowed(&state.config, o)) {
+        let h = resp.headers_mut();
+        h.insert(
+            header::ACCESS_CONTROL_ALLOW_METHODS,
+            HeaderValue::from_static("GET, POST, OPTIONS"),
+        );
+        h.insert(
+            header::ACCESS_CONTROL_ALLOW_HEADERS,
+            HeaderValue::from_static(
+                "Authorization, Content-Type, Content-Encoding, Last-Event-ID",
+            ),
+        );
+        h.insert(
+            header::ACCESS_CONTROL_MAX_AGE,
+            HeaderValue::from_static("600"),
+        );
+    }
+    resp
+}

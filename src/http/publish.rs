@@ -1,0 +1,98 @@
+//! `POST /v1/topics/{topic}/events` and `POST /v1/events`: read the body within its limits,
+//! decode it as a whole, hand it to the publish path, answer `201` once durable.
+
+use std::sync::Arc;
+
+use bytes::Bytes;
+use http::{header, Request, Response, StatusCode};
+use http_body_util::{BodyExt, Limited};
+
+use super::{json_response, query_pairs, ApiError, AppState, Body};
+use crate::codec::{self, BareDefaults, BodyFormat, Limits, Target};
+use crate::topic::Topic;
+
+/// Publishes the request's body to `topic` (or, when `None`, to the topics its envelopes name).
+pub async fn publish<B>(
+    state: &Arc<AppState>,
+    req: Request<B>,
+    topic: Option<&str>,
+) -> Result<Response<Body>, ApiError>
+where
+    B: hyper::body::Body<Data = Bytes> + Send + 'static,
+    B::Error: std::error::Error + Send + Sync + 'static,
+{
+    let cfg = &state.config;
+    let target = match topic {
+        Some(name) => Target::Topic(
+            Topic::parse_with_limit(name, cfg.max_topic_len)
+                .map_err(|e| ApiError::invalid_topic(name, e))?,
+        ),
+        None => Target::PerEnvelope,
+    };
+    let headers = req.headers();
+    let content_type = headers
+        .get(header::CONTENT_TYPE)
+        .and_then(|v| v.to_str().ok())
+        .ok_or_else(|| {
+            ApiError::new(
+                StatusCode::UNSUPPORTED_MEDIA_TYPE,
+                "unsupported_media_type",
+                "a Content-Type is required",
+            )
+        })?;
+    let format = BodyFormat::from_content_type(content_type)?;
+    let gzip = match headers
+        .get(header::CONTENT_ENCODING)
+        .map(|v| v.to_str().unwrap_or("?").trim().to_ascii_lowercase())
+        .as_deref()
+    {
+        None | Some("identity") | Some("") => false,
+        Some("gzip") | Some("x-gzip") => true,
+        Some(other) => return Err(codec::DecodeError::UnsupportedEncoding(other.into()).into()),
+    };
+    let too_large = || {
+        ApiError::new(
+            StatusCode::PAYLOAD_TOO_LARGE,
+            "payload_too_large",
+            format!("the body exceeds the {}-byte limit", cfg.max_body_bytes),
+        )
+    };
+    if let Some(len) = headers
+        .get(header::CONTENT_LENGTH)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.parse::<u64>().ok())
+    {
+        if len > cfg.max_body_bytes as u64 {
+            return Err(too_large());
+        }
+    }
+    let mut bare = BareDefaults::default();
+    for (k, v) in query_pairs(req.uri().query()) {
+        match &*k {
+            "type" => bare.event_type = Some(v.into_owned()),
+            "msg_id" => bare.msg_id = Some(v.into_owned()),
+            _ => {}
+        }
+    }
+    let body = Limited::new(req.into_body(), cfg.max_body_bytes)
+        .collect()
+        .await
+        .map_err(|e| {
+            if e.is::<http_body_util::LengthLimitError>() {
+                too_large()
+            } else {
+                ApiError::bad_request(format!("could not read the body: {e}"))
+            }
+        })?
+        .to_bytes();
+    let limits = Limits {
+        max_decompressed: cfg.max_decompressed_bytes,
+        max_events: cfg.max_batch_events,
+        max_topic_len: cfg.max_topic_len,
+    };
+    let events = codec::decode_publish(&target, format, gzip, &body, &limits, &bare)?;
+    let receipt = state.publisher()?.publish(events).await?;
+    let json = serde_json::to_vec(&receipt)
+        .map_err(|e| ApiError::new(StatusCode::INTERNAL_SERVER_ERROR, "internal", e.to_string()))?;
+    Ok(json_response(StatusCode::CREATED, json))
+}

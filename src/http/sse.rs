@@ -1,0 +1,181 @@
+//! `GET /v1/sse`: Server-Sent Events, exactly as the contract says.
+//!
+//! Resume cursor from `Last-Event-ID`, else `last_event_id`; `retry:` first; a `:` heartbeat
+//! comment when the stream has been quiet for the configured interval; `event:` only for typed
+//! events; one-line JSON `data:`; `event: gap` first when retention dropped what the client
+//! asked for. The stream ends when the server shuts down, so clients reconnect and resume.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use bytes::{Bytes, BytesMut};
+use futures_util::stream;
+use http::{header, HeaderValue, Request, Response, StatusCode};
+use http_body_util::{BodyExt, StreamBody};
+use hyper::body::Frame;
+use prometheus_client::metrics::counter::Counter;
+use prometheus_client::metrics::gauge::Gauge;
+use tokio::sync::watch;
+use tokio::time::{sleep, Instant, Sleep};
+
+use super::{query_pairs, ApiError, AppState, Body};
+use crate::envelope::EventId;
+use crate::subscription::{Delivery, Subscription};
+use crate::topic::{parse_cursor, Pattern, PatternSet};
+
+/// Frames of one write are coalesced up to this many bytes when events arrive in a burst.
+const MAX_CHUNK: usize = 64 * 1024;
+
+/// Keeps the live-subscriber gauge right however the stream ends.
+struct GaugeGuard(Gauge);
+
+impl Drop for GaugeGuard {
+    fn drop(&mut self) {
+        self.0.dec();
+    }
+}
+
+struct Stream {
+    sub: Subscription,
+    heartbeat: Duration,
+    quiet: std::pin::Pin<Box<Sleep>>,
+    stop: watch::Receiver<bool>,
+    preamble: Option<Bytes>,
+    delivered: Counter,
+    _gauge: GaugeGuard,
+}
+
+/// The patterns and cursor of a subscription request, validated.
+pub fn subscription_request<B>(
+    state: &AppState,
+    req: &Request<B>,
+) -> Result<(PatternSet, Option<EventId>), ApiError> {
+    let mut patterns = Vec::new();
+    let mut query_cursor = None;
+    for (k, v) in query_pairs(req.uri().query()) {
+        match &*k {
+            "topic" => {
+                patterns.push(
+                    Pattern::parse_with_limit(&v, state.config.max_topic_len)
+                        .map_err(|e| ApiError::invalid_pattern(&v, e))?,
+                );
+            }
+            "last_event_id" => query_cursor = Some(v.into_owned()),
+            _ => {}
+        }
+    }
+    if patterns.len() > state.config.max_patterns {
+        return Err(ApiError::new(
+            StatusCode::UNPROCESSABLE_ENTITY,
+            "too_many_patterns",
+            format!(
+                "at most {} topic patterns per subscription",
+                state.config.max_patterns
+            ),
+        ));
+    }
+    let patterns = PatternSet::new(patterns)
+        .ok_or_else(|| ApiError::bad_request("at least one `topic` query parameter is required"))?;
+    // The header wins: it is what a reconnecting EventSource sends. An empty one means none.
+    let header = req
+        .headers()
+        .get("last-event-id")
+        .map(|v| v.to_str().unwrap_or("?").to_string())
+        .filter(|v| !v.trim().is_empty());
+    let raw = header.or(query_cursor.filter(|v| !v.is_empty()));
+    let cursor = match raw {
+        None => None,
+        Some(v) => Some(EventId(parse_cursor(&v).ok_or_else(|| {
+            ApiError::new(
+                StatusCode::BAD_REQUEST,
+                "invalid_cursor",
+                format!("the cursor {v:?} is not an event id"),
+            )
+        })?)),
+    };
+    Ok((patterns, cursor))
+}
+
+/// Opens an SSE stream for the request.
+pub async fn subscribe<B>(
+    state: &Arc<AppState>,
+    req: &Request<B>,
+) -> Result<Response<Body>, ApiError> {
+    let (patterns, cursor) = subscription_request(state, req)?;
+    let log = state.log()?;
+    let cfg = &state.config;
+    let gauge = state.metrics.subscribers("sse");
+    gauge.inc();
+    let heartbeat = Duration::from_secs(cfg.sse_heartbeat_secs);
+    let st = Stream {
+        sub: Subscription::open(
+            log,
+            &state.hub,
+            patterns,
+            cursor,
+            cfg.replay_page,
+            state.metrics.clone(),
+        ),
+        heartbeat,
+        quiet: Box::pin(sleep(heartbeat)),
+        stop: state.stop_signal(),
+        preamble: Some(Bytes::from(format!("retry: {}\n\n", cfg.sse_retry_ms))),
+        delivered: state.metrics.delivered("sse"),
+        _gauge: GaugeGuard(gauge),
+    };
+    let body = stream::unfold(st, |mut st| async move {
+        let chunk = next_chunk(&mut st).await?;
+        Some((Ok(Frame::data(chunk)), st))
+    });
+    let mut resp = Response::new(BodyExt::boxed_unsync(StreamBody::new(body)));
+    let h = resp.headers_mut();
+    h.insert(
+        header::CONTENT_TYPE,
+        HeaderValue::from_static("text/event-stream"),
+    );
+    h.insert(header::CACHE_CONTROL, HeaderValue::from_static("no-cache"));
+    h.insert("x-accel-buffering", HeaderValue::from_static("no"));
+    Ok(resp)
+}
+
+/// The next bytes to write, or `None` when the stream ends (shutdown, log failure).
+async fn next_chunk(st: &mut Stream) -> Option<Bytes> {
+    if let Some(p) = st.preamble.take() {
+        return Some(p);
+    }
+    if *st.stop.borrow() {
+        return None;
+    }
+    let first = tokio::select! {
+        _ = st.stop.changed() => return None,
+        d = st.sub.next() => match d {
+            Ok(d) => d,
+            Err(e) => {
+                tracing::debug!(error = %e, "SSE stream ends");
+                return None;
+            }
+        },
+        _ = &mut st.quiet => {
+            st.quiet.as_mut().reset(Instant::now() + st.heartbeat);
+            return Some(Bytes::from_static(b":\n\n"));
+        }
+    };
+    st.quiet.as_mut().reset(Instant::now() + st.heartbeat);
+    let mut chunk = BytesMut::new();
+    let mut next = Some(first);
+    let mut events = 0u64;
+    while let Some(d) = next.take() {
+        match d {
+            Delivery::Event(e) => {
+                chunk.extend_from_slice(e.sse_frame());
+                events += 1;
+            }
+            Delivery::Gap(g) => chunk.extend_from_slice(&g.sse_frame()),
+        }
+        if chunk.len() < MAX_CHUNK {
+            next = st.sub.next_ready();
+        }
+    }
+    st.delivered.inc_by(events);
+    Some(chunk.freeze())
+}

@@ -1,0 +1,40 @@
+//! tidewire: a single-binary event streaming server with an embedded durable log.
+//!
+//! Devices and services publish over HTTP; dashboards and browsers subscribe with Server-Sent
+//! Events and resume exactly where they left off. Every event is durable before it is
+//! acknowledged, and every transport reads from the one log.
+//!
+//! How an event flows, and where each step lives:
+//!
+//! ```text
+//! http::publish ──codec──▶ publish ──▶ log (writer: ids, group commit) ──▶ hub ──▶ subscription ──▶ http::sse
+//!                                         ▲                                          │
+//!                                         └────────────── reads by cursor ───────────┘
+//! ```
+//!
+//! - [`topic`]: topics, patterns (`*`, `**`) and cursors, validated at the edge.
+//! - [`envelope`]: the event and its wire forms (JSON, SSE frame), each built once.
+//! - [`codec`]: publish bodies (JSON, NDJSON, MessagePack, text, bytes, gzip) to events.
+//! - [`publish`]: the publish path, from validated events to a durable receipt.
+//! - [`log`]: the durable log behind a narrow trait; [`log::SledLog`] is the embedded engine.
+//! - [`hub`]: live fan-out of committed events, bounded per subscriber.
+//! - [`subscription`]: history from a cursor, then live, without gap or duplicate.
+//! - [`http`]: routing, errors and the HTTP transports (publish, SSE, topics, health).
+//! - [`server`]: accept loop, HTTP/1.1 + HTTP/2, graceful shutdown.
+//! - [`config`], [`cli`], [`client`], [`metrics`]: configuration, the command line, the
+//!   client behind `publish`/`tail`, Prometheus metrics.
+#![warn(missing_docs)]
+
+pub mod cli;
+pub mod client;
+pub mod codec;
+pub mod config;
+pub mod envelope;
+pub mod http;
+pub mod hub;
+pub mod log;
+pub mod metrics;
+pub mod publish;
+pub mod server;
+pub mod subscription;
+pub mod topic;

@@ -1,0 +1,184 @@
+//! Prometheus metrics: what an operator watches to know tidewire is healthy.
+//!
+//! Served as Prometheus text at `GET /metrics`. Every handle is cheap to clone and safe to
+//! update from any thread.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use prometheus_client::encoding::EncodeLabelSet;
+use prometheus_client::metrics::counter::Counter;
+use prometheus_client::metrics::family::Family;
+use prometheus_client::metrics::gauge::Gauge;
+use prometheus_client::metrics::histogram::{exponential_buckets, Histogram};
+use prometheus_client::registry::Registry;
+
+/// The transport a subscriber uses.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct TransportLabel {
+    /// `sse`, `ws` or `poll`.
+    pub transport: &'static str,
+}
+
+/// The error code of a refused request.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct CodeLabel {
+    /// HTTP status.
+    pub status: u16,
+    /// The contract's snake_case code.
+    pub code: &'static str,
+}
+
+/// All metrics of one server.
+#[derive(Clone)]
+pub struct Metrics {
+    registry: Arc<Registry>,
+    publishes: Counter,
+    events_stored: Counter,
+    bytes_stored: Counter,
+    publish_latency: Histogram,
+    flush_latency: Histogram,
+    commit_latency: Histogram,
+    subscribers: Family<TransportLabel, Gauge>,
+    delivered: Family<TransportLabel, Counter>,
+    lagged: Counter,
+    rejected: Family<CodeLabel, Counter>,
+}
+
+impl Default for Metrics {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+fn latency_histogram() -> Histogram {
+    // 50 µs to ~13 s.
+    Histogram::new(exponential_buckets(0.000_05, 2.0, 19))
+}
+
+impl Metrics {
+    /// A fresh set of metrics, all zero.
+    pub fn new() -> Self {
+        let mut r = Registry::with_prefix("tidewire");
+        let m = Metrics {
+            registry: Arc::new(Registry::default()),
+            publishes: Counter::default(),
+            events_stored: Counter::default(),
+            bytes_stored: Counter::default(),
+            publish_latency: latency_histogram(),
+            flush_latency: latency_histogram(),
+            commit_latency: latency_histogram(),
+            subscribers: Family::default(),
+            delivered: Family::default(),
+            lagged: Counter::default(),
+            rejected: Family::default(),
+        };
+        r.register(
+            "publish_requests",
+            "Publish requests acknowledged",
+            m.publishes.clone(),
+        );
+        r.register(
+            "events_stored",
+            "Events durably stored",
+            m.events_stored.clone(),
+        );
+        r.register(
+            "event_bytes_stored",
+            "Payload bytes durably stored",
+            m.bytes_stored.clone(),
+        );
+        r.register(
+            "publish_latency_seconds",
+            "Time from a publish request's decoded body to its durable acknowledgement",
+            m.publish_latency.clone(),
+        );
+        r.register(
+            "log_flush_latency_seconds",
+            "Duration of each log flush (one per group commit)",
+            m.flush_latency.clone(),
+        );
+        r.register(
+            "log_commit_latency_seconds",
+            "Duration of each group commit: write, flush and publish",
+            m.commit_latency.clone(),
+        );
+        r.register(
+            "live_subscribers",
+            "Open subscriptions per transport",
+            m.subscribers.clone(),
+        );
+        r.register(
+            "events_delivered",
+            "Events sent to subscribers per transport",
+            m.delivered.clone(),
+        );
+        r.register(
+            "subscriber_lag_fallbacks",
+            "Times a subscriber fell behind the live ring and went back to the log",
+            m.lagged.clone(),
+        );
+        r.register(
+            "requests_rejected",
+            "Requests refused, by status and error code",
+            m.rejected.clone(),
+        );
+        Metrics {
+            registry: Arc::new(r),
+            ..m
+        }
+    }
+
+    /// Records an acknowledged publish of `events` events holding `bytes` payload bytes.
+    pub fn observe_publish(&self, events: u64, bytes: u64, latency: Duration) {
+        self.publishes.inc();
+        self.events_stored.inc_by(events);
+        self.bytes_stored.inc_by(bytes);
+        self.publish_latency.observe(latency.as_secs_f64());
+    }
+
+    /// Records one flush of the log.
+    pub fn observe_flush(&self, latency: Duration) {
+        self.flush_latency.observe(latency.as_secs_f64());
+    }
+
+    /// Records one group commit.
+    pub fn observe_commit(&self, latency: Duration) {
+        self.commit_latency.observe(latency.as_secs_f64());
+    }
+
+    /// The gauge of open subscriptions of one transport.
+    pub fn subscribers(&self, transport: &'static str) -> Gauge {
+        self.subscribers
+            .get_or_create(&TransportLabel { transport })
+            .clone()
+    }
+
+    /// The counter of events delivered over one transport.
+    pub fn delivered(&self, transport: &'static str) -> Counter {
+        self.delivered
+            .get_or_create(&TransportLabel { transport })
+            .clone()
+    }
+
+    /// Records that a subscriber fell behind and went back to the log.
+    pub fn observe_lag(&self) {
+        self.lagged.inc();
+    }
+
+    /// Records a refused request.
+    pub fn observe_rejected(&self, status: u16, code: &'static str) {
+        self.rejected
+            .get_or_create(&CodeLabel { status, code })
+            .inc();
+    }
+
+    /// The Prometheus text exposition of every metric.
+    pub fn render(&self) -> String {
+        let mut out = String::new();
+        if prometheus_client::encoding::text::encode(&mut out, &self.registry).is_err() {
+            out.clear();
+        }
+        out
+    }
+}
