@@ -72,7 +72,8 @@ pub struct ServeArgs {
 pub struct PublishArgs {
     /// Topic to publish to, e.g. sensors/room-12/temperature.
     pub topic: String,
-    /// The data: JSON (e.g. '{"t":21.5}'), or any other text, sent as a JSON string.
+    /// The data: JSON (e.g. '{"t":21.5}'), or any other text, sent as a JSON string. Text that
+    /// starts with `{` or `[` must be valid JSON.
     pub data: String,
     /// Event type (SSE `event:` name).
     #[arg(long = "type")]
@@ -148,6 +149,7 @@ async fn serve(args: ServeArgs) -> Result<(), String> {
                 .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info")),
         )
         .with_writer(std::io::stderr)
+        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
         .init();
     let config = Config::load(args.config.as_deref(), &args).map_err(|e| e.to_string())?;
     let listener = tokio::net::TcpListener::bind(config.listen)

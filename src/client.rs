@@ -18,6 +18,9 @@ pub enum ClientError {
     /// Connecting or talking to the server failed.
     #[error("{0}")]
     Transport(String),
+    /// The data looks like JSON (starts with `{` or `[`) but does not parse.
+    #[error("data is not valid JSON: {0}")]
+    BadJson(String),
     /// The server refused the request.
     #[error("server answered {status}: {body}")]
     Refused {
@@ -76,7 +79,8 @@ impl Server {
 }
 
 /// Publishes one event to `topic`: `data` is sent as JSON when it parses as JSON, else as a
-/// JSON string. Returns the server's receipt (the 201 body).
+/// JSON string; text that starts like a JSON object or array must parse (a typo is refused,
+/// not stored as a string). Returns the server's receipt (the 201 body).
 pub async fn publish(
     server: &str,
     topic: &str,
@@ -85,8 +89,13 @@ pub async fn publish(
     msg_id: Option<&str>,
 ) -> Result<String, ClientError> {
     let server = Server::parse(server)?;
-    let data: serde_json::Value =
-        serde_json::from_str(data).unwrap_or_else(|_| serde_json::Value::String(data.into()));
+    let data: serde_json::Value = match serde_json::from_str(data) {
+        Ok(v) => v,
+        Err(e) if data.trim_start().starts_with(['{', '[']) => {
+            return Err(ClientError::BadJson(e.to_string()))
+        }
+        Err(_) => serde_json::Value::String(data.into()),
+    };
     let mut env = serde_json::json!({ "data": data });
     if let Some(t) = event_type {
         env["type"] = t.into();
@@ -262,6 +271,14 @@ pub async fn tail(
                     }
                 }
                 eprintln!("stream ended; reconnecting");
+            }
+            // Not ready (a restarting server opening its log), overloaded, or a proxy with no
+            // upstream: transient, so wait and resume like after a drop.
+            Ok(resp)
+                if resp.status().is_server_error()
+                    || resp.status() == StatusCode::TOO_MANY_REQUESTS =>
+            {
+                eprintln!("server answered {}; retrying", resp.status());
             }
             Ok(resp) => {
                 let status = resp.status();

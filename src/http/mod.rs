@@ -30,6 +30,9 @@ pub use error::ApiError;
 /// Every response body: either whole (`Full`) or streamed (SSE).
 pub type Body = UnsyncBoxBody<Bytes, Infallible>;
 
+/// How long a request waits for the log to open before it is answered 503.
+pub const LOG_OPEN_WAIT: std::time::Duration = std::time::Duration::from_secs(30);
+
 /// What every handler can reach.
 pub struct AppState {
     /// The configuration in force.
@@ -39,6 +42,7 @@ pub struct AppState {
     /// Metrics of this server.
     pub metrics: Metrics,
     log: OnceLock<Arc<dyn EventLog>>,
+    log_opened: watch::Sender<bool>,
     ready: AtomicBool,
     stop: watch::Receiver<bool>,
 }
@@ -52,6 +56,7 @@ impl AppState {
             hub,
             metrics,
             log: OnceLock::new(),
+            log_opened: watch::Sender::new(false),
             ready: AtomicBool::new(false),
             stop,
         }
@@ -60,6 +65,7 @@ impl AppState {
     /// Installs the opened log and declares the server ready.
     pub fn set_log(&self, log: Arc<dyn EventLog>) {
         let _ = self.log.set(log);
+        self.log_opened.send_replace(true);
         self.ready.store(true, Ordering::Release);
     }
 
@@ -73,14 +79,22 @@ impl AppState {
         self.ready.load(Ordering::Acquire) && !*self.stop.borrow()
     }
 
-    /// The log, or 503 while it is not open.
-    pub fn log(&self) -> Result<Arc<dyn EventLog>, ApiError> {
+    /// The log. A request that arrives while the log is still opening (just after a restart)
+    /// waits for it, up to [`LOG_OPEN_WAIT`], rather than being refused: a browser's
+    /// `EventSource` gives up for good on an error status, so a reconnect that lands in that
+    /// window must be held, not answered 503. After the wait: 503.
+    pub async fn log(&self) -> Result<Arc<dyn EventLog>, ApiError> {
+        if let Some(log) = self.log.get() {
+            return Ok(log.clone());
+        }
+        let mut opened = self.log_opened.subscribe();
+        let _ = tokio::time::timeout(LOG_OPEN_WAIT, opened.wait_for(|o| *o)).await;
         self.log.get().cloned().ok_or_else(ApiError::not_ready)
     }
 
-    /// The publish path, or 503 while the log is not open.
-    pub fn publisher(&self) -> Result<Publisher, ApiError> {
-        Ok(Publisher::new(self.log()?, self.metrics.clone()))
+    /// The publish path (waits for the log like [`AppState::log`]).
+    pub async fn publisher(&self) -> Result<Publisher, ApiError> {
+        Ok(Publisher::new(self.log().await?, self.metrics.clone()))
     }
 
     /// A receiver that turns true when the server shuts down (streams end then).
@@ -98,17 +112,20 @@ where
     let method = req.method().clone();
     let path = req.uri().path().to_string();
     let origin = req.headers().get(header::ORIGIN).cloned();
-    tracing::debug!(%method, %path, "request");
     let result = if method == Method::OPTIONS {
         Ok(preflight(&state, origin.as_ref()))
     } else {
         route(&state, req, &method, &path).await
     };
     let mut resp = match result {
-        Ok(resp) => resp,
+        Ok(resp) => {
+            // Streams log when their response head is ready, not when they end.
+            tracing::debug!(%method, %path, status = resp.status().as_u16(), "request");
+            resp
+        }
         Err(e) => {
             state.metrics.observe_rejected(e.status.as_u16(), e.code);
-            tracing::debug!(%method, %path, status = e.status.as_u16(), code = e.code, "refused");
+            tracing::debug!(%method, %path, status = e.status.as_u16(), code = e.code, "request");
             error_response(&e)
         }
     };
@@ -149,7 +166,7 @@ where
         }
         "/v1/topics" => {
             get_only(method)?;
-            topics::list(state, req.uri().query())
+            topics::list(state, req.uri().query()).await
         }
         _ => {
             let Some(rest) = path.strip_prefix("/v1/topics/") else {
@@ -162,7 +179,7 @@ where
                 return publish::publish(state, req, Some(topic)).await;
             }
             get_only(method).map_err(|_| ApiError::method_not_allowed("GET, POST"))?;
-            topics::one(state, rest)
+            topics::one(state, rest).await
         }
     }
 }

@@ -91,7 +91,7 @@ where
         max_topic_len: cfg.max_topic_len,
     };
     let events = codec::decode_publish(&target, format, gzip, &body, &limits, &bare)?;
-    let receipt = state.publisher()?.publish(events).await?;
+    let receipt = state.publisher().await?.publish(events).await?;
     let json = serde_json::to_vec(&receipt)
         .map_err(|e| ApiError::new(StatusCode::INTERNAL_SERVER_ERROR, "internal", e.to_string()))?;
     Ok(json_response(StatusCode::CREATED, json))

@@ -102,7 +102,7 @@ pub async fn subscribe<B>(
     req: &Request<B>,
 ) -> Result<Response<Body>, ApiError> {
     let (patterns, cursor) = subscription_request(state, req)?;
-    let log = state.log()?;
+    let log = state.log().await?;
     let cfg = &state.config;
     let gauge = state.metrics.subscribers("sse");
     gauge.inc();

@@ -12,7 +12,7 @@ const LIST_LIMIT: usize = 1000;
 const LIST_MAX: usize = 10_000;
 
 /// Lists topics in name order with their statistics.
-pub fn list(state: &Arc<AppState>, query: Option<&str>) -> Result<Response<Body>, ApiError> {
+pub async fn list(state: &Arc<AppState>, query: Option<&str>) -> Result<Response<Body>, ApiError> {
     let mut pattern = None;
     let mut limit = LIST_LIMIT;
     for (k, v) in query_pairs(query) {
@@ -31,16 +31,16 @@ pub fn list(state: &Arc<AppState>, query: Option<&str>) -> Result<Response<Body>
             _ => {}
         }
     }
-    let topics = state.log()?.topics(pattern.as_ref(), limit);
+    let topics = state.log().await?.topics(pattern.as_ref(), limit);
     let body = serde_json::json!({ "topics": topics }).to_string();
     Ok(json_response(StatusCode::OK, body))
 }
 
 /// One topic's statistics, 404 when nothing was ever published to it.
-pub fn one(state: &Arc<AppState>, name: &str) -> Result<Response<Body>, ApiError> {
+pub async fn one(state: &Arc<AppState>, name: &str) -> Result<Response<Body>, ApiError> {
     let topic = Topic::parse_with_limit(name, state.config.max_topic_len)
         .map_err(|e| ApiError::invalid_topic(name, e))?;
-    let stats = state.log()?.topic(&topic).ok_or_else(|| {
+    let stats = state.log().await?.topic(&topic).ok_or_else(|| {
         ApiError::new(
             StatusCode::NOT_FOUND,
             "unknown_topic",

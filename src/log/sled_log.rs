@@ -458,10 +458,7 @@ impl Writer {
     }
 
     /// One group commit: every queued append in one atomic batch and one flush.
-    fn commit(
-        &mut self,
-        appends: Vec<(Vec<NewEvent>, AppendReply)>,
-    ) {
+    fn commit(&mut self, appends: Vec<(Vec<NewEvent>, AppendReply)>) {
         if appends.is_empty() {
             return;
         }

@@ -1,0 +1,321 @@
+//! Shared test harness: the real server (in-process via `server::run`, or the release-shaped
+//! binary as a child process) on a loopback port with sled in a temp dir, plus small helpers
+//! around independent clients (reqwest for HTTP, eventsource-stream for SSE).
+#![allow(dead_code)]
+
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use eventsource_stream::{Event as SseEvent, Eventsource};
+use futures_util::{Stream, StreamExt};
+use serde_json::Value;
+use tidewire::config::Config;
+use tokio::net::TcpListener;
+use tokio::sync::oneshot;
+use tokio::task::JoinHandle;
+
+/// Generous bound for anything a test waits on; never a performance assertion.
+pub const PATIENCE: Duration = Duration::from_secs(20);
+
+/// A server running inside the test process on `127.0.0.1:0`.
+pub struct TestServer {
+    pub addr: SocketAddr,
+    pub dir: PathBuf,
+    stop: Option<oneshot::Sender<()>>,
+    task: Option<JoinHandle<()>>,
+}
+
+impl TestServer {
+    /// Starts a server on a fresh temp dir with the default configuration.
+    pub async fn start(tmp: &tempfile::TempDir) -> TestServer {
+        Self::start_with(tmp.path(), |_| {}).await
+    }
+
+    /// Starts a server on `dir`, after `tune` has adjusted the configuration.
+    pub async fn start_with(dir: &Path, tune: impl FnOnce(&mut Config)) -> TestServer {
+        let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind");
+        let addr = listener.local_addr().expect("local addr");
+        let mut config = Config {
+            data_dir: dir.join("data"),
+            ..Config::default()
+        };
+        tune(&mut config);
+        let (stop_tx, stop_rx) = oneshot::channel::<()>();
+        let task = tokio::spawn(async move {
+            let shutdown = async move {
+                let _ = stop_rx.await;
+            };
+            if let Err(e) = tidewire::server::run(listener, config, shutdown).await {
+                panic!("server failed: {e}");
+            }
+        });
+        let server = TestServer {
+            addr,
+            dir: dir.to_path_buf(),
+            stop: Some(stop_tx),
+            task: Some(task),
+        };
+        wait_ready(addr).await;
+        server
+    }
+
+    pub fn url(&self, path: &str) -> String {
+        format!("http://{}{}", self.addr, path)
+    }
+
+    /// Shuts down gracefully and waits until the log is closed.
+    pub async fn stop(mut self) {
+        if let Some(tx) = self.stop.take() {
+            let _ = tx.send(());
+        }
+        if let Some(task) = self.task.take() {
+            tokio::time::timeout(PATIENCE, task)
+                .await
+                .expect("server did not stop in time")
+                .expect("server task panicked");
+        }
+    }
+}
+
+/// The `tidewire` binary as a child process, for `kill -9` and signal tests.
+pub struct BinServer {
+    pub addr: SocketAddr,
+    pub child: Child,
+}
+
+impl BinServer {
+    /// Starts `tidewire serve --listen 127.0.0.1:PORT --data-dir DIR` and waits for readiness.
+    pub async fn spawn(data_dir: &Path, extra: &[&str]) -> BinServer {
+        // Take a free port from the kernel; the tiny window before the child binds it is fine
+        // on loopback in a test.
+        let port = std::net::TcpListener::bind("127.0.0.1:0")
+            .and_then(|l| l.local_addr())
+            .expect("free port")
+            .port();
+        let addr: SocketAddr = format!("127.0.0.1:{port}").parse().expect("addr");
+        let child = Command::new(env!("CARGO_BIN_EXE_tidewire"))
+            .arg("serve")
+            .arg("--listen")
+            .arg(addr.to_string())
+            .arg("--data-dir")
+            .arg(data_dir)
+            .args(extra)
+            .env("RUST_LOG", "warn")
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(Stdio::inherit())
+            .spawn()
+            .expect("spawn tidewire");
+        wait_ready(addr).await;
+        BinServer { addr, child }
+    }
+
+    pub fn url(&self, path: &str) -> String {
+        format!("http://{}{}", self.addr, path)
+    }
+
+    /// `kill -9`: no chance to flush or say goodbye.
+    pub fn kill9(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+
+    /// Sends SIGTERM and returns the exit status (waits at most [`PATIENCE`]).
+    pub fn sigterm(&mut self) -> std::process::ExitStatus {
+        let status = Command::new("kill")
+            .arg("-TERM")
+            .arg(self.child.id().to_string())
+            .status()
+            .expect("run kill");
+        assert!(status.success(), "kill -TERM failed");
+        let deadline = Instant::now() + PATIENCE;
+        loop {
+            if let Some(st) = self.child.try_wait().expect("wait") {
+                return st;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "server did not exit after SIGTERM"
+            );
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+}
+
+impl Drop for BinServer {
+    fn drop(&mut self) {
+        if let Ok(None) = self.child.try_wait() {
+            let _ = self.child.kill();
+            let _ = self.child.wait();
+        }
+    }
+}
+
+/// Polls `GET /readyz` until it answers 200.
+pub async fn wait_ready(addr: SocketAddr) {
+    let client = reqwest::Client::new();
+    let deadline = Instant::now() + PATIENCE;
+    loop {
+        if let Ok(r) = client
+            .get(format!("http://{addr}/readyz"))
+            .timeout(Duration::from_secs(2))
+            .send()
+            .await
+        {
+            if r.status() == 200 {
+                return;
+            }
+        }
+        assert!(
+            Instant::now() < deadline,
+            "server at {addr} never became ready"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+/// POSTs `body` with `content_type` to `url`; returns the status and the JSON body.
+pub async fn post(
+    client: &reqwest::Client,
+    url: &str,
+    content_type: &str,
+    body: impl Into<reqwest::Body>,
+) -> (u16, Value) {
+    let r = client
+        .post(url)
+        .header("content-type", content_type)
+        .body(body)
+        .send()
+        .await
+        .expect("POST");
+    let status = r.status().as_u16();
+    let text = r.text().await.expect("body");
+    let json = serde_json::from_str(&text).unwrap_or(Value::String(text));
+    (status, json)
+}
+
+/// Publishes one JSON event to `topic` and returns its id (asserts 201).
+pub async fn publish_one(client: &reqwest::Client, base: &str, topic: &str, data: Value) -> u64 {
+    let (status, body) = post(
+        client,
+        &format!("{base}/v1/topics/{topic}/events"),
+        "application/json",
+        serde_json::json!({ "data": data }).to_string(),
+    )
+    .await;
+    assert_eq!(status, 201, "publish refused: {body}");
+    body["first_id"].as_u64().expect("first_id")
+}
+
+/// Opens an SSE stream with an independent client (reqwest + eventsource-stream).
+pub async fn sse(
+    url: &str,
+    last_event_id: Option<u64>,
+) -> impl Stream<Item = Result<SseEvent, String>> + Unpin {
+    let client = reqwest::Client::new();
+    let mut req = client.get(url).header("accept", "text/event-stream");
+    if let Some(id) = last_event_id {
+        req = req.header("last-event-id", id.to_string());
+    }
+    let resp = req.send().await.expect("SSE connect");
+    assert_eq!(resp.status(), 200, "SSE refused");
+    Box::pin(
+        resp.bytes_stream()
+            .eventsource()
+            .map(|r| r.map_err(|e| e.to_string())),
+    )
+}
+
+/// Reads the next SSE event (skipping nothing; comments never reach here) within [`PATIENCE`].
+pub async fn next_event(
+    stream: &mut (impl Stream<Item = Result<SseEvent, String>> + Unpin),
+) -> SseEvent {
+    tokio::time::timeout(PATIENCE, stream.next())
+        .await
+        .expect("timed out waiting for an SSE event")
+        .expect("SSE stream ended")
+        .expect("SSE stream error")
+}
+
+/// Reads `n` events and returns their ids, asserting each `id:` matches the envelope's `id`.
+pub async fn read_ids(
+    stream: &mut (impl Stream<Item = Result<SseEvent, String>> + Unpin),
+    n: usize,
+) -> Vec<u64> {
+    let mut ids = Vec::with_capacity(n);
+    while ids.len() < n {
+        let ev = next_event(stream).await;
+        let env: Value = serde_json::from_str(&ev.data).expect("data is JSON");
+        let id = env["id"].as_u64().expect("envelope id");
+        assert_eq!(ev.id, id.to_string(), "SSE id line and envelope id differ");
+        ids.push(id);
+    }
+    ids
+}
+
+// ---- Restart-in-place helpers (used by tests/browser.rs and tests/cli.rs). ----
+
+/// A loopback address whose port the kernel just handed out (free at the time of asking).
+pub fn free_addr() -> SocketAddr {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .and_then(|l| l.local_addr())
+        .expect("free port")
+}
+
+impl BinServer {
+    /// Like [`BinServer::spawn`], but on a chosen address: pass the `addr` of a killed server
+    /// to restart it in place, so clients reconnecting to that address find it again.
+    pub async fn spawn_on(addr: SocketAddr, data_dir: &Path, extra: &[&str]) -> BinServer {
+        Self::spawn_on_with_env(addr, data_dir, extra, &[]).await
+    }
+
+    /// Like [`BinServer::spawn_on`], with extra environment variables for the child (e.g.
+    /// `TIDEWIRE_SSE_RETRY_MS`, which has no flag). Fails at once if the child exits before
+    /// it is ready (e.g. the port could not be bound again).
+    pub async fn spawn_on_with_env(
+        addr: SocketAddr,
+        data_dir: &Path,
+        extra: &[&str],
+        env: &[(&str, &str)],
+    ) -> BinServer {
+        let child = Command::new(env!("CARGO_BIN_EXE_tidewire"))
+            .arg("serve")
+            .arg("--listen")
+            .arg(addr.to_string())
+            .arg("--data-dir")
+            .arg(data_dir)
+            .args(extra)
+            .env("RUST_LOG", "warn")
+            .envs(env.iter().copied())
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(Stdio::inherit())
+            .spawn()
+            .expect("spawn tidewire");
+        let mut server = BinServer { addr, child };
+        let client = reqwest::Client::new();
+        let deadline = Instant::now() + PATIENCE;
+        loop {
+            if let Some(status) = server.child.try_wait().expect("wait") {
+                panic!("tidewire on {addr} exited before it was ready: {status}");
+            }
+            if let Ok(r) = client
+                .get(format!("http://{addr}/readyz"))
+                .timeout(Duration::from_secs(2))
+                .send()
+                .await
+            {
+                if r.status() == 200 {
+                    return server;
+                }
+            }
+            assert!(
+                Instant::now() < deadline,
+                "server at {addr} never became ready"
+            );
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    }
+}
