@@ -322,12 +322,17 @@ fn read_page(
     };
     let mut after = after.0;
     let mut gap = None;
+    // Removal so far takes a prefix of the whole log, so every event up to the largest
+    // removed-through of the matching topics is gone from all of them.
     let removed = topics.iter().map(|t| t.2).max().unwrap_or(0);
     if removed > after {
-        gap = Some(Gap {
-            requested: after,
-            oldest: removed + 1,
-        });
+        // Cursor 0 asks for "the oldest retained event": it has lost nothing it asked for.
+        if after > 0 {
+            gap = Some(Gap {
+                requested: after,
+                oldest: removed + 1,
+            });
+        }
         after = removed;
     }
     let mut page = Page {
