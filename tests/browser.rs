@@ -7,13 +7,15 @@
 
 mod common;
 
+const SSE_SUBSCRIBERS: &str = "tidewire_live_subscribers{transport=\"sse\"}";
+
 use std::os::unix::process::CommandExt;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use common::{free_addr, BinServer};
+use common::{free_addr, metric, BinServer};
 use serde_json::{json, Value};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
@@ -324,24 +326,6 @@ async fn wait_for(
     }
 }
 
-/// `tidewire_live_subscribers{transport="sse"}` of the server (0 when absent).
-async fn sse_subscribers(client: &reqwest::Client, base: &str) -> u64 {
-    let text = client
-        .get(format!("{base}/metrics"))
-        .timeout(Duration::from_secs(5))
-        .send()
-        .await
-        .expect("GET /metrics")
-        .text()
-        .await
-        .expect("metrics body");
-    text.lines()
-        .find(|l| l.starts_with("tidewire_live_subscribers{") && l.contains("transport=\"sse\""))
-        .and_then(|l| l.rsplit(' ').next())
-        .and_then(|v| v.parse().ok())
-        .unwrap_or(0)
-}
-
 /// Every event the page got, checked one by one: ids exactly `1..=n` in order, the `event:`
 /// type, and the envelope carried in `data` (its id, topic and payload).
 fn assert_exactly(report: &Value, n: u64) {
@@ -419,7 +403,7 @@ async fn browser_eventsource_resumes_exactly_across_a_kill9() {
     // the browser is still waiting out its `retry:` delay, so these are events it missed.
     let mut server = BinServer::spawn_on_with_env(tw_addr, &data, &extra, &env).await;
     publish_range(&client, &base, 11..=13).await;
-    let subscribers = sse_subscribers(&client, &base).await;
+    let subscribers = metric(&base, SSE_SUBSCRIBERS).await as u64;
     let elapsed = killed_at.elapsed();
     eprintln!("kill -9, restart and 3 publishes took {elapsed:?} (browser retry {RETRY_MS} ms)");
     assert_eq!(

@@ -214,24 +214,9 @@ fn ids(envs: &[Value]) -> Vec<u64> {
         .collect()
 }
 
-/// `tidewire_live_subscribers{transport="sse"}` (0 when absent).
-async fn sse_subscribers(base: &str) -> u64 {
-    let text = reqwest::get(format!("{base}/metrics"))
-        .await
-        .expect("GET /metrics")
-        .text()
-        .await
-        .expect("metrics body");
-    text.lines()
-        .find(|l| l.starts_with("tidewire_live_subscribers{") && l.contains("transport=\"sse\""))
-        .and_then(|l| l.rsplit(' ').next())
-        .and_then(|v| v.parse().ok())
-        .unwrap_or(0)
-}
-
 async fn wait_sse_subscribers(base: &str, n: u64) {
     let deadline = Instant::now() + PATIENCE;
-    while sse_subscribers(base).await != n {
+    while common::metric(base, "tidewire_live_subscribers{transport=\"sse\"}").await as u64 != n {
         assert!(
             Instant::now() < deadline,
             "never saw {n} SSE subscribers on {base}"
@@ -678,32 +663,11 @@ async fn serve(addr: SocketAddr, args: &[&str], env: &[(&str, &str)]) -> Proc {
     let mut all = vec!["serve"];
     all.extend_from_slice(args);
     let mut p = Proc::start(&all, env);
-    let client = reqwest::Client::new();
-    let deadline = Instant::now() + PATIENCE;
-    loop {
-        if let Some(st) = p.try_status() {
-            panic!(
-                "serve exited before {addr} was ready ({st}): {}",
-                p.stderr()
-            );
-        }
-        if let Ok(r) = client
-            .get(format!("http://{addr}/readyz"))
-            .timeout(Duration::from_secs(2))
-            .send()
-            .await
-        {
-            if r.status() == 200 {
-                return p;
-            }
-        }
-        assert!(
-            Instant::now() < deadline,
-            "{addr} never became ready: {}",
-            p.stderr()
-        );
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
+    common::wait_ready_unless(addr, || {
+        p.try_status().map(|st| format!("{st}: {}", p.stderr()))
+    })
+    .await;
+    p
 }
 
 /// Whether anything accepts connections on `addr`.

@@ -195,6 +195,29 @@ fn assert_envelope(
     );
 }
 
+/// Asserts `got` holds exactly `want` (type, data) in order, with consecutive ids from `first`.
+#[track_caller]
+fn assert_stored(
+    got: &[Stored],
+    first: u64,
+    topic: &str,
+    want: &[(Option<&str>, Value)],
+    window: (u64, u64),
+) {
+    assert_eq!(got.len(), want.len(), "stored events of {topic}");
+    for (i, (t, data)) in want.iter().enumerate() {
+        assert_envelope(
+            &got[i],
+            first + i as u64,
+            topic,
+            *t,
+            data.clone(),
+            false,
+            window,
+        );
+    }
+}
+
 /// Publishes `body` with `content_type` to `topic` (gzipped when `gz`), asserts the receipt.
 #[allow(clippy::too_many_arguments)]
 async fn publish_format(
@@ -347,17 +370,7 @@ async fn json_array_is_one_batch_with_contiguous_ids_plain_and_gzipped() {
             (None, Value::Null),
             (None, json!([3, "x"])),
         ];
-        for (i, (t, data)) in want.into_iter().enumerate() {
-            assert_envelope(
-                &got[i],
-                next + i as u64,
-                &topic,
-                t,
-                data,
-                false,
-                (before, after),
-            );
-        }
+        assert_stored(&got, next, &topic, &want, (before, after));
         next += 4;
     }
     server.stop().await;
@@ -392,17 +405,7 @@ async fn ndjson_lines_are_one_batch_and_blank_lines_are_skipped_plain_and_gzippe
             (Some("note"), json!("two")),
             (None, json!(3)),
         ];
-        for (i, (t, data)) in want.into_iter().enumerate() {
-            assert_envelope(
-                &got[i],
-                next + i as u64,
-                &topic,
-                t,
-                data,
-                false,
-                (before, after),
-            );
-        }
+        assert_stored(&got, next, &topic, &want, (before, after));
         next += 3;
     }
     server.stop().await;
@@ -465,24 +468,8 @@ async fn msgpack_map_and_array_are_accepted_under_all_three_content_types_plain_
                 (before, after),
             );
             let got = read_back(&client, &server, &array_topic, 2).await;
-            assert_envelope(
-                &got[0],
-                next + 1,
-                &array_topic,
-                None,
-                json!("first"),
-                false,
-                (before, after),
-            );
-            assert_envelope(
-                &got[1],
-                next + 2,
-                &array_topic,
-                Some("list"),
-                json!([1, 2, 3]),
-                false,
-                (before, after),
-            );
+            let want = [(None, json!("first")), (Some("list"), json!([1, 2, 3]))];
+            assert_stored(&got, next + 1, &array_topic, &want, (before, after));
             next += 3;
         }
     }

@@ -80,27 +80,6 @@ async fn read_until(
     panic!("never saw event {until}");
 }
 
-/// The value of an unlabelled metric in `/metrics` (Prometheus text format).
-async fn metric(client: &reqwest::Client, base: &str, name: &str) -> f64 {
-    let text = client
-        .get(format!("{base}/metrics"))
-        .timeout(PATIENCE)
-        .send()
-        .await
-        .expect("GET /metrics")
-        .text()
-        .await
-        .expect("metrics body");
-    for line in text.lines() {
-        if let Some(rest) = line.strip_prefix(name) {
-            if let Some(v) = rest.strip_prefix(' ') {
-                return v.trim().parse().expect("metric value");
-            }
-        }
-    }
-    panic!("metric {name} not found in:\n{text}");
-}
-
 /// Sends a GET with reqwest and returns the status and JSON body (for refusals).
 async fn get_json(client: &reqwest::Client, url: &str, headers: &[(&str, &str)]) -> (u16, Value) {
     let mut req = client.get(url).timeout(PATIENCE);
@@ -839,7 +818,7 @@ async fn slow_subscriber_falls_back_to_the_log_and_misses_nothing_while_fast_one
         "fast subscriber: missing, duplicated or out of order"
     );
 
-    let lags_before = metric(&client, &base, "tidewire_subscriber_lag_fallbacks_total").await;
+    let lags_before = metric(&base, "tidewire_subscriber_lag_fallbacks_total").await;
 
     // Now the slow one reads: every event exactly once, in order, no gap signal.
     let mut slow_ids = Vec::with_capacity(TOTAL as usize);
@@ -860,7 +839,7 @@ async fn slow_subscriber_falls_back_to_the_log_and_misses_nothing_while_fast_one
         "slow subscriber: missing, duplicated or out of order"
     );
 
-    let lags_after = metric(&client, &base, "tidewire_subscriber_lag_fallbacks_total").await;
+    let lags_after = metric(&base, "tidewire_subscriber_lag_fallbacks_total").await;
     assert!(
         lags_after > lags_before,
         "the slow subscriber never fell back to the log ({lags_before} -> {lags_after}): \

@@ -88,28 +88,8 @@ pub struct BinServer {
 impl BinServer {
     /// Starts `tidewire serve --listen 127.0.0.1:PORT --data-dir DIR` and waits for readiness.
     pub async fn spawn(data_dir: &Path, extra: &[&str]) -> BinServer {
-        // Take a free port from the kernel; the tiny window before the child binds it is fine
-        // on loopback in a test.
-        let port = std::net::TcpListener::bind("127.0.0.1:0")
-            .and_then(|l| l.local_addr())
-            .expect("free port")
-            .port();
-        let addr: SocketAddr = format!("127.0.0.1:{port}").parse().expect("addr");
-        let child = Command::new(env!("CARGO_BIN_EXE_tidewire"))
-            .arg("serve")
-            .arg("--listen")
-            .arg(addr.to_string())
-            .arg("--data-dir")
-            .arg(data_dir)
-            .args(extra)
-            .env("RUST_LOG", "warn")
-            .stdin(Stdio::null())
-            .stdout(Stdio::null())
-            .stderr(Stdio::inherit())
-            .spawn()
-            .expect("spawn tidewire");
-        wait_ready(addr).await;
-        BinServer { addr, child }
+        // The tiny window before the child binds the free port is fine on loopback in a test.
+        Self::spawn_on(free_addr(), data_dir, extra).await
     }
 
     pub fn url(&self, path: &str) -> String {
@@ -155,25 +135,7 @@ impl Drop for BinServer {
 
 /// Polls `GET /readyz` until it answers 200.
 pub async fn wait_ready(addr: SocketAddr) {
-    let client = reqwest::Client::new();
-    let deadline = Instant::now() + PATIENCE;
-    loop {
-        if let Ok(r) = client
-            .get(format!("http://{addr}/readyz"))
-            .timeout(Duration::from_secs(2))
-            .send()
-            .await
-        {
-            if r.status() == 200 {
-                return;
-            }
-        }
-        assert!(
-            Instant::now() < deadline,
-            "server at {addr} never became ready"
-        );
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
+    wait_ready_unless(addr, || None).await
 }
 
 /// POSTs `body` with `content_type` to `url`; returns the status and the JSON body.
@@ -295,27 +257,59 @@ impl BinServer {
             .spawn()
             .expect("spawn tidewire");
         let mut server = BinServer { addr, child };
-        let client = reqwest::Client::new();
-        let deadline = Instant::now() + PATIENCE;
-        loop {
-            if let Some(status) = server.child.try_wait().expect("wait") {
-                panic!("tidewire on {addr} exited before it was ready: {status}");
-            }
-            if let Ok(r) = client
-                .get(format!("http://{addr}/readyz"))
-                .timeout(Duration::from_secs(2))
-                .send()
-                .await
-            {
-                if r.status() == 200 {
-                    return server;
-                }
-            }
-            assert!(
-                Instant::now() < deadline,
-                "server at {addr} never became ready"
-            );
-            tokio::time::sleep(Duration::from_millis(20)).await;
-        }
+        wait_ready_unless(addr, || {
+            server
+                .child
+                .try_wait()
+                .expect("wait")
+                .map(|st| format!("exited with {st}"))
+        })
+        .await;
+        server
     }
+}
+
+/// Polls `GET /readyz` on `addr` until it answers 200; fails at once when `exited` reports
+/// that the process meant to serve there has stopped (with why).
+pub async fn wait_ready_unless(addr: SocketAddr, mut exited: impl FnMut() -> Option<String>) {
+    let client = reqwest::Client::new();
+    let deadline = Instant::now() + PATIENCE;
+    loop {
+        if let Some(why) = exited() {
+            panic!("tidewire on {addr} stopped before it was ready: {why}");
+        }
+        if let Ok(r) = client
+            .get(format!("http://{addr}/readyz"))
+            .timeout(Duration::from_secs(2))
+            .send()
+            .await
+        {
+            if r.status() == 200 {
+                return;
+            }
+        }
+        assert!(
+            Instant::now() < deadline,
+            "server at {addr} never became ready"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+/// The value of one series in `/metrics` (Prometheus text), given exactly as it is printed:
+/// `tidewire_events_stored_total` or `tidewire_live_subscribers{transport="sse"}`. 0 when absent.
+pub async fn metric(base: &str, series: &str) -> f64 {
+    let text = reqwest::Client::new()
+        .get(format!("{base}/metrics"))
+        .timeout(PATIENCE)
+        .send()
+        .await
+        .expect("GET /metrics")
+        .text()
+        .await
+        .expect("metrics body");
+    text.lines()
+        .find_map(|l| l.strip_prefix(series)?.strip_prefix(' '))
+        .map(|v| v.trim().parse().expect("metric value"))
+        .unwrap_or(0.0)
 }
