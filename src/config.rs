@@ -49,6 +49,17 @@ pub struct Config {
     pub shutdown_grace_secs: u64,
     /// Origins allowed to read cross-origin (CORS); `*` allows any. Empty: same-origin only.
     pub allowed_origins: Vec<String>,
+    /// Frames queued per WebSocket before it stops taking live events and, once it reads
+    /// again, catches up from the log.
+    pub ws_send_queue: usize,
+    /// Largest client WebSocket message, bytes: larger ones get a `payload_too_large` error
+    /// frame; beyond four times this the socket is closed with 1009.
+    pub ws_max_frame_bytes: usize,
+    /// Seconds between protocol pings on every WebSocket.
+    pub ws_ping_secs: u64,
+    /// Seconds a WebSocket may go without answering (no frame or pong heard, or no write
+    /// progress) before it is closed with 1008; it can then resume with `since`.
+    pub ws_unresponsive_secs: u64,
 }
 
 impl Default for Config {
@@ -71,6 +82,10 @@ impl Default for Config {
             cache_bytes: 256 << 20,
             shutdown_grace_secs: 10,
             allowed_origins: Vec::new(),
+            ws_send_queue: 128,
+            ws_max_frame_bytes: 1 << 20,
+            ws_ping_secs: 15,
+            ws_unresponsive_secs: 45,
         }
     }
 }
@@ -138,6 +153,8 @@ impl Config {
             ("max_patterns", self.max_patterns),
             ("hub_capacity", self.hub_capacity),
             ("replay_page", self.replay_page),
+            ("ws_send_queue", self.ws_send_queue),
+            ("ws_max_frame_bytes", self.ws_max_frame_bytes),
         ] {
             if v == 0 {
                 return Err(ConfigError::Invalid(format!("{name} must be at least 1")));
@@ -146,6 +163,11 @@ impl Config {
         if self.sse_heartbeat_secs == 0 {
             return Err(ConfigError::Invalid(
                 "sse_heartbeat_secs must be at least 1".into(),
+            ));
+        }
+        if self.ws_ping_secs == 0 || self.ws_unresponsive_secs <= self.ws_ping_secs {
+            return Err(ConfigError::Invalid(
+                "ws_ping_secs must be at least 1 and below ws_unresponsive_secs".into(),
             ));
         }
         Ok(())

@@ -78,6 +78,7 @@ pub struct Event {
     pub body: NewEvent,
     json: OnceLock<Bytes>,
     sse: OnceLock<Bytes>,
+    msgpack: OnceLock<Bytes>,
 }
 
 /// A committed event shared by every subscriber that receives it.
@@ -92,6 +93,7 @@ impl Event {
             body,
             json: OnceLock::new(),
             sse: OnceLock::new(),
+            msgpack: OnceLock::new(),
         }
     }
 
@@ -126,6 +128,33 @@ impl Event {
         })
     }
 
+    /// The MessagePack envelope: a map with the JSON envelope's keys (`type` only when set),
+    /// where `data` keeps its MessagePack type (bytes stay `bin`, no `encoding` key), built once.
+    pub fn msgpack(&self) -> &Bytes {
+        self.msgpack
+            .get_or_init(|| Bytes::from(self.render_msgpack()))
+    }
+
+    fn render_msgpack(&self) -> Vec<u8> {
+        let b = &self.body;
+        let data = match &b.data {
+            // The text was validated as JSON when it was published; `Null` is unreachable.
+            Data::Json(text) => {
+                MsgpackData::Json(serde_json::from_str(text).unwrap_or(serde_json::Value::Null))
+            }
+            Data::Bytes(bytes) => MsgpackData::Bytes(serde_bytes::Bytes::new(bytes)),
+        };
+        let env = MsgpackEnvelope {
+            id: self.id.0,
+            topic: b.topic.as_str(),
+            event_type: b.event_type.as_deref(),
+            time: self.time,
+            data,
+        };
+        // Writing maps of plain values into a Vec cannot fail.
+        rmp_serde::to_vec_named(&env).unwrap_or_default()
+    }
+
     fn render_json(&self) -> Vec<u8> {
         let b = &self.body;
         let mut out = Vec::with_capacity(b.data.len() + b.topic.as_str().len() + 80);
@@ -157,6 +186,23 @@ impl Event {
         out.push(b'}');
         out
     }
+}
+
+#[derive(Serialize)]
+struct MsgpackEnvelope<'a> {
+    id: u64,
+    topic: &'a str,
+    #[serde(rename = "type", skip_serializing_if = "Option::is_none")]
+    event_type: Option<&'a str>,
+    time: u64,
+    data: MsgpackData<'a>,
+}
+
+#[derive(Serialize)]
+#[serde(untagged)]
+enum MsgpackData<'a> {
+    Json(serde_json::Value),
+    Bytes(&'a serde_bytes::Bytes),
 }
 
 fn push_json_string(out: &mut Vec<u8>, s: &str) {
@@ -241,6 +287,36 @@ mod tests {
         let v: serde_json::Value = serde_json::from_slice(e.json()).unwrap();
         assert_eq!(v["data"], "AP8=");
         assert_eq!(v["encoding"], "base64");
+    }
+
+    #[test]
+    fn msgpack_envelope_keeps_bytes_as_bin_and_json_as_values() {
+        #[derive(serde::Deserialize, Debug, PartialEq)]
+        struct Env {
+            id: u64,
+            topic: String,
+            #[serde(rename = "type")]
+            event_type: Option<String>,
+            time: u64,
+            data: serde_bytes::ByteBuf,
+        }
+        let e = event(Data::Bytes(Bytes::from_static(b"\x00\xff")), Some("raw"));
+        let env: Env = rmp_serde::from_slice(e.msgpack()).unwrap();
+        assert_eq!(env.id, 42);
+        assert_eq!(env.topic, "sensors/a");
+        assert_eq!(env.event_type.as_deref(), Some("raw"));
+        assert_eq!(env.time, 1_763_800_000_000);
+        assert_eq!(&env.data[..], b"\x00\xff");
+        // Built once: the same allocation every time.
+        assert_eq!(e.msgpack().as_ptr(), e.msgpack().as_ptr());
+
+        let e = event(Data::Json(r#"{"t":21.5,"ok":[1,null]}"#.into()), None);
+        let v: serde_json::Value = rmp_serde::from_slice(e.msgpack()).unwrap();
+        assert_eq!(
+            v,
+            serde_json::json!({"id":42,"topic":"sensors/a","time":1_763_800_000_000u64,
+                               "data":{"t":21.5,"ok":[1,null]}})
+        );
     }
 
     #[test]

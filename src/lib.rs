@@ -13,13 +13,14 @@
 //! ```
 //!
 //! - [`topic`]: topics, patterns (`*`, `**`) and cursors, validated at the edge.
-//! - [`envelope`]: the event and its wire forms (JSON, SSE frame), each built once.
+//! - [`envelope`]: the event and its wire forms (JSON, SSE frame, MessagePack), each built once.
 //! - [`codec`]: publish bodies (JSON, NDJSON, MessagePack, text, bytes, gzip) to events.
 //! - [`publish`]: the publish path, from validated events to a durable receipt.
 //! - [`log`]: the durable log behind a narrow trait; [`log::SledLog`] is the embedded engine.
 //! - [`hub`]: live fan-out of committed events, bounded per subscriber.
 //! - [`subscription`]: history from a cursor, then live, without gap or duplicate.
-//! - [`http`]: routing, errors and the HTTP transports (publish, SSE, topics, health).
+//! - [`http`]: routing, errors and the HTTP transports (publish, SSE, WebSocket, topics, health).
+//! - [`ws_frame`]: WebSocket ops and frames (JSON, MessagePack, gzip batches), pure functions.
 //! - [`server`]: accept loop, HTTP/1.1 + HTTP/2, graceful shutdown.
 //! - [`config`], [`cli`], [`client`], [`metrics`]: configuration, the command line, the
 //!   client behind `publish`/`tail`, Prometheus metrics.
@@ -38,3 +39,4 @@ pub mod publish;
 pub mod server;
 pub mod subscription;
 pub mod topic;
+pub mod ws_frame;

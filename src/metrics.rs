@@ -29,6 +29,39 @@ pub struct CodeLabel {
     pub code: &'static str,
 }
 
+/// One direction and subprotocol of WebSocket traffic.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct WsLabel {
+    /// `in` (from clients) or `out` (to clients).
+    pub direction: &'static str,
+    /// `tidewire.v1.json` or `tidewire.v1.msgpack`.
+    pub subprotocol: &'static str,
+}
+
+/// The error code of a refused WebSocket frame.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct WsErrorLabel {
+    /// The contract's snake_case code.
+    pub code: &'static str,
+}
+
+/// WebSocket metrics (open sockets are `live_subscribers{transport="ws"}`).
+#[derive(Clone, Default)]
+pub struct WsMetrics {
+    /// Frames by direction and subprotocol.
+    pub frames: Family<WsLabel, Counter>,
+    /// Bytes (message payloads) by direction and subprotocol.
+    pub bytes: Family<WsLabel, Counter>,
+    /// Publish ops acknowledged (durable).
+    pub acks: Counter,
+    /// Error frames sent, by code.
+    pub errors: Family<WsErrorLabel, Counter>,
+    /// Sockets whose send queue is full right now (they catch up from the log).
+    pub lagging: Gauge,
+    /// Sockets closed by the server for being unresponsive.
+    pub unresponsive_closed: Counter,
+}
+
 /// All metrics of one server.
 #[derive(Clone)]
 pub struct Metrics {
@@ -43,6 +76,7 @@ pub struct Metrics {
     delivered: Family<TransportLabel, Counter>,
     lagged: Counter,
     rejected: Family<CodeLabel, Counter>,
+    ws: WsMetrics,
 }
 
 impl Default for Metrics {
@@ -72,6 +106,7 @@ impl Metrics {
             delivered: Family::default(),
             lagged: Counter::default(),
             rejected: Family::default(),
+            ws: WsMetrics::default(),
         };
         r.register(
             "publish_requests",
@@ -123,6 +158,36 @@ impl Metrics {
             "Requests refused, by status and error code",
             m.rejected.clone(),
         );
+        r.register(
+            "ws_frames",
+            "WebSocket frames by direction and subprotocol",
+            m.ws.frames.clone(),
+        );
+        r.register(
+            "ws_bytes",
+            "WebSocket message bytes by direction and subprotocol",
+            m.ws.bytes.clone(),
+        );
+        r.register(
+            "ws_acks",
+            "Publish ops over WebSocket acknowledged after they were durable",
+            m.ws.acks.clone(),
+        );
+        r.register(
+            "ws_errors",
+            "Error frames sent to WebSocket clients, by code",
+            m.ws.errors.clone(),
+        );
+        r.register(
+            "ws_lagging_sockets",
+            "WebSockets whose send queue is full (they catch up from the log)",
+            m.ws.lagging.clone(),
+        );
+        r.register(
+            "ws_unresponsive_closed",
+            "WebSockets closed for not answering or not reading",
+            m.ws.unresponsive_closed.clone(),
+        );
         Metrics {
             registry: Arc::new(r),
             ..m
@@ -159,6 +224,11 @@ impl Metrics {
         self.delivered
             .get_or_create(&TransportLabel { transport })
             .clone()
+    }
+
+    /// The WebSocket metrics.
+    pub fn ws(&self) -> &WsMetrics {
+        &self.ws
     }
 
     /// Records that a subscriber fell behind and went back to the log.

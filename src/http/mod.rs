@@ -24,6 +24,7 @@ mod health;
 mod publish;
 mod sse;
 mod topics;
+mod ws;
 
 pub use error::ApiError;
 
@@ -157,6 +158,10 @@ where
         "/v1/sse" => {
             get_only(method)?;
             sse::subscribe(state, &req).await
+        }
+        "/v1/ws" => {
+            get_only(method)?;
+            ws::upgrade(state, req).await
         }
         "/v1/events" => {
             if method != Method::POST {

@@ -1,0 +1,776 @@
+//! `GET /v1/ws`: the WebSocket transport, as the contract says.
+//!
+//! The handshake is checked and answered here (101 with `Sec-WebSocket-Accept` from
+//! tungstenite's `derive_accept_key` and the negotiated subprotocol); the upgraded connection
+//! is framed by tokio-tungstenite. Ops and frames are encoded by [`crate::ws_frame`].
+//!
+//! One socket is one task plus a writer task:
+//! - **Subscriptions**: the socket holds patterns, each with its own start (its `since`, or the
+//!   head when it was added live), and one [`Subscription`] over their union. Whenever the set
+//!   changes the subscription is re-opened from the last id sent, so overlapping patterns
+//!   deliver an event once and ids on the socket stay strictly increasing. A `subscribe` whose
+//!   `since` is below what the socket already sent cannot be replayed in order: it is answered
+//!   with a gap frame (`requested`: the since, `oldest`: last sent + 1) and continues from there.
+//! - **Backpressure**: frames go through a bounded queue to the writer. When it is full the
+//!   socket stops taking deliveries; the subscription falls behind the hub ring and later
+//!   reads from the log, so memory stays bounded and nothing is skipped. A socket whose writes
+//!   make no progress, or that answers nothing (not even protocol pings), for
+//!   `ws_unresponsive_secs` is closed with 1008.
+//! - **Publish**: decoded by the publish codec, stored through [`Publisher`]; the ack is sent
+//!   only once the event is durable, in request order. Errors become error frames with `ref`.
+//! - **Shutdown**: stop reading, send the acks of publishes in flight, then close with 1001.
+
+use std::collections::VecDeque;
+use std::future::Future;
+use std::pin::Pin;
+use std::sync::Arc;
+use std::time::Duration;
+
+use bytes::Bytes;
+use futures_util::stream::{FuturesOrdered, SplitSink, SplitStream};
+use futures_util::{SinkExt, StreamExt};
+use http::{header, HeaderValue, Request, Response, StatusCode};
+use hyper::upgrade::Upgraded;
+use hyper_util::rt::TokioIo;
+use tokio::sync::{mpsc, watch};
+use tokio::time::{timeout, Instant, MissedTickBehavior};
+use tokio_tungstenite::tungstenite::handshake::derive_accept_key;
+use tokio_tungstenite::tungstenite::protocol::frame::coding::CloseCode;
+use tokio_tungstenite::tungstenite::protocol::{CloseFrame, Role, WebSocketConfig};
+use tokio_tungstenite::tungstenite::{self, Message, Utf8Bytes};
+use tokio_tungstenite::WebSocketStream;
+
+use super::{full, query_pairs, ApiError, AppState, Body};
+use crate::codec::Limits;
+use crate::envelope::{EventId, SharedEvent};
+use crate::log::EventLog;
+use crate::metrics::{WsErrorLabel, WsLabel};
+use crate::publish::Publisher;
+use crate::subscription::{Delivery, Subscription};
+use crate::topic::{parse_cursor, Pattern, PatternSet};
+use crate::ws_frame::{self, ClientOp, Encoding, FrameError, Ref, ServerFrame};
+
+/// Most events coalesced into one burst (one gzip frame with `batch=gzip`).
+const MAX_BURST_EVENTS: usize = 1000;
+/// Most envelope bytes coalesced into one burst.
+const MAX_BURST_BYTES: usize = 256 * 1024;
+/// Publishes of one socket waiting for their ack; beyond this the socket is not read.
+const MAX_PENDING_PUBLISHES: usize = 256;
+/// Answers (acks, errors, pongs) waiting for the send queue; beyond this the socket is not read.
+const MAX_CONTROL: usize = 256;
+/// How long shutdown waits for the acks of publishes in flight.
+const SHUTDOWN_ACK_WAIT: Duration = Duration::from_secs(5);
+/// How long a close frame may take to be written.
+const CLOSE_WAIT: Duration = Duration::from_secs(2);
+
+type Ws = WebSocketStream<TokioIo<Upgraded>>;
+type PendingPublish = Pin<Box<dyn Future<Output = ServerFrame> + Send>>;
+
+/// Keeps a gauge right however the socket ends.
+struct GaugeGuard(prometheus_client::metrics::gauge::Gauge);
+
+impl Drop for GaugeGuard {
+    fn drop(&mut self) {
+        self.0.dec();
+    }
+}
+
+/// What the request asked for, validated before the upgrade.
+struct Opening {
+    enc: Encoding,
+    patterns: Vec<Pattern>,
+    since: Option<EventId>,
+    batch: bool,
+}
+
+fn header_has_token(req_headers: &http::HeaderMap, name: header::HeaderName, token: &str) -> bool {
+    req_headers.get_all(name).iter().any(|v| {
+        v.to_str()
+            .unwrap_or("")
+            .split(',')
+            .any(|t| t.trim().eq_ignore_ascii_case(token))
+    })
+}
+
+fn opening<B>(
+    state: &AppState,
+    req: &Request<B>,
+) -> Result<(Opening, Option<&'static str>), ApiError> {
+    let h = req.headers();
+    if !header_has_token(h, header::UPGRADE, "websocket")
+        || !header_has_token(h, header::CONNECTION, "upgrade")
+    {
+        let mut e = ApiError::new(
+            StatusCode::UPGRADE_REQUIRED,
+            "upgrade_required",
+            "this route is a WebSocket: send an HTTP/1.1 upgrade (Upgrade: websocket)",
+        );
+        e.header = Some((header::UPGRADE, HeaderValue::from_static("websocket")));
+        return Err(e);
+    }
+    if h.get(header::SEC_WEBSOCKET_VERSION).map(|v| v.as_bytes()) != Some(b"13") {
+        let mut e = ApiError::new(
+            StatusCode::UPGRADE_REQUIRED,
+            "unsupported_websocket_version",
+            "only WebSocket version 13 is supported",
+        );
+        e.header = Some((
+            header::SEC_WEBSOCKET_VERSION,
+            HeaderValue::from_static("13"),
+        ));
+        return Err(e);
+    }
+    if h.get(header::SEC_WEBSOCKET_KEY).is_none() {
+        return Err(ApiError::bad_request("Sec-WebSocket-Key is missing"));
+    }
+    let offered = h
+        .get_all(header::SEC_WEBSOCKET_PROTOCOL)
+        .iter()
+        .map(|v| v.to_str().unwrap_or("?"))
+        .collect::<Vec<_>>()
+        .join(",");
+    let negotiated = Encoding::negotiate((!offered.is_empty()).then_some(offered.as_str()))
+        .map_err(|m| ApiError::new(StatusCode::BAD_REQUEST, "unsupported_subprotocol", m))?;
+    let cfg = &state.config;
+    let mut patterns = Vec::new();
+    let mut since = None;
+    let mut batch = false;
+    for (k, v) in query_pairs(req.uri().query()) {
+        match &*k {
+            "topic" => patterns.push(
+                Pattern::parse_with_limit(&v, cfg.max_topic_len)
+                    .map_err(|e| ApiError::invalid_pattern(&v, e))?,
+            ),
+            "since" if !v.is_empty() => {
+                since = Some(EventId(parse_cursor(&v).ok_or_else(|| {
+                    ApiError::new(
+                        StatusCode::BAD_REQUEST,
+                        "invalid_cursor",
+                        format!("the cursor {v:?} is not an event id"),
+                    )
+                })?))
+            }
+            "batch" => match &*v {
+                "gzip" => batch = true,
+                "" | "none" => batch = false,
+                other => {
+                    return Err(ApiError::bad_request(format!(
+                        "unknown batch {other:?}: use batch=gzip"
+                    )))
+                }
+            },
+            _ => {}
+        }
+    }
+    if patterns.len() > cfg.max_patterns {
+        return Err(too_many_patterns(cfg.max_patterns));
+    }
+    Ok((
+        Opening {
+            enc: negotiated.unwrap_or(Encoding::Json),
+            patterns,
+            since,
+            batch,
+        },
+        negotiated.map(Encoding::subprotocol),
+    ))
+}
+
+fn too_many_patterns(max: usize) -> ApiError {
+    ApiError::new(
+        StatusCode::UNPROCESSABLE_ENTITY,
+        "too_many_patterns",
+        format!("at most {max} topic patterns per subscription"),
+    )
+}
+
+/// Answers the handshake with 101 and serves the socket on the upgraded connection.
+pub async fn upgrade<B>(
+    state: &Arc<AppState>,
+    mut req: Request<B>,
+) -> Result<Response<Body>, ApiError> {
+    let (opening, subprotocol) = opening(state, &req)?;
+    let log = state.log().await?;
+    let key = req
+        .headers()
+        .get(header::SEC_WEBSOCKET_KEY)
+        .map(|k| derive_accept_key(k.as_bytes()))
+        .unwrap_or_default();
+    let accept = HeaderValue::from_str(&key)
+        .map_err(|_| ApiError::bad_request("Sec-WebSocket-Key is not valid"))?;
+    let on_upgrade = hyper::upgrade::on(&mut req);
+    let state = state.clone();
+    tokio::spawn(async move {
+        match on_upgrade.await {
+            Ok(upgraded) => {
+                let cfg = &state.config;
+                let ws_config = WebSocketConfig::default()
+                    // Small eager read buffer: idle sockets must be cheap.
+                    .read_buffer_size(4 * 1024)
+                    .write_buffer_size(32 * 1024)
+                    // Frames up to 4x the configured limit are read and refused with an error
+                    // frame; anything larger is a protocol-level refusal (1009).
+                    .max_message_size(Some(cfg.ws_max_frame_bytes.saturating_mul(4)))
+                    .max_frame_size(Some(cfg.ws_max_frame_bytes.saturating_mul(4)));
+                let ws = WebSocketStream::from_raw_socket(
+                    TokioIo::new(upgraded),
+                    Role::Server,
+                    Some(ws_config),
+                )
+                .await;
+                serve(state, log, ws, opening).await;
+            }
+            Err(e) => tracing::debug!(error = %e, "WebSocket upgrade failed"),
+        }
+    });
+    let mut resp = Response::new(full(Bytes::new()));
+    *resp.status_mut() = StatusCode::SWITCHING_PROTOCOLS;
+    let h = resp.headers_mut();
+    h.insert(header::UPGRADE, HeaderValue::from_static("websocket"));
+    h.insert(header::CONNECTION, HeaderValue::from_static("Upgrade"));
+    h.insert(header::SEC_WEBSOCKET_ACCEPT, accept);
+    if let Some(p) = subprotocol {
+        h.insert(header::SEC_WEBSOCKET_PROTOCOL, HeaderValue::from_static(p));
+    }
+    Ok(resp)
+}
+
+/// Why a socket ends, and the close frame it gets (when one can still be sent).
+enum End {
+    /// The client closed or the connection dropped: nothing more to send.
+    Gone,
+    /// The server closes with this code and reason.
+    Close(CloseCode, &'static str),
+}
+
+/// The subscription state of one socket.
+struct Subs {
+    log: Arc<dyn EventLog>,
+    /// Patterns, each with the id after which its events are delivered.
+    patterns: Vec<(Pattern, EventId)>,
+    sub: Option<Subscription>,
+    /// The id of the last event sent on this socket (ids only grow).
+    sent: EventId,
+}
+
+impl Subs {
+    fn reopen(&mut self, state: &AppState) {
+        let Some(set) = PatternSet::new(self.patterns.iter().map(|(p, _)| p.clone()).collect())
+        else {
+            self.sub = None;
+            return;
+        };
+        let from = self
+            .patterns
+            .iter()
+            .map(|(_, s)| *s)
+            .min()
+            .unwrap_or_default()
+            .max(self.sent);
+        self.sub = Some(Subscription::open(
+            self.log.clone(),
+            &state.hub,
+            set,
+            Some(from),
+            state.config.replay_page,
+            state.metrics.clone(),
+        ));
+    }
+
+    /// Whether `e` is due on this socket: newer than anything sent, and newer than the start
+    /// of a pattern it matches.
+    fn wants(&self, e: &SharedEvent) -> bool {
+        e.id > self.sent
+            && self
+                .patterns
+                .iter()
+                .any(|(p, start)| e.id > *start && p.matches(e.topic()))
+    }
+}
+
+struct Socket {
+    state: Arc<AppState>,
+    enc: Encoding,
+    batch: bool,
+    subs: Subs,
+    publisher: Publisher,
+    limits: Limits,
+    /// Answers waiting for room in the send queue; they go before events.
+    control: VecDeque<Message>,
+    /// Event frames built from one burst, waiting for room in the send queue.
+    outbox: VecDeque<Message>,
+    pending: FuturesOrdered<PendingPublish>,
+    frames_out: prometheus_client::metrics::counter::Counter,
+    bytes_out: prometheus_client::metrics::counter::Counter,
+    frames_in: prometheus_client::metrics::counter::Counter,
+    bytes_in: prometheus_client::metrics::counter::Counter,
+    delivered: prometheus_client::metrics::counter::Counter,
+}
+
+async fn serve(state: Arc<AppState>, log: Arc<dyn EventLog>, ws: Ws, opening: Opening) {
+    let metrics = state.metrics.clone();
+    let gauge = metrics.subscribers("ws");
+    gauge.inc();
+    let _gauge = GaugeGuard(gauge);
+    let cfg = state.config.clone();
+    let enc = opening.enc;
+    let label = |direction| WsLabel {
+        direction,
+        subprotocol: enc.subprotocol(),
+    };
+    let wsm = metrics.ws();
+    // One statement each: a family's guard must be dropped before the next get_or_create.
+    let frames_out = wsm.frames.get_or_create(&label("out")).clone();
+    let bytes_out = wsm.bytes.get_or_create(&label("out")).clone();
+    let frames_in = wsm.frames.get_or_create(&label("in")).clone();
+    let bytes_in = wsm.bytes.get_or_create(&label("in")).clone();
+    let start = opening.since.unwrap_or_else(|| log.head());
+    let mut sock = Socket {
+        enc,
+        batch: opening.batch,
+        subs: Subs {
+            log: log.clone(),
+            patterns: opening.patterns.into_iter().map(|p| (p, start)).collect(),
+            sub: None,
+            sent: EventId(0),
+        },
+        publisher: Publisher::new(log, metrics.clone()),
+        limits: Limits {
+            max_decompressed: cfg.ws_max_frame_bytes,
+            max_events: 1,
+            max_topic_len: cfg.max_topic_len,
+        },
+        control: VecDeque::new(),
+        outbox: VecDeque::new(),
+        pending: FuturesOrdered::new(),
+        frames_out,
+        bytes_out,
+        frames_in,
+        bytes_in,
+        delivered: metrics.delivered("ws"),
+        state: state.clone(),
+    };
+    sock.subs.reopen(&state);
+
+    let (sink, mut stream) = ws.split();
+    let (tx, rx) = mpsc::channel::<Message>(cfg.ws_send_queue);
+    let unresponsive = Duration::from_secs(cfg.ws_unresponsive_secs);
+    let writer = tokio::spawn(writer(sink, rx, unresponsive, state.clone()));
+    let end = sock.run(&mut stream, &tx, unresponsive).await;
+    if let End::Close(code, reason) = end {
+        tracing::debug!(code = u16::from(code), reason, "closing WebSocket");
+        // Best effort: a socket that does not read may never take it.
+        let _ = timeout(
+            CLOSE_WAIT,
+            tx.send(Message::Close(Some(CloseFrame {
+                code,
+                reason: Utf8Bytes::from_static(reason),
+            }))),
+        )
+        .await;
+    }
+    drop(tx);
+    let bound = unresponsive + CLOSE_WAIT;
+    let _ = timeout(bound, writer).await;
+}
+
+/// Writes queued frames; gives up on a socket whose writes make no progress for `limit`.
+async fn writer(
+    mut sink: SplitSink<Ws, Message>,
+    mut rx: mpsc::Receiver<Message>,
+    limit: Duration,
+    state: Arc<AppState>,
+) {
+    let mut closing = false;
+    while let Some(msg) = rx.recv().await {
+        closing |= matches!(msg, Message::Close(_));
+        let mut res = timeout(limit, sink.feed(msg)).await;
+        // Write what else is queued, then flush once.
+        while res.as_ref().is_ok_and(|r| r.is_ok()) && !closing {
+            match rx.try_recv() {
+                Ok(m) => {
+                    closing |= matches!(m, Message::Close(_));
+                    res = timeout(limit, sink.feed(m)).await;
+                }
+                Err(_) => break,
+            }
+        }
+        if res.as_ref().is_ok_and(|r| r.is_ok()) {
+            res = timeout(limit, sink.flush()).await;
+        }
+        match res {
+            Ok(Ok(())) => {}
+            Ok(Err(e)) => {
+                tracing::debug!(error = %e, "WebSocket write failed");
+                return;
+            }
+            Err(_) => {
+                state.metrics.ws().unresponsive_closed.inc();
+                tracing::debug!("WebSocket makes no write progress; closing it");
+                let _ = timeout(
+                    CLOSE_WAIT,
+                    sink.send(Message::Close(Some(CloseFrame {
+                        code: CloseCode::Policy,
+                        reason: Utf8Bytes::from_static("unresponsive: did not read"),
+                    }))),
+                )
+                .await;
+                return;
+            }
+        }
+        if closing {
+            break;
+        }
+    }
+    let _ = timeout(CLOSE_WAIT, sink.close()).await;
+}
+
+impl Socket {
+    async fn run(
+        &mut self,
+        stream: &mut SplitStream<Ws>,
+        tx: &mpsc::Sender<Message>,
+        unresponsive: Duration,
+    ) -> End {
+        let cfg = self.state.config.clone();
+        let mut stop: watch::Receiver<bool> = self.state.stop_signal();
+        let mut ping = tokio::time::interval_at(
+            Instant::now() + Duration::from_secs(cfg.ws_ping_secs),
+            Duration::from_secs(cfg.ws_ping_secs),
+        );
+        ping.set_missed_tick_behavior(MissedTickBehavior::Delay);
+        let mut heard = Instant::now();
+        let lagging = self.state.metrics.ws().lagging.clone();
+        let mut is_lagging = false;
+        loop {
+            if *stop.borrow() {
+                return self.shut_down(tx).await;
+            }
+            let full = tx.capacity() == 0;
+            if full != is_lagging {
+                is_lagging = full;
+                if full {
+                    lagging.inc();
+                } else {
+                    lagging.dec();
+                }
+            }
+            let have_out = !self.control.is_empty() || !self.outbox.is_empty();
+            let can_read =
+                self.control.len() < MAX_CONTROL && self.pending.len() < MAX_PENDING_PUBLISHES;
+            let end = tokio::select! {
+                biased;
+                // Set to true, or the server is gone: either way, stop.
+                _ = stop.changed() => Some(self.shut_down(tx).await),
+                permit = tx.reserve(), if have_out => match permit {
+                    Ok(permit) => {
+                        let msg = match self.control.pop_front() {
+                            Some(m) => m,
+                            None => self.outbox.pop_front().unwrap_or(Message::Pong(Bytes::new())),
+                        };
+                        self.frames_out.inc();
+                        self.bytes_out.inc_by(msg.len() as u64);
+                        permit.send(msg);
+                        None
+                    }
+                    // The writer gave up on the socket.
+                    Err(_) => Some(End::Gone),
+                },
+                Some(answer) = self.pending.next(), if !self.pending.is_empty() => {
+                    self.answer(answer);
+                    None
+                }
+                msg = stream.next(), if can_read => {
+                    heard = Instant::now();
+                    self.on_message(msg)
+                }
+                d = next_delivery(&mut self.subs.sub), if self.outbox.is_empty() && self.subs.sub.is_some() => {
+                    match d {
+                        Ok(d) => {
+                            self.burst(d);
+                            None
+                        }
+                        Err(e) => {
+                            tracing::debug!(error = %e, "WebSocket subscription ends");
+                            Some(End::Close(CloseCode::Away, "server shutting down"))
+                        }
+                    }
+                }
+                _ = ping.tick() => {
+                    if heard.elapsed() >= unresponsive {
+                        self.state.metrics.ws().unresponsive_closed.inc();
+                        Some(End::Close(CloseCode::Policy, "unresponsive: no pong"))
+                    } else {
+                        if self.control.len() < MAX_CONTROL {
+                            self.control.push_back(Message::Ping(Bytes::new()));
+                        }
+                        None
+                    }
+                }
+            };
+            if let Some(end) = end {
+                if is_lagging {
+                    lagging.dec();
+                }
+                return end;
+            }
+        }
+    }
+
+    /// Graceful shutdown: no more reading; answer publishes in flight, then close with 1001.
+    async fn shut_down(&mut self, tx: &mpsc::Sender<Message>) -> End {
+        let deadline = Instant::now() + SHUTDOWN_ACK_WAIT;
+        while let Ok(Some(answer)) = tokio::time::timeout_at(deadline, self.pending.next()).await {
+            self.answer(answer);
+        }
+        while let Some(m) = self.control.pop_front() {
+            if !matches!(timeout(CLOSE_WAIT, tx.send(m)).await, Ok(Ok(()))) {
+                return End::Gone;
+            }
+        }
+        End::Close(CloseCode::Away, "server shutting down")
+    }
+
+    fn frame(&self, bytes: Bytes) -> Message {
+        match self.enc {
+            Encoding::Json => match Utf8Bytes::try_from(bytes) {
+                Ok(text) => Message::Text(text),
+                // Our JSON is always UTF-8; never send a text frame that is not.
+                Err(_) => Message::Text(Utf8Bytes::from_static("{}")),
+            },
+            Encoding::Msgpack => Message::Binary(bytes),
+        }
+    }
+
+    fn answer(&mut self, frame: ServerFrame) {
+        match &frame {
+            ServerFrame::Error { code, .. } => {
+                self.state
+                    .metrics
+                    .ws()
+                    .errors
+                    .get_or_create(&WsErrorLabel { code })
+                    .inc();
+            }
+            ServerFrame::Ack { id: Some(_), .. } => {
+                self.state.metrics.ws().acks.inc();
+            }
+            _ => {}
+        }
+        let bytes = ws_frame::encode_server(self.enc, &frame);
+        let msg = self.frame(bytes);
+        self.control.push_back(msg);
+    }
+
+    fn error(&mut self, e: FrameError) {
+        self.answer(e.into());
+    }
+
+    /// Turns one delivery and whatever else is ready into frames in `outbox`.
+    fn burst(&mut self, first: Delivery) {
+        let mut events: Vec<SharedEvent> = Vec::new();
+        let mut bytes = 0usize;
+        let mut next = Some(first);
+        while let Some(d) = next.take() {
+            match d {
+                Delivery::Gap(g) => {
+                    self.flush_events(&mut events);
+                    let f = ws_frame::encode_server(self.enc, &g.into());
+                    let m = self.frame(f);
+                    self.outbox.push_back(m);
+                }
+                Delivery::Event(e) => {
+                    if self.subs.wants(&e) {
+                        self.subs.sent = e.id;
+                        bytes += e.json().len();
+                        events.push(e);
+                    }
+                }
+            }
+            if events.len() < MAX_BURST_EVENTS && bytes < MAX_BURST_BYTES {
+                next = self.subs.sub.as_mut().and_then(Subscription::next_ready);
+            }
+        }
+        self.flush_events(&mut events);
+    }
+
+    fn flush_events(&mut self, events: &mut Vec<SharedEvent>) {
+        if events.is_empty() {
+            return;
+        }
+        self.delivered.inc_by(events.len() as u64);
+        if self.batch && events.len() > 1 {
+            let gz = ws_frame::encode_batch(self.enc, events);
+            self.outbox.push_back(Message::Binary(gz));
+        } else {
+            for e in events.iter() {
+                let m = self.frame(ws_frame::encode_event(self.enc, e));
+                self.outbox.push_back(m);
+            }
+        }
+        events.clear();
+    }
+
+    fn on_message(&mut self, msg: Option<Result<Message, tungstenite::Error>>) -> Option<End> {
+        let msg = match msg {
+            None => return Some(End::Gone),
+            Some(Ok(m)) => m,
+            Some(Err(e)) => {
+                use tungstenite::error::{CapacityError, Error as E};
+                tracing::debug!(error = %e, "WebSocket read failed");
+                return Some(match e {
+                    E::Capacity(CapacityError::MessageTooLong { .. }) => {
+                        End::Close(CloseCode::Size, "message too big")
+                    }
+                    E::Capacity(_) => End::Close(CloseCode::Size, "frame too big"),
+                    E::Protocol(_) => End::Close(CloseCode::Protocol, "protocol error"),
+                    E::Utf8(_) => End::Close(CloseCode::Invalid, "text frame is not UTF-8"),
+                    _ => End::Gone,
+                });
+            }
+        };
+        let (payload, expected) = match &msg {
+            Message::Text(t) => (t.as_bytes(), self.enc == Encoding::Json),
+            Message::Binary(b) => (&b[..], self.enc == Encoding::Msgpack),
+            Message::Close(_) => return Some(End::Gone),
+            _ => return None,
+        };
+        self.frames_in.inc();
+        self.bytes_in.inc_by(payload.len() as u64);
+        if !expected {
+            let (got, want) = match self.enc {
+                Encoding::Json => ("binary", "JSON text"),
+                Encoding::Msgpack => ("text", "binary MessagePack"),
+            };
+            self.error(FrameError::new(
+                "unsupported_frame",
+                format!(
+                    "a {got} frame is not part of {}: send {want} frames",
+                    self.enc.subprotocol()
+                ),
+            ));
+            return None;
+        }
+        let max = self.state.config.ws_max_frame_bytes;
+        if payload.len() > max {
+            self.error(FrameError::new(
+                "payload_too_large",
+                format!("the message exceeds the {max}-byte limit"),
+            ));
+            return None;
+        }
+        match ws_frame::parse_client(self.enc, payload, &self.limits) {
+            Ok(op) => self.on_op(op),
+            Err(e) => self.error(e),
+        }
+        None
+    }
+
+    fn on_op(&mut self, op: ClientOp) {
+        match op {
+            ClientOp::Ping { r#ref } => self.answer(ServerFrame::Pong { r#ref }),
+            ClientOp::Publish { events, r#ref } => {
+                let publisher = self.publisher.clone();
+                self.pending.push_back(Box::pin(async move {
+                    match publisher.publish(events).await {
+                        Ok(receipt) => ServerFrame::Ack {
+                            r#ref,
+                            id: Some(receipt.last_id),
+                        },
+                        Err(e) => {
+                            let e = ApiError::from(e);
+                            ServerFrame::Error {
+                                code: e.code,
+                                message: e.message,
+                                r#ref,
+                            }
+                        }
+                    }
+                }));
+            }
+            ClientOp::Subscribe {
+                topics,
+                since,
+                r#ref,
+            } => self.subscribe(topics, since, r#ref),
+            ClientOp::Unsubscribe { topics, r#ref } => {
+                self.subs
+                    .patterns
+                    .retain(|(p, _)| !topics.iter().any(|t| t.as_str() == p.as_str()));
+                self.restart();
+                if r#ref.is_some() {
+                    self.answer(ServerFrame::Ack { r#ref, id: None });
+                }
+            }
+        }
+    }
+
+    fn subscribe(&mut self, topics: Vec<Pattern>, since: Option<EventId>, r#ref: Option<Ref>) {
+        let max = self.state.config.max_patterns;
+        let new = topics
+            .iter()
+            .filter(|t| {
+                !self
+                    .subs
+                    .patterns
+                    .iter()
+                    .any(|(p, _)| p.as_str() == t.as_str())
+            })
+            .count();
+        if self.subs.patterns.len() + new > max {
+            let e = too_many_patterns(max);
+            self.answer(ServerFrame::Error {
+                code: e.code,
+                message: e.message,
+                r#ref,
+            });
+            return;
+        }
+        let sent = self.subs.sent;
+        let start = match since {
+            // Events below what this socket already sent cannot come in order any more: say so.
+            Some(c) if c < sent => {
+                let gap = ServerFrame::Gap {
+                    requested: c.0,
+                    oldest: sent.0 + 1,
+                };
+                let m = self.frame(ws_frame::encode_server(self.enc, &gap));
+                self.outbox.push_back(m);
+                sent
+            }
+            Some(c) => c,
+            None => self.subs.log.head(),
+        };
+        for t in topics {
+            match self
+                .subs
+                .patterns
+                .iter_mut()
+                .find(|(p, _)| p.as_str() == t.as_str())
+            {
+                Some((_, s)) => *s = (*s).min(start),
+                None => self.subs.patterns.push((t, start)),
+            }
+        }
+        self.restart();
+        if r#ref.is_some() {
+            self.answer(ServerFrame::Ack { r#ref, id: None });
+        }
+    }
+
+    /// Re-opens the subscription after the pattern set changed. Frames already built keep
+    /// their place: they were counted as sent.
+    fn restart(&mut self) {
+        let state = self.state.clone();
+        self.subs.reopen(&state);
+    }
+}
+
+async fn next_delivery(
+    sub: &mut Option<Subscription>,
+) -> Result<Delivery, crate::subscription::SubscriptionError> {
+    match sub {
+        Some(s) => s.next().await,
+        None => std::future::pending().await,
+    }
+}
