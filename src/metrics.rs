@@ -75,6 +75,7 @@ pub struct Metrics {
     subscribers: Family<TransportLabel, Gauge>,
     delivered: Family<TransportLabel, Counter>,
     lagged: Counter,
+    blobs_synced: Counter,
     rejected: Family<CodeLabel, Counter>,
     ws: WsMetrics,
 }
@@ -105,6 +106,7 @@ impl Metrics {
             subscribers: Family::default(),
             delivered: Family::default(),
             lagged: Counter::default(),
+            blobs_synced: Counter::default(),
             rejected: Family::default(),
             ws: WsMetrics::default(),
         };
@@ -147,6 +149,11 @@ impl Metrics {
             "events_delivered",
             "Events sent to subscribers per transport",
             m.delivered.clone(),
+        );
+        r.register(
+            "log_blobs_synced",
+            "Large-page files of the log fsynced after a flush (events of several KiB land there)",
+            m.blobs_synced.clone(),
         );
         r.register(
             "subscriber_lag_fallbacks",
@@ -200,6 +207,11 @@ impl Metrics {
         self.events_stored.inc_by(events);
         self.bytes_stored.inc_by(bytes);
         self.publish_latency.observe(latency.as_secs_f64());
+    }
+
+    /// Records blob files of the log made durable after a flush.
+    pub fn observe_blobs_synced(&self, files: u64) {
+        self.blobs_synced.inc_by(files);
     }
 
     /// Records one flush of the log.

@@ -16,6 +16,7 @@ use std::pin::Pin;
 use crate::envelope::{EventId, Gap, NewEvent, SharedEvent};
 use crate::topic::{Pattern, PatternSet, Topic};
 
+mod blobs;
 pub mod record;
 mod sled_log;
 

@@ -17,6 +17,7 @@ use std::time::{Instant, SystemTime, UNIX_EPOCH};
 use sled::IVec;
 use tokio::sync::{mpsc, oneshot};
 
+use super::blobs::BlobSync;
 use super::record::{self, Chunk, ChunkBuilder, CorruptRecord, TopicRecord};
 use super::{Appended, BoxFuture, EventLog, LogError, Page, TopicStats};
 use crate::envelope::{Event, EventId, Gap, NewEvent, SharedEvent};
@@ -204,6 +205,7 @@ impl SledLog {
             next_id: high_water + 1,
             next_topic_id,
             chunk: OpenChunk::new(caps),
+            blobs: BlobSync::new(opts.dir.clone()),
         };
         std::thread::Builder::new()
             .name("tidewire-log-writer".into())
@@ -618,6 +620,7 @@ struct Writer {
     next_topic_id: u64,
     /// The chunk being filled, kept between commits so its buffers are reused.
     chunk: OpenChunk,
+    blobs: BlobSync,
 }
 
 struct Pending {
@@ -721,6 +724,18 @@ impl OpenChunk {
 }
 
 impl Writer {
+    /// Makes everything written so far durable: sled's log, then the blob files sled's
+    /// flush leaves unsynced (see [`BlobSync`]).
+    fn flush(&mut self) -> Result<(), LogError> {
+        self.db.flush().map_err(storage)?;
+        let synced = self
+            .blobs
+            .sync()
+            .map_err(|e| LogError::Storage(format!("syncing the log's blob files: {e}")))?;
+        self.metrics.observe_blobs_synced(synced);
+        Ok(())
+    }
+
     fn run(mut self, mut rx: mpsc::Receiver<Command>) {
         while let Some(first) = rx.blocking_recv() {
             let mut appends = Vec::new();
@@ -744,7 +759,7 @@ impl Writer {
             }
             self.commit(appends);
         }
-        if let Err(e) = self.db.flush() {
+        if let Err(e) = self.flush() {
             tracing::error!(error = %e, "final flush of the log failed");
         }
     }
@@ -831,12 +846,11 @@ impl Writer {
         }
         self.next_id = id;
         let flush_started = Instant::now();
-        let flushed = self.db.flush();
+        let flushed = self.flush();
         self.metrics.observe_flush(flush_started.elapsed());
-        if let Err(e) = flushed {
+        if let Err(err) = flushed {
             // The events are written but not known durable: they are not acknowledged and
             // not published. They may surface after a later flush; their ids are never reused.
-            let err = storage(e);
             for p in pending {
                 let _ = p.reply.send(Err(err.clone()));
             }
@@ -959,7 +973,7 @@ impl Writer {
             batch.insert(record::topic_key(t.as_str()), record::encode_topic(r));
         }
         tree.apply_batch(batch).map_err(storage)?;
-        self.db.flush().map_err(storage)?;
+        self.flush()?;
         self.publish(delta, Vec::new());
         Ok(removed)
     }
@@ -1570,6 +1584,37 @@ mod tests {
         let blobs = tmp.path().join("data").join("blobs");
         let n = std::fs::read_dir(&blobs).map(|d| d.count()).unwrap_or(0);
         assert_eq!(n, 0, "sled wrote {n} blob files (not fsynced by flush)");
+    }
+
+    #[tokio::test]
+    async fn large_events_land_in_blob_files_that_are_synced_before_the_ack() {
+        let tmp = tempfile::tempdir().unwrap();
+        let metrics = Metrics::new();
+        let log = SledLog::open(&opts(tmp.path()), Hub::new(16), metrics.clone()).expect("open");
+        let mut model = Model::default();
+        // Leaves of ~200 KiB events are far beyond what sled keeps in its log segments.
+        for _ in 0..4 {
+            append(&log, &mut model, &names("big", 3, |i| i % 2), 200_000).await;
+        }
+        let blobs = tmp.path().join("data").join("blobs");
+        let on_disk = std::fs::read_dir(&blobs).map(|d| d.count()).unwrap_or(0);
+        assert!(
+            on_disk > 0,
+            "expected sled to write blob files for large pages"
+        );
+        let synced = metrics
+            .render()
+            .lines()
+            .find_map(|l| l.strip_prefix("tidewire_log_blobs_synced_total "))
+            .and_then(|v| v.trim().parse::<u64>().ok())
+            .expect("blob sync counter");
+        assert!(synced > 0, "no blob file was fsynced before the acks");
+        let p = pats(&["big/**"]);
+        assert_eq!(
+            read_all(&log, &model, &p, 0, 4096).await.1,
+            model.matching(&p, 0)
+        );
+        log.close().await.unwrap();
     }
 
     #[tokio::test]
