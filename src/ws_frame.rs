@@ -2,7 +2,7 @@
 //! text frames) and MessagePack (`tidewire.v1.msgpack`, binary frames).
 //!
 //! Pure functions, free of I/O and async, so fuzzers and property tests call them directly.
-//! A publish op is decoded by [`codec::decode_publish`](crate::codec::decode_publish), the same
+//! A publish op is decoded by [`codec::decode_publish`], the same
 //! validation as an HTTP publish; this module only reads the op's head (`op`, `ref`, `topics`,
 //! `since`) and renders the server's own frames (ack, error, gap, pong, gzip batches).
 

@@ -1,0 +1,346 @@
+//! The embedded log on sled: one tree, keys prefixed by kind (see [`record`](super::record)),
+//! one writer thread that owns id assignment and group commit.
+//!
+//! Storage is chunked (format `tidewire-log-v2`): each group commit writes its events as one
+//! or a few chunks (a contiguous run of ids per key) and one index entry per (topic, chunk),
+//! so a commit costs a few sled keys instead of two per event. The chunks, their index
+//! entries and the topics' statistics are written in one atomic `apply_batch`, so a crash
+//! never leaves an index entry without its chunk or the reverse.
+//!
+//! [`writer`] holds the writer thread (ids, chunks, group commit, removal); [`read`] the read
+//! path (index merge from a cursor); this file opens the log and serves the [`EventLog`] trait.
+
+use std::cmp::Reverse;
+use std::collections::{BTreeMap, BinaryHeap, HashMap};
+use std::path::PathBuf;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, RwLock};
+use std::time::{Instant, SystemTime, UNIX_EPOCH};
+
+use sled::IVec;
+use tokio::sync::{mpsc, oneshot};
+
+use super::blobs::BlobSync;
+use super::record::{self, Chunk, ChunkBuilder, CorruptRecord, TopicRecord};
+use super::{Appended, BoxFuture, EventLog, LogError, Page, TopicStats};
+use crate::envelope::{Event, EventId, Gap, NewEvent, SharedEvent};
+use crate::hub::Hub;
+use crate::metrics::Metrics;
+use crate::topic::{Pattern, PatternSet, Topic};
+
+mod read;
+#[cfg(test)]
+mod tests;
+mod writer;
+
+use read::*;
+use writer::*;
+
+/// Most events one group commit takes from the queue before it writes and flushes.
+const MAX_ROUND_EVENTS: usize = 50_000;
+/// When a read matches more topics than this, it walks the log from the cursor instead of
+/// merging that many per-topic index ranges.
+const MAX_MERGED_TOPICS: usize = 64;
+/// Publishes waiting for the writer before publishers are made to wait.
+const QUEUE_DEPTH: usize = 4096;
+
+/// How big the writer lets a chunk grow.
+#[derive(Debug, Clone, Copy)]
+struct ChunkCaps {
+    /// Most events in one chunk.
+    events: usize,
+    /// Most bytes of an encoded chunk, unless it holds a single event.
+    bytes: usize,
+}
+
+/// The chunk caps of the server.
+///
+/// The size cap is set by durability, not speed: sled 0.34 writes any page bigger than a
+/// quarter of its 512 KiB segments (~128 KiB) to a separate "blob" file that `flush` never
+/// fsyncs (only the main log file is synced), so an acknowledged event in such a page could
+/// be lost by a power failure or an OS crash (a killed process loses nothing). A leaf page
+/// holds 16 values before it splits (17 until the split, about 20 after a merge), so chunks
+/// of at most 6 KiB keep every page (~20 × 6 KiB < 128 KiB) inline in the synced log. An
+/// event bigger than that gets a chunk of its own, in the same position as any value that
+/// big was in the v1 format.
+const CHUNK_CAPS: ChunkCaps = ChunkCaps {
+    events: 4096,
+    bytes: 6 * 1024,
+};
+
+/// Tunables of the sled log.
+#[derive(Debug, Clone)]
+pub struct LogOptions {
+    /// Directory of the sled database (created when missing).
+    pub dir: PathBuf,
+    /// sled's page cache size, bytes.
+    pub cache_bytes: u64,
+}
+
+/// Where the writer sends the outcome of one append.
+type AppendReply = oneshot::Sender<Result<Appended, LogError>>;
+
+enum Command {
+    Append {
+        events: Vec<NewEvent>,
+        reply: AppendReply,
+    },
+    RemoveThrough {
+        through: EventId,
+        reply: oneshot::Sender<Result<u64, LogError>>,
+    },
+}
+
+/// State shared by the writer thread and the readers.
+struct Shared {
+    tree: sled::Tree,
+    /// Newest durable id: readers never look past it.
+    head: AtomicU64,
+    /// Durable topic statistics; updated by the writer after each flush.
+    registry: RwLock<BTreeMap<Topic, TopicRecord>>,
+}
+
+/// The sled-backed [`EventLog`].
+pub struct SledLog {
+    shared: Arc<Shared>,
+    queue: Mutex<Option<mpsc::Sender<Command>>>,
+    done: Mutex<Option<oneshot::Receiver<()>>>,
+}
+
+impl std::borrow::Borrow<str> for Topic {
+    fn borrow(&self) -> &str {
+        self.as_str()
+    }
+}
+
+fn storage(e: sled::Error) -> LogError {
+    LogError::Storage(e.to_string())
+}
+
+fn corrupt(e: CorruptRecord) -> LogError {
+    LogError::Corrupt(e.0)
+}
+
+fn now_ms() -> u64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map(|d| d.as_millis() as u64)
+        .unwrap_or(0)
+}
+
+impl SledLog {
+    /// Opens (or creates) the log in `opts.dir` and starts its writer. Committed batches go
+    /// to `hub`. Refuses a directory that holds something other than a tidewire log.
+    pub fn open(opts: &LogOptions, hub: Hub, metrics: Metrics) -> Result<Arc<Self>, LogError> {
+        Self::open_with_caps(opts, hub, metrics, CHUNK_CAPS)
+    }
+
+    fn open_with_caps(
+        opts: &LogOptions,
+        hub: Hub,
+        metrics: Metrics,
+        caps: ChunkCaps,
+    ) -> Result<Arc<Self>, LogError> {
+        let db = sled::Config::new()
+            .path(&opts.dir)
+            .cache_capacity(opts.cache_bytes)
+            .open()
+            .map_err(|e| LogError::Open(format!("{}: {e}", opts.dir.display())))?;
+        let tree = db.open_tree("log").map_err(storage)?;
+        match tree.get(record::FORMAT_KEY).map_err(storage)? {
+            Some(v) if v.as_ref() == record::FORMAT_VERSION => {}
+            Some(v) if v.as_ref() == record::FORMAT_V1 => {
+                return Err(LogError::Open(format!(
+                    "{}: holds a log in the old format {:?} (one key per event); this build \
+                     reads and writes only {:?} and does not convert: move the directory \
+                     away or delete it",
+                    opts.dir.display(),
+                    String::from_utf8_lossy(record::FORMAT_V1),
+                    String::from_utf8_lossy(record::FORMAT_VERSION),
+                )))
+            }
+            Some(v) => {
+                return Err(LogError::Open(format!(
+                    "{}: unknown log format {:?}",
+                    opts.dir.display(),
+                    String::from_utf8_lossy(&v)
+                )))
+            }
+            None if tree.is_empty() => {
+                tree.insert(record::FORMAT_KEY, record::FORMAT_VERSION)
+                    .map_err(storage)?;
+                db.flush().map_err(storage)?;
+            }
+            None => {
+                return Err(LogError::Open(format!(
+                    "{}: not a tidewire log",
+                    opts.dir.display()
+                )))
+            }
+        }
+
+        let mut registry = BTreeMap::new();
+        let mut high_water = 0u64;
+        let mut next_topic_id = 1u64;
+        for item in tree.scan_prefix([record::TOPIC_PREFIX]) {
+            let (k, v) = item.map_err(storage)?;
+            let name = std::str::from_utf8(&k[1..])
+                .map_err(|_| LogError::Corrupt("topic key is not UTF-8".into()))?;
+            let topic = Topic::parse(name).map_err(|e| LogError::Corrupt(format!("topic {e}")))?;
+            let rec = record::decode_topic(&v).map_err(|e| LogError::Corrupt(e.0))?;
+            high_water = high_water.max(rec.last_id);
+            next_topic_id = next_topic_id.max(rec.topic_id + 1);
+            registry.insert(topic, rec);
+        }
+        // The topic records already cover every id (they are written with the events), but
+        // the newest chunk is checked too, so a topic-less log still never reuses an id.
+        if let Some(item) = tree.scan_prefix([record::CHUNK_PREFIX]).next_back() {
+            let (k, v) = item.map_err(storage)?;
+            let first = record::chunk_first_of_key(&k).map_err(corrupt)?;
+            let n = Chunk::parse(&v).map_err(corrupt)?.len() as u64;
+            high_water = high_water.max(first.saturating_add(n - 1));
+        }
+
+        let shared = Arc::new(Shared {
+            tree,
+            head: AtomicU64::new(high_water),
+            registry: RwLock::new(registry),
+        });
+        let (tx, rx) = mpsc::channel(QUEUE_DEPTH);
+        let (done_tx, done_rx) = oneshot::channel();
+        let writer = Writer {
+            db,
+            shared: shared.clone(),
+            hub,
+            metrics,
+            next_id: high_water + 1,
+            next_topic_id,
+            chunk: OpenChunk::new(caps),
+            blobs: BlobSync::new(opts.dir.clone()),
+        };
+        std::thread::Builder::new()
+            .name("tidewire-log-writer".into())
+            .spawn(move || {
+                writer.run(rx);
+                let _ = done_tx.send(());
+            })
+            .map_err(|e| LogError::Open(format!("cannot start the writer thread: {e}")))?;
+        Ok(Arc::new(SledLog {
+            shared,
+            queue: Mutex::new(Some(tx)),
+            done: Mutex::new(Some(done_rx)),
+        }))
+    }
+
+    fn sender(&self) -> Result<mpsc::Sender<Command>, LogError> {
+        self.queue
+            .lock()
+            .map_err(|_| LogError::Closed)?
+            .clone()
+            .ok_or(LogError::Closed)
+    }
+
+    /// Removes every event with id up to `through` (retention), with their index entries,
+    /// and records in each topic that it lost them, so readers behind it get a gap signal.
+    /// Returns the number of events removed.
+    pub async fn remove_through(&self, through: EventId) -> Result<u64, LogError> {
+        let (reply, rx) = oneshot::channel();
+        self.sender()?
+            .send(Command::RemoveThrough { through, reply })
+            .await
+            .map_err(|_| LogError::Closed)?;
+        rx.await.map_err(|_| LogError::Closed)?
+    }
+
+    /// Number of topics ever published to.
+    pub fn topic_count(&self) -> usize {
+        self.shared.registry.read().map(|r| r.len()).unwrap_or(0)
+    }
+
+    /// Number of retained events (sum over topics).
+    pub fn event_count(&self) -> u64 {
+        self.shared
+            .registry
+            .read()
+            .map(|r| r.values().map(|t| t.count).sum())
+            .unwrap_or(0)
+    }
+}
+
+impl EventLog for SledLog {
+    fn append(&self, events: Vec<NewEvent>) -> BoxFuture<'_, Result<Appended, LogError>> {
+        Box::pin(async move {
+            if events.is_empty() {
+                return Err(LogError::Storage("empty append".into()));
+            }
+            let (reply, rx) = oneshot::channel();
+            self.sender()?
+                .send(Command::Append { events, reply })
+                .await
+                .map_err(|_| LogError::Closed)?;
+            rx.await.map_err(|_| LogError::Closed)?
+        })
+    }
+
+    fn read(
+        &self,
+        patterns: PatternSet,
+        after: EventId,
+        limit: usize,
+    ) -> BoxFuture<'_, Result<Page, LogError>> {
+        let shared = self.shared.clone();
+        Box::pin(async move {
+            tokio::task::spawn_blocking(move || read_page(&shared, &patterns, after, limit))
+                .await
+                .map_err(|e| LogError::Storage(format!("read task failed: {e}")))?
+        })
+    }
+
+    fn head(&self) -> EventId {
+        EventId(self.shared.head.load(Ordering::Acquire))
+    }
+
+    fn topics(&self, filter: Option<&Pattern>, limit: usize) -> Vec<TopicStats> {
+        let Ok(reg) = self.shared.registry.read() else {
+            return Vec::new();
+        };
+        let prefix = filter.map(Pattern::literal_prefix).unwrap_or("");
+        reg.range::<str, _>((
+            std::ops::Bound::Included(prefix),
+            std::ops::Bound::Unbounded,
+        ))
+        .take_while(|(t, _)| t.as_str().starts_with(prefix))
+        .filter(|(t, _)| filter.is_none_or(|p| p.matches(t)))
+        .take(limit)
+        .map(|(t, r)| stats(t, r))
+        .collect()
+    }
+
+    fn topic(&self, topic: &Topic) -> Option<TopicStats> {
+        let reg = self.shared.registry.read().ok()?;
+        reg.get(topic).map(|r| stats(topic, r))
+    }
+
+    fn close(&self) -> BoxFuture<'_, Result<(), LogError>> {
+        Box::pin(async move {
+            // Dropping the only sender lets the writer finish what is queued, flush and stop.
+            let tx = self.queue.lock().map_err(|_| LogError::Closed)?.take();
+            drop(tx);
+            let done = self.done.lock().map_err(|_| LogError::Closed)?.take();
+            if let Some(done) = done {
+                let _ = done.await;
+            }
+            Ok(())
+        })
+    }
+}
+
+fn stats(t: &Topic, r: &TopicRecord) -> TopicStats {
+    TopicStats {
+        topic: t.as_str().to_string(),
+        first_id: (r.count > 0).then_some(r.first_id),
+        last_id: r.last_id,
+        count: r.count,
+        bytes: r.bytes,
+    }
+}

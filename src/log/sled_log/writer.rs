@@ -1,0 +1,373 @@
+//! The single writer: assigns ids, groups queued appends into chunks, writes one atomic
+//! batch, flushes, then makes the commit visible (registry, head, hub) and acknowledges.
+
+use super::*;
+
+/// The single writer: assigns ids, writes, flushes, then publishes and acknowledges.
+pub(super) struct Writer {
+    pub(super) db: sled::Db,
+    pub(super) shared: Arc<Shared>,
+    pub(super) hub: Hub,
+    pub(super) metrics: Metrics,
+    pub(super) next_id: u64,
+    pub(super) next_topic_id: u64,
+    /// The chunk being filled, kept between commits so its buffers are reused.
+    pub(super) chunk: OpenChunk,
+    pub(super) blobs: BlobSync,
+}
+
+pub(super) struct Pending {
+    reply: AppendReply,
+    result: Appended,
+}
+
+/// The chunk a group commit is filling, with its topics' index entries.
+pub(super) struct OpenChunk {
+    caps: ChunkCaps,
+    builder: ChunkBuilder,
+    first: u64,
+    /// Topic id → offsets of its events in the chunk.
+    topics: HashMap<u64, Vec<u32>>,
+    /// The record of the event being added.
+    scratch: Vec<u8>,
+    /// The encoded chunk or index entry being handed to sled (which copies it).
+    out: Vec<u8>,
+    /// Emptied offset lists, reused by the next chunks.
+    spare: Vec<Vec<u32>>,
+}
+
+/// Most emptied offset lists kept for reuse.
+pub(super) const SPARE_OFFSET_LISTS: usize = 64;
+
+impl OpenChunk {
+    pub(super) fn new(caps: ChunkCaps) -> Self {
+        OpenChunk {
+            caps,
+            builder: ChunkBuilder::new(),
+            first: 0,
+            topics: HashMap::new(),
+            scratch: Vec::new(),
+            out: Vec::new(),
+            spare: Vec::new(),
+        }
+    }
+
+    /// Adds event `id` (the next id after the previous one), closing the chunk into `batch`
+    /// first when the event would take it over its caps (an event too big for any chunk gets
+    /// one of its own).
+    pub(super) fn push(
+        &mut self,
+        batch: &mut sled::Batch,
+        id: u64,
+        topic_id: u64,
+        time: u64,
+        ev: &NewEvent,
+    ) -> Result<(), LogError> {
+        self.scratch.clear();
+        record::encode_event_into(&mut self.scratch, time, ev);
+        if !self.builder.is_empty()
+            && (self.builder.len() >= self.caps.events
+                || self.builder.encoded_len_with(self.scratch.len()) > self.caps.bytes)
+        {
+            self.close(batch);
+        }
+        if self.builder.is_empty() {
+            self.first = id;
+        }
+        if !self.builder.push_record(&self.scratch) {
+            self.close(batch);
+            self.first = id;
+            if !self.builder.push_record(&self.scratch) {
+                return Err(LogError::Storage(format!(
+                    "event {id} is too large to be stored"
+                )));
+            }
+        }
+        // At most `caps.events` apart: the offset fits.
+        let offset = (id - self.first) as u32;
+        let spare = &mut self.spare;
+        self.topics
+            .entry(topic_id)
+            .or_insert_with(|| spare.pop().unwrap_or_default())
+            .push(offset);
+        Ok(())
+    }
+
+    /// Drops what the chunk holds.
+    pub(super) fn clear(&mut self) {
+        self.builder.clear();
+        self.topics.clear();
+    }
+
+    /// Writes the chunk and its index entries into `batch`; the chunk is left empty.
+    pub(super) fn close(&mut self, batch: &mut sled::Batch) {
+        if !self.builder.finish_into(&mut self.out) {
+            return;
+        }
+        batch.insert(&record::chunk_key(self.first), self.out.as_slice());
+        for (tid, mut offsets) in self.topics.drain() {
+            record::encode_index_into(&offsets, &mut self.out);
+            batch.insert(&record::index_key(tid, self.first), self.out.as_slice());
+            if self.spare.len() < SPARE_OFFSET_LISTS {
+                offsets.clear();
+                self.spare.push(offsets);
+            }
+        }
+    }
+}
+
+impl Writer {
+    /// Makes everything written so far durable: sled's log, then the blob files sled's
+    /// flush leaves unsynced (see [`BlobSync`]).
+    pub(super) fn flush(&mut self) -> Result<(), LogError> {
+        self.db.flush().map_err(storage)?;
+        let synced = self
+            .blobs
+            .sync()
+            .map_err(|e| LogError::Storage(format!("syncing the log's blob files: {e}")))?;
+        self.metrics.observe_blobs_synced(synced);
+        Ok(())
+    }
+
+    pub(super) fn run(mut self, mut rx: mpsc::Receiver<Command>) {
+        while let Some(first) = rx.blocking_recv() {
+            let mut appends = Vec::new();
+            let mut queued = 0usize;
+            let mut next = Some(first);
+            while let Some(cmd) = next.take() {
+                match cmd {
+                    Command::Append { events, reply } => {
+                        queued += events.len();
+                        appends.push((events, reply));
+                    }
+                    Command::RemoveThrough { through, reply } => {
+                        // Keep the order of commands: what was queued before goes first.
+                        self.commit(std::mem::take(&mut appends));
+                        let _ = reply.send(self.remove_through(through));
+                    }
+                }
+                if queued < MAX_ROUND_EVENTS {
+                    next = rx.try_recv().ok();
+                }
+            }
+            self.commit(appends);
+        }
+        if let Err(e) = self.flush() {
+            tracing::error!(error = %e, "final flush of the log failed");
+        }
+    }
+
+    /// One group commit: every queued append in one atomic batch and one flush.
+    pub(super) fn commit(&mut self, appends: Vec<(Vec<NewEvent>, AppendReply)>) {
+        if appends.is_empty() {
+            return;
+        }
+        let started = Instant::now();
+        let time = now_ms();
+        let total: usize = appends.iter().map(|(e, _)| e.len()).sum();
+        let mut batch = sled::Batch::default();
+        let mut delta: HashMap<Topic, TopicRecord> = HashMap::new();
+        let mut committed: Vec<SharedEvent> = Vec::with_capacity(total);
+        let mut pending = Vec::with_capacity(appends.len());
+        let chunk = &mut self.chunk;
+        let mut failed = None;
+        let mut id = self.next_id;
+        {
+            let Ok(reg) = self.shared.registry.read() else {
+                for (_, reply) in appends {
+                    let _ = reply.send(Err(LogError::Closed));
+                }
+                return;
+            };
+            'appends: for (events, reply) in appends {
+                let first = id;
+                let count = events.len() as u64;
+                pending.push(Pending {
+                    reply,
+                    result: Appended {
+                        first: EventId(first),
+                        last: EventId(first + count.max(1) - 1),
+                        count,
+                    },
+                });
+                for ev in events {
+                    let eid = id;
+                    id += 1;
+                    let rec = delta.entry(ev.topic.clone()).or_insert_with(|| {
+                        reg.get(&ev.topic).copied().unwrap_or_else(|| {
+                            let r = TopicRecord {
+                                topic_id: self.next_topic_id,
+                                ..TopicRecord::default()
+                            };
+                            self.next_topic_id += 1;
+                            r
+                        })
+                    });
+                    if rec.count == 0 {
+                        rec.first_id = eid;
+                    }
+                    rec.last_id = eid;
+                    rec.count += 1;
+                    rec.bytes += ev.data.len() as u64;
+                    if let Err(e) = chunk.push(&mut batch, eid, rec.topic_id, time, &ev) {
+                        failed = Some(e);
+                        break 'appends;
+                    }
+                    committed.push(Arc::new(Event::new(EventId(eid), time, ev)));
+                }
+            }
+        }
+        if let Some(err) = failed {
+            // Nothing was written: these ids were never seen by anyone.
+            chunk.clear();
+            for p in pending {
+                let _ = p.reply.send(Err(err.clone()));
+            }
+            return;
+        }
+        chunk.close(&mut batch);
+        for (t, r) in &delta {
+            batch.insert(record::topic_key(t.as_str()), record::encode_topic(r));
+        }
+        if let Err(e) = self.shared.tree.apply_batch(batch) {
+            // Nothing of the batch was applied: its ids were never seen by anyone.
+            let err = storage(e);
+            for p in pending {
+                let _ = p.reply.send(Err(err.clone()));
+            }
+            return;
+        }
+        self.next_id = id;
+        let flush_started = Instant::now();
+        let flushed = self.flush();
+        self.metrics.observe_flush(flush_started.elapsed());
+        if let Err(err) = flushed {
+            // The events are written but not known durable: they are not acknowledged and
+            // not published. They may surface after a later flush; their ids are never reused.
+            for p in pending {
+                let _ = p.reply.send(Err(err.clone()));
+            }
+            return;
+        }
+        self.publish(delta, committed);
+        self.metrics.observe_commit(started.elapsed());
+        for p in pending {
+            let _ = p.reply.send(Ok(p.result));
+        }
+    }
+
+    /// Makes durable state visible: registry first, then the head, then the hub, so a reader
+    /// never sees an id the registry does not yet cover.
+    pub(super) fn publish(&self, delta: HashMap<Topic, TopicRecord>, committed: Vec<SharedEvent>) {
+        if let Ok(mut reg) = self.shared.registry.write() {
+            for (t, r) in delta {
+                reg.insert(t, r);
+            }
+        }
+        if let Some(last) = committed.last() {
+            self.shared.head.store(last.id.0, Ordering::Release);
+        }
+        if !committed.is_empty() {
+            self.hub.publish(committed.into());
+        }
+    }
+
+    /// Removes the events `..= through`: every chunk that ends at or before it, with its index
+    /// entries; the chunk straddling it (at most one, since removal takes a prefix) is
+    /// rewritten under the key of its first kept event, with new index entries.
+    pub(super) fn remove_through(&mut self, through: EventId) -> Result<u64, LogError> {
+        let head = self.shared.head.load(Ordering::Acquire);
+        let through = through.0.min(head);
+        let tree = &self.shared.tree;
+        let mut batch = sled::Batch::default();
+        let mut delta: HashMap<Topic, TopicRecord> = HashMap::new();
+        let mut removed = 0u64;
+        // Topic id → its first event kept in a rewritten chunk.
+        let mut kept_first: HashMap<u64, u64> = HashMap::new();
+        {
+            let reg = self.shared.registry.read().map_err(|_| LogError::Closed)?;
+            let record_of = |delta: &HashMap<Topic, TopicRecord>, name: &str, id: u64| {
+                if let Some((t, r)) = delta.get_key_value(name) {
+                    return Ok((t.clone(), *r));
+                }
+                reg.get_key_value(name)
+                    .map(|(t, r)| (t.clone(), *r))
+                    .ok_or_else(|| LogError::Corrupt(format!("event {id} has no topic record")))
+            };
+            // Unbounded: the kept part of a chunk stays one chunk.
+            let mut kept = OpenChunk::new(ChunkCaps {
+                events: usize::MAX,
+                bytes: usize::MAX,
+            });
+            let mut topics_in_chunk = Vec::new();
+            for item in tree.range(record::chunk_key(0)..=record::chunk_key(through)) {
+                let (k, v) = item.map_err(storage)?;
+                let first = record::chunk_first_of_key(&k).map_err(corrupt)?;
+                let chunk = Chunk::parse(&v).map_err(corrupt)?;
+                // first ≤ through: events `..cut` of the chunk go.
+                let cut = usize::try_from(through - first + 1)
+                    .unwrap_or(usize::MAX)
+                    .min(chunk.len());
+                topics_in_chunk.clear();
+                for i in 0..chunk.len() {
+                    let id = first.saturating_add(i as u64);
+                    let bytes = chunk.record(i).map_err(corrupt)?;
+                    let peek = record::peek_event(bytes).map_err(corrupt)?;
+                    let (topic, mut rec) = record_of(&delta, peek.topic, id)?;
+                    if !topics_in_chunk.contains(&rec.topic_id) {
+                        topics_in_chunk.push(rec.topic_id);
+                    }
+                    if i < cut {
+                        rec.count = rec.count.saturating_sub(1);
+                        rec.bytes = rec.bytes.saturating_sub(peek.data_len as u64);
+                        rec.removed_through = rec.removed_through.max(id);
+                        delta.insert(topic, rec);
+                        removed += 1;
+                    } else {
+                        if kept.builder.is_empty() {
+                            kept.first = id;
+                        }
+                        if !kept.builder.push_record(bytes) {
+                            return Err(LogError::Storage(format!(
+                                "chunk {first} cannot be rewritten"
+                            )));
+                        }
+                        kept.topics
+                            .entry(rec.topic_id)
+                            .or_default()
+                            .push((id - kept.first) as u32);
+                        kept_first.entry(rec.topic_id).or_insert(id);
+                    }
+                }
+                batch.remove(k);
+                for &tid in &topics_in_chunk {
+                    batch.remove(&record::index_key(tid, first));
+                }
+                kept.close(&mut batch);
+            }
+        }
+        for (t, r) in delta.iter_mut() {
+            if r.count > 0 {
+                // The new oldest retained id: in the rewritten chunk, or else the first index
+                // entry after the removed range.
+                if let Some(&id) = kept_first.get(&r.topic_id) {
+                    r.first_id = id;
+                } else {
+                    let start = record::index_key(r.topic_id, through + 1);
+                    let end = record::index_key(r.topic_id, u64::MAX);
+                    if let Some(item) = tree.range(start..=end).next() {
+                        let (k, v) = item.map_err(storage)?;
+                        let (_, first) = record::index_key_parts(&k).map_err(corrupt)?;
+                        let offsets = record::decode_index(&v).map_err(corrupt)?;
+                        r.first_id = first.saturating_add(u64::from(offsets[0]));
+                    }
+                }
+            }
+            batch.insert(record::topic_key(t.as_str()), record::encode_topic(r));
+        }
+        tree.apply_batch(batch).map_err(storage)?;
+        self.flush()?;
+        self.publish(delta, Vec::new());
+        Ok(removed)
+    }
+}
