@@ -9,7 +9,13 @@
 //! cargo bench --bench load -- fanout --subs 1000 --rate 100 --secs 10
 //! cargo bench --bench load -- idle --subs 10000 --pid <server pid>
 //! cargo bench --bench load -- resume --events 100000 --noise 1000000
+//! cargo bench --bench load -- ws-fanout --subs 100 --rate 1000 --secs 10 --proto msgpack
+//! cargo bench --bench load -- ws-publish --conns 64 --secs 10
+//! cargo bench --bench load -- ws-replay --events 100000 --gzip
+//! cargo bench --bench load -- ws-idle --subs 10000 --pid <server pid>
 //! ```
+//!
+//! The `ws-*` modes speak `GET /v1/ws` with tokio-tungstenite's client (see benches/websocket.sh).
 //!
 //! Every run is bounded in time and count. Results print as one line of `key=value` pairs.
 //! Without a subcommand (as under a plain `cargo bench`) it prints its usage and exits.
@@ -27,11 +33,15 @@ use tokio::net::TcpStream;
 
 type Error = Box<dyn std::error::Error + Send + Sync>;
 
-const USAGE: &str = "usage: load <publish|fanout|idle|resume> [--addr 127.0.0.1:7700] [options]
-  publish --conns 64 --size 256 --batch 1 --secs 10 --topics 8
-  fanout  --subs 1000 --rate 100 --secs 10 --size 256
-  idle    --subs 10000 --pid PID [--hold 5]
-  resume  --events 100000 [--noise 0]";
+const USAGE: &str = "usage: load <mode> [--addr 127.0.0.1:7700] [options]
+  publish    --conns 64 --size 256 --batch 1 --secs 10 --topics 8
+  fanout     --subs 1000 --rate 100 --secs 10 --size 256
+  idle       --subs 10000 --pid PID [--hold 5]
+  resume     --events 100000 [--noise 0]
+  ws-fanout  --subs 100 --rate 1000 --secs 10 --proto json|msgpack [--size 256] [--publishers 16]
+  ws-publish --conns 64 --secs 10 [--proto json|msgpack] [--topics 8]
+  ws-replay  --events 100000 [--gzip] [--proto json|msgpack|both]
+  ws-idle    --subs 10000 --pid PID [--hold 5] [--proto json|msgpack]";
 
 struct Args(Vec<String>);
 
@@ -64,6 +74,10 @@ fn main() -> Result<(), Error> {
             "fanout" => fanout(&addr, &args).await,
             "idle" => idle(&addr, &args).await,
             "resume" => resume(&addr, &args).await,
+            "ws-fanout" => ws_fanout(&addr, &args).await,
+            "ws-publish" => ws_publish(&addr, &args).await,
+            "ws-replay" => ws_replay(&addr, &args).await,
+            "ws-idle" => ws_idle(&addr, &args).await,
             _ => {
                 println!("{USAGE}");
                 Ok(())
@@ -426,5 +440,433 @@ async fn resume(addr: &str, args: &Args) -> Result<(), Error> {
         "resume events={events} noise={noise} received={got} secs={secs:.3} events_per_s={:.0}",
         got as f64 / secs
     );
+    Ok(())
+}
+
+// ---- WebSocket modes (`GET /v1/ws`, tokio-tungstenite's client). ----
+
+type Ws = tokio_tungstenite::WebSocketStream<Counted>;
+
+/// A TCP stream that counts the bytes it reads: the server-to-client bytes on the wire,
+/// WebSocket frame headers included.
+struct Counted {
+    inner: TcpStream,
+    read: Arc<AtomicU64>,
+}
+
+impl tokio::io::AsyncRead for Counted {
+    fn poll_read(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+        buf: &mut tokio::io::ReadBuf<'_>,
+    ) -> std::task::Poll<std::io::Result<()>> {
+        let before = buf.filled().len();
+        let r = std::pin::Pin::new(&mut self.inner).poll_read(cx, buf);
+        let n = (buf.filled().len() - before) as u64;
+        self.read.fetch_add(n, Ordering::Relaxed);
+        r
+    }
+}
+
+impl tokio::io::AsyncWrite for Counted {
+    fn poll_write(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+        buf: &[u8],
+    ) -> std::task::Poll<std::io::Result<usize>> {
+        std::pin::Pin::new(&mut self.inner).poll_write(cx, buf)
+    }
+    fn poll_flush(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<std::io::Result<()>> {
+        std::pin::Pin::new(&mut self.inner).poll_flush(cx)
+    }
+    fn poll_shutdown(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<std::io::Result<()>> {
+        std::pin::Pin::new(&mut self.inner).poll_shutdown(cx)
+    }
+}
+
+#[derive(Clone, Copy, PartialEq)]
+enum Proto {
+    Json,
+    Msgpack,
+}
+
+impl Proto {
+    fn parse(s: &str) -> Result<Proto, Error> {
+        match s {
+            "json" => Ok(Proto::Json),
+            "msgpack" => Ok(Proto::Msgpack),
+            other => Err(format!("unknown --proto {other:?}: json or msgpack").into()),
+        }
+    }
+    fn name(self) -> &'static str {
+        match self {
+            Proto::Json => "json",
+            Proto::Msgpack => "msgpack",
+        }
+    }
+    fn subprotocol(self) -> &'static str {
+        match self {
+            Proto::Json => "tidewire.v1.json",
+            Proto::Msgpack => "tidewire.v1.msgpack",
+        }
+    }
+}
+
+/// Opens `ws://addr/v1/ws?query` with the subprotocol; `read` counts the bytes received.
+async fn open_ws(addr: &str, query: &str, proto: Proto, read: Arc<AtomicU64>) -> Result<Ws, Error> {
+    use tokio_tungstenite::tungstenite::client::IntoClientRequest;
+    let stream = TcpStream::connect(addr).await?;
+    stream.set_nodelay(true)?;
+    let mut req = format!("ws://{addr}/v1/ws?{query}").into_client_request()?;
+    req.headers_mut()
+        .insert("sec-websocket-protocol", proto.subprotocol().parse()?);
+    let counted = Counted {
+        inner: stream,
+        read,
+    };
+    let (ws, _) = tokio::time::timeout(
+        Duration::from_secs(30),
+        tokio_tungstenite::client_async(req, counted),
+    )
+    .await??;
+    Ok(ws)
+}
+
+#[derive(serde::Deserialize)]
+struct TsEnvelope {
+    data: TsData,
+}
+
+#[derive(serde::Deserialize)]
+struct TsData {
+    ts: u64,
+}
+
+/// The `ts` in an event frame's data (JSON text or MessagePack binary), if it has one.
+fn ws_ts(proto: Proto, payload: &[u8]) -> Option<u64> {
+    match proto {
+        Proto::Json => ts_of(payload),
+        Proto::Msgpack => rmp_serde::from_slice::<TsEnvelope>(payload)
+            .ok()
+            .map(|e| e.data.ts),
+    }
+}
+
+async fn ws_fanout(addr: &str, args: &Args) -> Result<(), Error> {
+    use futures_util::StreamExt;
+    use tokio_tungstenite::tungstenite::Message;
+    let subs: usize = args.get("subs", 100);
+    let rate: u64 = args.get("rate", 1000);
+    let secs: u64 = args.get("secs", 10);
+    let size: usize = args.get("size", 256);
+    let proto = Proto::parse(&args.get("proto", "json".to_string()))?;
+    let topic = format!("bench/wsfanout-{}", now_us());
+    let total = rate * secs;
+    let stop = Arc::new(AtomicBool::new(false));
+    let wire = Arc::new(AtomicU64::new(0));
+    let mut readers = Vec::new();
+    for _ in 0..subs {
+        let mut ws = open_ws(addr, &format!("topic={topic}"), proto, wire.clone()).await?;
+        let stop = stop.clone();
+        readers.push(tokio::spawn(async move {
+            let mut lat = Vec::with_capacity(total as usize);
+            while (lat.len() as u64) < total && !stop.load(Ordering::Relaxed) {
+                let msg = match tokio::time::timeout(Duration::from_millis(500), ws.next()).await {
+                    Ok(Some(Ok(m))) => m,
+                    Ok(_) => break,
+                    Err(_) => continue,
+                };
+                let now = now_us();
+                let ts = match &msg {
+                    Message::Text(t) => ws_ts(proto, t.as_bytes()),
+                    Message::Binary(b) => ws_ts(proto, b),
+                    _ => None,
+                };
+                if let Some(ts) = ts {
+                    lat.push(now.saturating_sub(ts));
+                }
+            }
+            lat
+        }));
+    }
+    // Publishers on their own connections, event i due at start + i/rate: one connection
+    // waiting for each durable 201 could not keep 1000 events/s.
+    let publishers: u64 = args.get("publishers", 16);
+    let interval = Duration::from_micros(1_000_000 / rate.max(1));
+    let started = Instant::now();
+    let publish_deadline = started + Duration::from_secs(secs * 3 + 10);
+    let mut pubs = Vec::new();
+    for k in 0..publishers {
+        let mut conn = Conn::open(addr).await?;
+        let path = format!("/v1/topics/{topic}/events");
+        pubs.push(tokio::spawn(async move {
+            let mut ok = 0u64;
+            let mut i = k;
+            while i < total && Instant::now() < publish_deadline {
+                tokio::time::sleep_until((started + interval * i as u32).into()).await;
+                if let Ok(201) = conn
+                    .post(&path, "application/json", envelope(size).into())
+                    .await
+                {
+                    ok += 1;
+                }
+                i += publishers;
+            }
+            ok
+        }));
+    }
+    let mut published = 0u64;
+    for p in pubs {
+        published += p.await?;
+    }
+    let publish_secs = started.elapsed().as_secs_f64();
+    // Give the last events time to arrive, then stop the readers.
+    let grace = Instant::now() + Duration::from_secs(10);
+    let mut all = Vec::new();
+    let mut complete = 0usize;
+    for r in readers {
+        let remaining = grace.saturating_duration_since(Instant::now());
+        match tokio::time::timeout(remaining, r).await {
+            Ok(Ok(lat)) => {
+                if lat.len() as u64 == total {
+                    complete += 1;
+                }
+                all.extend(lat);
+            }
+            _ => stop.store(true, Ordering::Relaxed),
+        }
+    }
+    stop.store(true, Ordering::Relaxed);
+    let elapsed = started.elapsed().as_secs_f64();
+    all.sort_unstable();
+    println!(
+        "ws-fanout proto={} subs={subs} rate={rate} publish_secs={publish_secs:.1} secs={elapsed:.1} published={published} delivered={} expected={} complete_sockets={complete} delivered_per_s={:.0} p50_ms={:.2} p99_ms={:.2} max_ms={:.2}",
+        proto.name(),
+        all.len(),
+        total * subs as u64,
+        all.len() as f64 / publish_secs,
+        percentile(&all, 0.50) as f64 / 1000.0,
+        percentile(&all, 0.99) as f64 / 1000.0,
+        all.last().copied().unwrap_or(0) as f64 / 1000.0,
+    );
+    Ok(())
+}
+
+async fn ws_publish(addr: &str, args: &Args) -> Result<(), Error> {
+    use futures_util::{SinkExt, StreamExt};
+    use tokio_tungstenite::tungstenite::Message;
+    let conns: usize = args.get("conns", 64);
+    let secs: u64 = args.get("secs", 10);
+    let topics: usize = args.get("topics", 8);
+    let proto = Proto::parse(&args.get("proto", "json".to_string()))?;
+    let deadline = Instant::now() + Duration::from_secs(secs);
+    let errors = Arc::new(AtomicU64::new(0));
+    let mut tasks = Vec::new();
+    for c in 0..conns {
+        let mut ws = open_ws(addr, "", proto, Arc::new(AtomicU64::new(0))).await?;
+        let errors = errors.clone();
+        tasks.push(tokio::spawn(async move {
+            let mut lat = Vec::new();
+            let topic = format!("bench/wsp{}", c % topics);
+            let pad = "x".repeat(200);
+            let mut i = 0u64;
+            // One publish in flight per socket, like one HTTP request per connection.
+            while Instant::now() < deadline {
+                i += 1;
+                let op = serde_json::json!({"op":"publish","topic":topic,
+                    "data":{"ts":now_us(),"pad":pad},"ref":i});
+                let msg = match proto {
+                    Proto::Json => Message::text(op.to_string()),
+                    Proto::Msgpack => match rmp_serde::to_vec_named(&op) {
+                        Ok(b) => Message::binary(b),
+                        Err(_) => return lat,
+                    },
+                };
+                let started = Instant::now();
+                if ws.send(msg).await.is_err() {
+                    errors.fetch_add(1, Ordering::Relaxed);
+                    return lat;
+                }
+                let answer = loop {
+                    match tokio::time::timeout(Duration::from_secs(10), ws.next()).await {
+                        Ok(Some(Ok(Message::Text(t)))) => {
+                            break serde_json::from_slice::<serde_json::Value>(t.as_bytes()).ok()
+                        }
+                        Ok(Some(Ok(Message::Binary(b)))) => {
+                            break rmp_serde::from_slice::<serde_json::Value>(&b).ok()
+                        }
+                        Ok(Some(Ok(_))) => continue,
+                        _ => break None,
+                    }
+                };
+                match answer {
+                    Some(a) if a["op"] == "ack" => lat.push(started.elapsed().as_micros() as u64),
+                    Some(_) => {
+                        errors.fetch_add(1, Ordering::Relaxed);
+                    }
+                    None => {
+                        errors.fetch_add(1, Ordering::Relaxed);
+                        return lat;
+                    }
+                }
+            }
+            let _ = ws.close(None).await;
+            lat
+        }));
+    }
+    let started = Instant::now();
+    let mut all = Vec::new();
+    for t in tasks {
+        all.extend(t.await?);
+    }
+    let elapsed = started.elapsed().as_secs_f64();
+    all.sort_unstable();
+    println!(
+        "ws-publish proto={} conns={conns} secs={elapsed:.1} acks={} acks_per_s={:.0} p50_ms={:.2} p99_ms={:.2} max_ms={:.2} errors={}",
+        proto.name(),
+        all.len(),
+        all.len() as f64 / elapsed,
+        percentile(&all, 0.50) as f64 / 1000.0,
+        percentile(&all, 0.99) as f64 / 1000.0,
+        all.last().copied().unwrap_or(0) as f64 / 1000.0,
+        errors.load(Ordering::Relaxed)
+    );
+    Ok(())
+}
+
+/// How many envelopes one data frame holds (a gzip batch holds an array of them).
+fn frame_events(proto: Proto, payload: &[u8]) -> Result<u64, Error> {
+    use serde::de::IgnoredAny;
+    use std::io::Read as _;
+    if payload.starts_with(&[0x1f, 0x8b]) {
+        let mut raw = Vec::new();
+        flate2::read::GzDecoder::new(payload).read_to_end(&mut raw)?;
+        let n = match proto {
+            Proto::Json => serde_json::from_slice::<Vec<IgnoredAny>>(&raw)?.len(),
+            Proto::Msgpack => rmp_serde::from_slice::<Vec<IgnoredAny>>(&raw)?.len(),
+        };
+        Ok(n as u64)
+    } else {
+        Ok(1)
+    }
+}
+
+async fn ws_replay(addr: &str, args: &Args) -> Result<(), Error> {
+    use futures_util::StreamExt;
+    use tokio_tungstenite::tungstenite::Message;
+    let events: u64 = args.get("events", 100_000);
+    let gzip = args.0.iter().any(|a| a == "--gzip");
+    let protos = match args.get("proto", "both".to_string()).as_str() {
+        "both" => vec![Proto::Json, Proto::Msgpack],
+        p => vec![Proto::parse(p)?],
+    };
+    let topic = format!("bench/wsreplay-{}", now_us());
+    let mut conn = Conn::open(addr).await?;
+    let batch = 1000u64;
+    // Events that differ from each other like real readings (a counter, a sensor, a value and
+    // 16 pseudo-random hex bytes), so gzip is not flattered by identical payloads.
+    let mut seed = 0x9e37_79b9_7f4a_7c15u64;
+    let mut rand = move || {
+        seed ^= seed << 13;
+        seed ^= seed >> 7;
+        seed ^= seed << 17;
+        seed
+    };
+    let mut sent = 0;
+    while sent < events {
+        let n = batch.min(events - sent);
+        let evs: Vec<String> = (sent..sent + n)
+            .map(|i| {
+                let (a, b) = (rand(), rand());
+                format!(
+                    "{{\"data\":{{\"ts\":{},\"seq\":{i},\"sensor\":\"s-{}\",\"value\":{:.3},\"tag\":\"{a:016x}{b:016x}\"}}}}",
+                    now_us(),
+                    i % 50,
+                    (a % 100_000) as f64 / 1000.0,
+                )
+            })
+            .collect();
+        let body = format!("[{}]", evs.join(","));
+        let st = conn
+            .post(
+                &format!("/v1/topics/{topic}/events"),
+                "application/json",
+                body.into(),
+            )
+            .await?;
+        if st != 201 {
+            return Err(format!("publish failed: {st}").into());
+        }
+        sent += n;
+    }
+    for proto in protos {
+        let wire = Arc::new(AtomicU64::new(0));
+        let started = Instant::now();
+        let query = if gzip {
+            format!("topic={topic}&since=0&batch=gzip")
+        } else {
+            format!("topic={topic}&since=0")
+        };
+        let mut ws = open_ws(addr, &query, proto, wire.clone()).await?;
+        let (mut got, mut frames, mut payload) = (0u64, 0u64, 0u64);
+        let deadline = Instant::now() + Duration::from_secs(120);
+        while got < events && Instant::now() < deadline {
+            let msg = match tokio::time::timeout(Duration::from_secs(10), ws.next()).await {
+                Ok(Some(Ok(m))) => m,
+                _ => break,
+            };
+            let bytes: &[u8] = match &msg {
+                Message::Text(t) => t.as_bytes(),
+                Message::Binary(b) => b,
+                _ => continue,
+            };
+            frames += 1;
+            payload += bytes.len() as u64;
+            got += frame_events(proto, bytes)?;
+        }
+        let secs = started.elapsed().as_secs_f64();
+        drop(ws);
+        println!(
+            "ws-replay proto={} batch={} events={events} received={got} frames={frames} secs={secs:.3} events_per_s={:.0} payload_bytes={payload} wire_bytes={}",
+            proto.name(),
+            if gzip { "gzip" } else { "none" },
+            got as f64 / secs,
+            wire.load(Ordering::Relaxed),
+        );
+    }
+    Ok(())
+}
+
+async fn ws_idle(addr: &str, args: &Args) -> Result<(), Error> {
+    let subs: usize = args.get("subs", 10_000);
+    let pid: u32 = args.get("pid", 0);
+    let hold: u64 = args.get("hold", 5);
+    let proto = Proto::parse(&args.get("proto", "json".to_string()))?;
+    if pid == 0 {
+        return Err("ws-idle needs --pid of the server".into());
+    }
+    let before = rss_kib(pid)?;
+    let mut socks = Vec::with_capacity(subs);
+    let started = Instant::now();
+    let wire = Arc::new(AtomicU64::new(0));
+    for i in 0..subs {
+        let q = format!("topic=bench/wsidle/{}", i % 100);
+        socks.push(open_ws(addr, &q, proto, wire.clone()).await?);
+    }
+    let opened = started.elapsed().as_secs_f64();
+    tokio::time::sleep(Duration::from_secs(hold)).await;
+    let after = rss_kib(pid)?;
+    println!(
+        "ws-idle proto={} subs={subs} open_secs={opened:.1} rss_before_kib={before} rss_after_kib={after} per_socket_bytes={:.0}",
+        proto.name(),
+        (after.saturating_sub(before) as f64 * 1024.0) / subs as f64
+    );
+    drop(socks);
     Ok(())
 }

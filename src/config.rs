@@ -60,6 +60,13 @@ pub struct Config {
     /// Seconds a WebSocket may go without answering (no frame or pong heard, or no write
     /// progress) before it is closed with 1008; it can then resume with `since`.
     pub ws_unresponsive_secs: u64,
+    /// Gzip SSE streams for clients that accept it (each write is flushed at once). Costs a
+    /// compressor per stream (a few hundred KiB), so it is off by default.
+    pub sse_gzip: bool,
+    /// Longest a long-poll may wait for events, seconds (a larger `timeout=` is capped).
+    pub poll_max_timeout_secs: u64,
+    /// Most events one long-poll response may carry (a larger `limit=` is capped).
+    pub poll_max_limit: usize,
 }
 
 impl Default for Config {
@@ -86,6 +93,9 @@ impl Default for Config {
             ws_max_frame_bytes: 1 << 20,
             ws_ping_secs: 15,
             ws_unresponsive_secs: 45,
+            sse_gzip: false,
+            poll_max_timeout_secs: 55,
+            poll_max_limit: 10_000,
         }
     }
 }
@@ -155,6 +165,7 @@ impl Config {
             ("replay_page", self.replay_page),
             ("ws_send_queue", self.ws_send_queue),
             ("ws_max_frame_bytes", self.ws_max_frame_bytes),
+            ("poll_max_limit", self.poll_max_limit),
         ] {
             if v == 0 {
                 return Err(ConfigError::Invalid(format!("{name} must be at least 1")));

@@ -331,3 +331,36 @@ mod tests {
         );
     }
 }
+
+/// The encoding of a body or frame that carries envelopes.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum WireFormat {
+    /// JSON text.
+    Json,
+    /// MessagePack (bytes data stays `bin`).
+    Msgpack,
+}
+
+/// Appends `events` to `out` as a JSON array or a MessagePack array of envelopes, each copied
+/// from its encoding cached on the event (built once, whatever the number of readers).
+pub fn write_envelope_array(format: WireFormat, events: &[SharedEvent], out: &mut Vec<u8>) {
+    match format {
+        WireFormat::Json => {
+            out.push(b'[');
+            for (i, e) in events.iter().enumerate() {
+                if i > 0 {
+                    out.push(b',');
+                }
+                out.extend_from_slice(e.json());
+            }
+            out.push(b']');
+        }
+        WireFormat::Msgpack => {
+            // Writing to a Vec cannot fail.
+            let _ = rmp::encode::write_array_len(out, events.len() as u32);
+            for e in events {
+                out.extend_from_slice(e.msgpack());
+            }
+        }
+    }
+}

@@ -3,8 +3,9 @@
 //!
 //! [`run`] takes an already bound listener and a shutdown future, so tests bind port 0 and
 //! drive the real server. Shutdown order: readiness turns 503, the listener closes, streams
-//! end, in-flight requests finish (publishes are flushed and acknowledged) within the grace
-//! period, then the log is closed with a final flush.
+//! end, in-flight requests finish (publishes are flushed and acknowledged) and WebSockets send
+//! their pending acks and close with 1001, all within the grace period, then the log is closed
+//! with a final flush.
 
 use std::convert::Infallible;
 use std::future::Future;
@@ -85,13 +86,17 @@ pub async fn run(
     tracing::info!("shutting down");
     state.set_not_ready();
     let _ = stop_tx.send(true);
-    if let Ok(graceful) = accept.await {
-        if tokio::time::timeout(grace, graceful.shutdown())
-            .await
-            .is_err()
-        {
-            tracing::warn!("connections still open after the grace period; closing anyway");
+    // HTTP connections (hyper's GracefulShutdown) and WebSocket tasks (which it does not
+    // track once upgraded) drain together, within one grace period: sockets send the acks of
+    // publishes in flight and close with 1001 while the log is still open.
+    let drained = async {
+        if let Ok(graceful) = accept.await {
+            graceful.shutdown().await;
         }
+        state.sockets_closed().await;
+    };
+    if tokio::time::timeout(grace, drained).await.is_err() {
+        tracing::warn!("connections still open after the grace period; closing anyway");
     }
     log.close().await?;
     tracing::info!("stopped");

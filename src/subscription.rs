@@ -111,6 +111,50 @@ impl Subscription {
         }
     }
 
+    /// Reads the next page of history into the backlog.
+    async fn replay_page(&mut self) -> Result<(), SubscriptionError> {
+        let page = self
+            .log
+            .read(self.patterns.clone(), self.last, self.page_size)
+            .await?;
+        if let Some(gap) = page.gap {
+            self.backlog.push_back(Delivery::Gap(gap));
+        }
+        self.last = self.last.max(page.through);
+        if page.complete {
+            self.replaying = false;
+        }
+        self.backlog
+            .extend(page.events.into_iter().map(Delivery::Event));
+        Ok(())
+    }
+
+    /// The next delivery that is available now: queued, already committed live, or in the
+    /// log's history, without waiting for new events. `None` when caught up.
+    pub async fn next_available(&mut self) -> Result<Option<Delivery>, SubscriptionError> {
+        loop {
+            if let Some(d) = self.next_ready() {
+                return Ok(Some(d));
+            }
+            if !self.replaying {
+                return Ok(None);
+            }
+            self.replay_page().await?;
+        }
+    }
+
+    /// The cursor that resumes right after what has been handed out: every matching event
+    /// up to it has been delivered, so a client that reconnects from it misses nothing and
+    /// sees nothing twice.
+    pub fn resume_cursor(&self) -> EventId {
+        match self.backlog.front() {
+            None => self.last,
+            // Nothing matching lies between what was handed out and this event.
+            Some(Delivery::Event(e)) => EventId(e.id.0 - 1),
+            Some(Delivery::Gap(g)) => EventId(g.requested),
+        }
+    }
+
     /// Waits for the next delivery. Cancel-safe: dropping the future loses nothing.
     pub async fn next(&mut self) -> Result<Delivery, SubscriptionError> {
         loop {
@@ -118,19 +162,7 @@ impl Subscription {
                 return Ok(d);
             }
             if self.replaying {
-                let page = self
-                    .log
-                    .read(self.patterns.clone(), self.last, self.page_size)
-                    .await?;
-                if let Some(gap) = page.gap {
-                    self.backlog.push_back(Delivery::Gap(gap));
-                }
-                self.last = self.last.max(page.through);
-                if page.complete {
-                    self.replaying = false;
-                }
-                self.backlog
-                    .extend(page.events.into_iter().map(Delivery::Event));
+                self.replay_page().await?;
                 continue;
             }
             match self.live.recv().await {

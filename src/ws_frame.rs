@@ -12,7 +12,7 @@ use bytes::Bytes;
 use serde::{Deserialize, Serialize};
 
 use crate::codec::{self, BareDefaults, BodyFormat, DecodeError, Limits, Target};
-use crate::envelope::{EventId, Gap, NewEvent, SharedEvent};
+use crate::envelope::{write_envelope_array, EventId, Gap, NewEvent, SharedEvent, WireFormat};
 use crate::topic::{parse_cursor, Pattern, Topic};
 
 /// The subprotocol offered by JSON clients (text frames); also the default when none is offered.
@@ -376,43 +376,17 @@ pub fn encode_event(enc: Encoding, event: &SharedEvent) -> Bytes {
 /// A `batch=gzip` frame: gzip of a JSON array or a MessagePack array of envelopes.
 pub fn encode_batch(enc: Encoding, events: &[SharedEvent]) -> Bytes {
     let mut raw = Vec::with_capacity(events.iter().map(|e| e.json().len() + 1).sum::<usize>() + 8);
-    match enc {
-        Encoding::Json => {
-            raw.push(b'[');
-            for (i, e) in events.iter().enumerate() {
-                if i > 0 {
-                    raw.push(b',');
-                }
-                raw.extend_from_slice(e.json());
-            }
-            raw.push(b']');
-        }
-        Encoding::Msgpack => {
-            write_array_len(&mut raw, events.len());
-            for e in events {
-                raw.extend_from_slice(e.msgpack());
-            }
-        }
-    }
+    let format = match enc {
+        Encoding::Json => WireFormat::Json,
+        Encoding::Msgpack => WireFormat::Msgpack,
+    };
+    write_envelope_array(format, events, &mut raw);
     let mut gz = flate2::write::GzEncoder::new(
         Vec::with_capacity(raw.len() / 4 + 64),
         flate2::Compression::fast(),
     );
     let _ = gz.write_all(&raw);
     Bytes::from(gz.finish().unwrap_or_default())
-}
-
-/// A MessagePack array header for `n` elements (fixarray, array 16 or array 32).
-fn write_array_len(out: &mut Vec<u8>, n: usize) {
-    if n < 16 {
-        out.push(0x90 | n as u8);
-    } else if let Ok(n) = u16::try_from(n) {
-        out.push(0xdc);
-        out.extend_from_slice(&n.to_be_bytes());
-    } else {
-        out.push(0xdd);
-        out.extend_from_slice(&(n.min(u32::MAX as usize) as u32).to_be_bytes());
-    }
 }
 
 /// Whether a binary frame is a gzip batch (starts with the gzip magic bytes).
@@ -594,13 +568,6 @@ mod tests {
                 .map(|e| e["id"].as_u64().unwrap())
                 .collect();
             assert_eq!(ids, [1, 2, 3]);
-        }
-        for n in [0usize, 15, 16, 70_000] {
-            let mut out = Vec::new();
-            write_array_len(&mut out, n);
-            out.extend(std::iter::repeat_n(0xc0u8, n));
-            let v: Vec<()> = rmp_serde::from_slice(&out).unwrap();
-            assert_eq!(v.len(), n);
         }
     }
 }

@@ -10,10 +10,6 @@ use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 use common::*;
 use futures_util::StreamExt;
 use serde_json::{json, Value};
-use tidewire::envelope::EventId;
-use tidewire::hub::Hub;
-use tidewire::log::{EventLog, LogOptions, SledLog};
-use tidewire::metrics::Metrics;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpSocket, TcpStream};
 
@@ -857,26 +853,6 @@ async fn slow_subscriber_falls_back_to_the_log_and_misses_nothing_while_fast_one
 // Gap
 // ---------------------------------------------------------------------------------------------
 
-/// Removes events `..=through` from the stopped server's log, as retention would.
-async fn retain_after(dir: &std::path::Path, through: u64) {
-    let log = SledLog::open(
-        &LogOptions {
-            dir: dir.join("data"),
-            cache_bytes: 8 << 20,
-        },
-        Hub::new(4),
-        Metrics::new(),
-    )
-    .expect("open the log directly");
-    let removed = log
-        .remove_through(EventId(through))
-        .await
-        .expect("remove_through");
-    assert_eq!(removed, through);
-    log.close().await.expect("close");
-    drop(log);
-}
-
 #[tokio::test]
 async fn cursor_older_than_retention_gets_one_gap_event_first_then_the_retained_events() {
     let tmp = tempfile::tempdir().unwrap();
@@ -944,5 +920,62 @@ async fn cursor_zero_or_at_or_after_the_removed_range_gets_no_gap() {
         }
         assert_eq!(got, expected, "cursor {cursor}");
     }
+    server.stop().await;
+}
+
+/// Reads raw chunks of `resp` through a gzip decoder until the decoded text contains `want`.
+async fn decode_until(
+    resp: &mut reqwest::Response,
+    gz: &mut flate2::write::GzDecoder<Vec<u8>>,
+    want: &str,
+) {
+    use std::io::Write;
+    let deadline = tokio::time::Instant::now() + PATIENCE;
+    while !String::from_utf8_lossy(gz.get_ref()).contains(want) {
+        let chunk = tokio::time::timeout_at(deadline, resp.chunk())
+            .await
+            .unwrap_or_else(|_| {
+                panic!("{want:?} never decoded: the compressed stream held it back")
+            })
+            .expect("read")
+            .expect("stream ended");
+        gz.write_all(&chunk).expect("valid gzip");
+        gz.flush().expect("flush");
+    }
+}
+
+#[tokio::test]
+async fn gzip_stream_flushes_each_event_to_the_client_as_it_is_sent() {
+    let tmp = tempfile::tempdir().unwrap();
+    let server = TestServer::start_with(tmp.path(), |c| c.sse_gzip = true).await;
+    let base = server.url("");
+    let raw = reqwest::Client::builder().no_gzip().build().unwrap();
+    let mut resp = raw
+        .get(server.url("/v1/sse?topic=gz"))
+        .header("accept-encoding", "gzip")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(resp.headers()["content-encoding"], "gzip");
+    let mut gz = flate2::write::GzDecoder::new(Vec::new());
+    decode_until(&mut resp, &mut gz, "retry:").await;
+    let client = reqwest::Client::new();
+    for i in 0..3 {
+        let id = publish_one(&client, &base, "gz", json!(i)).await;
+        // Decodable now, while the stream stays open: not buffered until a block fills.
+        decode_until(&mut resp, &mut gz, &format!("id: {id}\n")).await;
+    }
+    // Without the option, a client that accepts gzip still gets plain text.
+    let server2_dir = tempfile::tempdir().unwrap();
+    let plain = TestServer::start(&server2_dir).await;
+    let resp = raw
+        .get(plain.url("/v1/sse?topic=gz"))
+        .header("accept-encoding", "gzip")
+        .send()
+        .await
+        .unwrap();
+    assert!(!resp.headers().contains_key("content-encoding"));
+    drop(resp);
+    plain.stop().await;
     server.stop().await;
 }

@@ -895,3 +895,116 @@ async fn kill_9_during_concurrent_publishing_loses_no_acked_event_and_resume_del
     let missing: Vec<_> = acked.difference(&all).collect();
     assert!(missing.is_empty(), "acked but never delivered: {missing:?}");
 }
+
+/// Publishes pipelined on several sockets when shutdown begins: each one the server read is
+/// answered with an ack (never `not_ready`: the log stays open until the sockets are done),
+/// the socket then closes with 1001, and after a restart the store holds exactly the acked
+/// events, under the acked ids.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn shutdown_acks_every_publish_it_accepted_and_stores_nothing_unacked() {
+    const SOCKETS: usize = 8;
+    const PER_SOCKET: u64 = 2000;
+    let tmp = tempfile::tempdir().unwrap();
+    let server = TestServer::start(&tmp).await;
+    let addr = server.addr;
+    let mut socks = Vec::new();
+    for _ in 0..SOCKETS {
+        let mut ws = connect(addr, "", Some(JSON)).await;
+        sync(&mut ws, Enc::Json).await;
+        socks.push(ws);
+    }
+    // Every socket pipelines its publishes without waiting for acks; shutdown starts while
+    // they are being read and stored.
+    let (go_tx, go_rx) = tokio::sync::watch::channel(false);
+    let acks_seen = std::sync::Arc::new(std::sync::atomic::AtomicUsize::new(0));
+    let clients: Vec<_> = socks
+        .into_iter()
+        .enumerate()
+        .map(|(s, ws)| {
+            let mut go = go_rx.clone();
+            let acks_seen = acks_seen.clone();
+            tokio::spawn(async move {
+                let (mut tx, mut rx) = ws.split();
+                let _ = go.wait_for(|g| *g).await;
+                let sender = tokio::spawn(async move {
+                    for i in 1..=PER_SOCKET {
+                        let op = json!({"op":"publish","topic":format!("sd/{s}"),
+                                        "data":{"s":s,"i":i},"ref":i});
+                        if tx.send(Message::text(op.to_string())).await.is_err() {
+                            break;
+                        }
+                    }
+                    tx
+                });
+                // Every answer until the close frame: (ref, id) of acks, in arrival order.
+                let mut acks = Vec::new();
+                let close = loop {
+                    match timeout(PATIENCE, rx.next())
+                        .await
+                        .expect("answer or close in time")
+                    {
+                        Some(Ok(Message::Text(t))) => {
+                            let v: Value = serde_json::from_str(&t).unwrap();
+                            assert_eq!(v["op"], "ack", "socket {s}: {v}");
+                            acks.push((v["ref"].as_u64().unwrap(), v["id"].as_u64().unwrap()));
+                            acks_seen.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                        }
+                        Some(Ok(Message::Close(f))) => break f.map(|f| f.code),
+                        Some(Ok(_)) => continue,
+                        other => panic!("socket {s}: expected answers then a close, got {other:?}"),
+                    }
+                };
+                let _ = timeout(PATIENCE, sender).await;
+                (s, acks, close)
+            })
+        })
+        .collect();
+    let _ = go_tx.send(true);
+    // Stop once publishing is under way on every socket (a few acks each, on average).
+    let deadline = Instant::now() + PATIENCE;
+    while acks_seen.load(std::sync::atomic::Ordering::Relaxed) < SOCKETS * 5 {
+        assert!(Instant::now() < deadline, "no acks before the shutdown");
+        tokio::time::sleep(Duration::from_millis(1)).await;
+    }
+    timeout(PATIENCE, server.stop())
+        .await
+        .expect("stopped in time");
+
+    let mut acked = std::collections::BTreeMap::new();
+    let mut total = 0;
+    for c in clients {
+        let (s, acks, close) = timeout(PATIENCE, c).await.unwrap().unwrap();
+        assert_eq!(close, Some(CloseCode::Away), "socket {s} closes with 1001");
+        // Acks come in request order: a prefix of the refs sent.
+        let refs: Vec<u64> = acks.iter().map(|(r, _)| *r).collect();
+        assert_eq!(
+            refs,
+            (1..=refs.len() as u64).collect::<Vec<_>>(),
+            "socket {s}"
+        );
+        total += acks.len();
+        for (r, id) in acks {
+            acked.insert(id, json!({"s": s, "i": r}));
+        }
+    }
+    eprintln!(
+        "{total} of {} publishes acked across the shutdown",
+        SOCKETS as u64 * PER_SOCKET
+    );
+
+    // After a restart the log holds exactly the acked events.
+    let server = TestServer::start(&tmp).await;
+    let http = reqwest::Client::new();
+    let mut ws = connect(server.addr, "?topic=sd/**&since=0", Some(JSON)).await;
+    let got = read_events(&mut ws, Enc::Json, acked.len()).await;
+    let got: std::collections::BTreeMap<u64, Value> = got
+        .into_iter()
+        .map(|e| (e["id"].as_u64().unwrap(), e["data"].clone()))
+        .collect();
+    assert_eq!(got, acked, "stored events are exactly the acked ones");
+    // Nothing beyond them: a marker published now is the very next event.
+    let marker = publish_one(&http, &server.url(""), "sd/marker", json!("end")).await;
+    let next = read_events(&mut ws, Enc::Json, 1).await;
+    assert_eq!(ids(&next), [marker], "an unacked publish was stored");
+    server.stop().await;
+}

@@ -71,6 +71,24 @@ impl ApiError {
         )
     }
 
+    /// 400 for a resume cursor that is not an event id.
+    pub fn invalid_cursor(value: &str) -> Self {
+        Self::new(
+            StatusCode::BAD_REQUEST,
+            "invalid_cursor",
+            format!("the cursor {value:?} is not an event id"),
+        )
+    }
+
+    /// 422 when a subscription names more patterns than allowed.
+    pub fn too_many_patterns(max: usize) -> Self {
+        Self::new(
+            StatusCode::UNPROCESSABLE_ENTITY,
+            "too_many_patterns",
+            format!("at most {max} topic patterns per subscription"),
+        )
+    }
+
     /// 422 for a pattern that breaks the naming rules.
     pub fn invalid_pattern(name: &str, e: NameError) -> Self {
         Self::new(

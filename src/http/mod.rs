@@ -21,6 +21,7 @@ use crate::publish::Publisher;
 
 pub mod error;
 mod health;
+mod poll;
 mod publish;
 mod sse;
 mod topics;
@@ -46,6 +47,18 @@ pub struct AppState {
     log_opened: watch::Sender<bool>,
     ready: AtomicBool,
     stop: watch::Receiver<bool>,
+    /// How many WebSocket tasks are alive. hyper's graceful shutdown does not track upgraded
+    /// connections, so the server waits on this before it closes the log.
+    sockets: watch::Sender<usize>,
+}
+
+/// Counts one live WebSocket task in [`AppState`] until dropped.
+pub struct SocketGuard(watch::Sender<usize>);
+
+impl Drop for SocketGuard {
+    fn drop(&mut self) {
+        self.0.send_modify(|n| *n -= 1);
+    }
 }
 
 impl AppState {
@@ -60,6 +73,7 @@ impl AppState {
             log_opened: watch::Sender::new(false),
             ready: AtomicBool::new(false),
             stop,
+            sockets: watch::Sender::new(0),
         }
     }
 
@@ -96,6 +110,19 @@ impl AppState {
     /// The publish path (waits for the log like [`AppState::log`]).
     pub async fn publisher(&self) -> Result<Publisher, ApiError> {
         Ok(Publisher::new(self.log().await?, self.metrics.clone()))
+    }
+
+    /// Counts a WebSocket task as live until the guard is dropped.
+    pub fn track_socket(&self) -> SocketGuard {
+        self.sockets.send_modify(|n| *n += 1);
+        SocketGuard(self.sockets.clone())
+    }
+
+    /// Resolves once no WebSocket task is live: each has sent the acks of its publishes in
+    /// flight and its close frame (or given up on its peer). The caller bounds the wait.
+    pub async fn sockets_closed(&self) {
+        let mut rx = self.sockets.subscribe();
+        let _ = rx.wait_for(|n| *n == 0).await;
     }
 
     /// A receiver that turns true when the server shuts down (streams end then).
@@ -155,6 +182,10 @@ where
         "/healthz" => get_only(method).map(|_| health::healthz()),
         "/readyz" => get_only(method).map(|_| health::readyz(state)),
         "/metrics" => get_only(method).map(|_| health::metrics(state)),
+        "/v1/poll" => {
+            get_only(method)?;
+            poll::poll(state, &req).await
+        }
         "/v1/sse" => {
             get_only(method)?;
             sse::subscribe(state, &req).await
@@ -218,6 +249,26 @@ pub fn query_pairs(query: Option<&str>) -> Vec<(Cow<'_, str>, Cow<'_, str>)> {
     form_urlencoded::parse(query.unwrap_or("").as_bytes()).collect()
 }
 
+/// Whether `Accept-Encoding` allows gzip (`q=0` refuses it).
+pub fn accepts_gzip(headers: &HeaderMap) -> bool {
+    headers
+        .get_all(header::ACCEPT_ENCODING)
+        .iter()
+        .filter_map(|v| v.to_str().ok())
+        .flat_map(|v| v.split(','))
+        .any(|item| {
+            let mut parts = item.split(';');
+            let coding = parts.next().unwrap_or("").trim();
+            let refused = parts.any(|p| {
+                p.trim()
+                    .strip_prefix("q=")
+                    .and_then(|q| q.trim().parse::<f32>().ok())
+                    .is_some_and(|q| q == 0.0)
+            });
+            (coding.eq_ignore_ascii_case("gzip") || coding == "*") && !refused
+        })
+}
+
 fn origin_allowed(config: &Config, origin: &HeaderValue) -> bool {
     config
         .allowed_origins
@@ -230,10 +281,22 @@ fn apply_cors(config: &Config, origin: Option<&HeaderValue>, headers: &mut Heade
     if config.allowed_origins.is_empty() {
         return;
     }
-    headers.insert(header::VARY, HeaderValue::from_static("Origin"));
+    // Appended: a response may vary on other headers too (long-poll: Accept, Accept-Encoding).
+    headers.append(header::VARY, HeaderValue::from_static("Origin"));
     if let Some(origin) = origin {
         if origin_allowed(config, origin) {
             headers.insert(header::ACCESS_CONTROL_ALLOW_ORIGIN, origin.clone());
+            if config
+                .allowed_origins
+                .iter()
+                .any(|o| o.as_bytes() == origin.as_bytes())
+            {
+                // A listed origin may send cookies (EventSource `withCredentials`); `*` may not.
+                headers.insert(
+                    header::ACCESS_CONTROL_ALLOW_CREDENTIALS,
+                    HeaderValue::from_static("true"),
+                );
+            }
             headers.insert(
                 header::ACCESS_CONTROL_EXPOSE_HEADERS,
                 HeaderValue::from_static("Content-Type, Retry-After"),

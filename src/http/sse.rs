@@ -8,9 +8,13 @@
 use std::sync::Arc;
 use std::time::Duration;
 
+use std::io::Write;
+
 use bytes::{Bytes, BytesMut};
+use flate2::write::GzEncoder;
+use flate2::Compression;
 use futures_util::stream;
-use http::{header, HeaderValue, Request, Response, StatusCode};
+use http::{header, HeaderValue, Request, Response};
 use http_body_util::{BodyExt, StreamBody};
 use hyper::body::Frame;
 use prometheus_client::metrics::counter::Counter;
@@ -42,6 +46,9 @@ struct Stream {
     stop: watch::Receiver<bool>,
     preamble: Option<Bytes>,
     delivered: Counter,
+    /// Set when the client accepts gzip and `sse_gzip` is on: every write is compressed and
+    /// sync-flushed, so each event reaches the client when it is sent, never held back.
+    gzip: Option<GzEncoder<Vec<u8>>>,
     _gauge: GaugeGuard,
 }
 
@@ -65,14 +72,7 @@ pub fn subscription_request<B>(
         }
     }
     if patterns.len() > state.config.max_patterns {
-        return Err(ApiError::new(
-            StatusCode::UNPROCESSABLE_ENTITY,
-            "too_many_patterns",
-            format!(
-                "at most {} topic patterns per subscription",
-                state.config.max_patterns
-            ),
-        ));
+        return Err(ApiError::too_many_patterns(state.config.max_patterns));
     }
     let patterns = PatternSet::new(patterns)
         .ok_or_else(|| ApiError::bad_request("at least one `topic` query parameter is required"))?;
@@ -85,13 +85,9 @@ pub fn subscription_request<B>(
     let raw = header.or(query_cursor.filter(|v| !v.is_empty()));
     let cursor = match raw {
         None => None,
-        Some(v) => Some(EventId(parse_cursor(&v).ok_or_else(|| {
-            ApiError::new(
-                StatusCode::BAD_REQUEST,
-                "invalid_cursor",
-                format!("the cursor {v:?} is not an event id"),
-            )
-        })?)),
+        Some(v) => Some(EventId(
+            parse_cursor(&v).ok_or_else(|| ApiError::invalid_cursor(&v))?,
+        )),
     };
     Ok((patterns, cursor))
 }
@@ -104,6 +100,7 @@ pub async fn subscribe<B>(
     let (patterns, cursor) = subscription_request(state, req)?;
     let log = state.log().await?;
     let cfg = &state.config;
+    let gzip = cfg.sse_gzip && super::accepts_gzip(req.headers());
     let gauge = state.metrics.subscribers("sse");
     gauge.inc();
     let heartbeat = Duration::from_secs(cfg.sse_heartbeat_secs);
@@ -121,10 +118,19 @@ pub async fn subscribe<B>(
         stop: state.stop_signal(),
         preamble: Some(Bytes::from(format!("retry: {}\n\n", cfg.sse_retry_ms))),
         delivered: state.metrics.delivered("sse"),
+        gzip: gzip.then(|| GzEncoder::new(Vec::new(), Compression::fast())),
         _gauge: GaugeGuard(gauge),
     };
     let body = stream::unfold(st, |mut st| async move {
-        let chunk = next_chunk(&mut st).await?;
+        let chunk = match next_chunk(&mut st).await {
+            Some(chunk) => chunk,
+            // The gzip trailer, once, so a client sees a complete stream.
+            None => Bytes::from(st.gzip.take()?.finish().ok()?),
+        };
+        let chunk = match st.gzip.as_mut() {
+            Some(gz) => compress(gz, &chunk)?,
+            None => chunk,
+        };
         Some((Ok(Frame::data(chunk)), st))
     });
     let mut resp = Response::new(BodyExt::boxed_unsync(StreamBody::new(body)));
@@ -135,7 +141,18 @@ pub async fn subscribe<B>(
     );
     h.insert(header::CACHE_CONTROL, HeaderValue::from_static("no-cache"));
     h.insert("x-accel-buffering", HeaderValue::from_static("no"));
+    h.insert(header::VARY, HeaderValue::from_static("Accept-Encoding"));
+    if gzip {
+        h.insert(header::CONTENT_ENCODING, HeaderValue::from_static("gzip"));
+    }
     Ok(resp)
+}
+
+/// Compresses one write and sync-flushes it, so the client can decode all of it now.
+fn compress(gz: &mut GzEncoder<Vec<u8>>, chunk: &[u8]) -> Option<Bytes> {
+    gz.write_all(chunk).ok()?;
+    gz.flush().ok()?;
+    Some(Bytes::from(std::mem::take(gz.get_mut())))
 }
 
 /// The next bytes to write, or `None` when the stream ends (shutdown, log failure).

@@ -200,7 +200,11 @@ pub async fn upgrade<B>(
         .map_err(|_| ApiError::bad_request("Sec-WebSocket-Key is not valid"))?;
     let on_upgrade = hyper::upgrade::on(&mut req);
     let state = state.clone();
+    // Counted from before the 101 goes out, so shutdown also waits for a socket whose
+    // upgrade is still completing.
+    let live = state.track_socket();
     tokio::spawn(async move {
+        let _live = live;
         match on_upgrade.await {
             Ok(upgraded) => {
                 let cfg = &state.config;

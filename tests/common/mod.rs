@@ -3,6 +3,8 @@
 //! around independent clients (reqwest for HTTP, eventsource-stream for SSE).
 #![allow(dead_code)]
 
+pub mod browser;
+
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
@@ -312,4 +314,24 @@ pub async fn metric(base: &str, series: &str) -> f64 {
         .find_map(|l| l.strip_prefix(series)?.strip_prefix(' '))
         .map(|v| v.trim().parse().expect("metric value"))
         .unwrap_or(0.0)
+}
+
+/// Removes events `..=through` from the stopped server's log, as retention would.
+pub async fn retain_after(dir: &std::path::Path, through: u64) {
+    let log = tidewire::log::SledLog::open(
+        &tidewire::log::LogOptions {
+            dir: dir.join("data"),
+            cache_bytes: 8 << 20,
+        },
+        tidewire::hub::Hub::new(4),
+        tidewire::metrics::Metrics::new(),
+    )
+    .expect("open the log directly");
+    let removed = log
+        .remove_through(tidewire::envelope::EventId(through))
+        .await
+        .expect("remove_through");
+    assert_eq!(removed, through);
+    tidewire::log::EventLog::close(&*log).await.expect("close");
+    drop(log);
 }

@@ -1,0 +1,76 @@
+#!/usr/bin/env bash
+# Measures the long-poll and proxy figures against a release server on loopback, each run in a
+# fresh data dir:
+#   long-poll delivery to 100 pollers at 1000 events/s and to 1000 pollers at 100 events/s
+#   (events/s delivered, publish-to-receive p50/p99, polls/s);
+#   RSS per idle waiting poller at 10,000 pollers;
+#   gzip ratio of a typical 1000-event poll body;
+#   SSE publish-to-receive latency (1000 subscribers x 100 events/s), direct and through the
+#   real nginx configured with deploy/nginx.conf (installed with apt-get when missing).
+# Usage: bash benches/longpoll.sh [secs-per-run]   (server, nginx and load tool share the cores)
+set -euo pipefail
+cd "$(dirname "$0")/.."
+secs=${1:-10}
+port=${PORT:-17902}
+proxy_port=${PROXY_PORT:-17903}
+addr=127.0.0.1:$port
+if [ ! -x /usr/sbin/nginx ]; then
+  sudo_cmd=""; [ "$(id -u)" -ne 0 ] && sudo_cmd="sudo"
+  $sudo_cmd apt-get install -y -q --no-install-recommends nginx
+fi
+cargo build -q --release
+bin=$(mktemp -d /tmp/tidewire-bench-bin.XXXXXX)
+cp target/release/tidewire "$bin/tidewire"
+loadbin=$(cargo bench -q --bench load --no-run --message-format=json 2>/dev/null |
+  grep -o '"executable":"[^"]*load-[^"]*"' | tail -1 | cut -d'"' -f4)
+cp "$loadbin" "$bin/load"
+echo "# $(date -u +%FT%TZ) $(nproc) cores, load average: $(cut -d' ' -f1-3 /proc/loadavg)"
+load() {
+  echo "\$ load $*    # load average before: $(cut -d' ' -f1-3 /proc/loadavg)"
+  "$bin/load" "$@"
+}
+
+pid=""
+nginx_pid=""
+start() {
+  dir=$(mktemp -d /tmp/tidewire-bench.XXXXXX)
+  RUST_LOG=warn "$bin/tidewire" serve --listen "$addr" --data-dir "$dir/data" &
+  pid=$!
+  for _ in $(seq 100); do
+    curl -fs "http://$addr/readyz" >/dev/null 2>&1 && return
+    sleep 0.1
+  done
+  echo "server did not become ready" >&2; exit 1
+}
+stop() { kill -TERM "$pid"; wait "$pid" || true; pid=""; rm -rf "$dir"; }
+start_nginx() {
+  ndir=$(mktemp -d /tmp/tidewire-nginx.XXXXXX)
+  sed -e "s/127.0.0.1:7700/$addr/" -e "s/listen 127.0.0.1:8080/listen 127.0.0.1:$proxy_port/" \
+    deploy/nginx.conf > "$ndir/site.conf"
+  cat > "$ndir/nginx.conf" <<CONF
+daemon off; master_process off; worker_processes 1; pid $ndir/nginx.pid;
+error_log $ndir/error.log warn;
+events { worker_connections 8192; }
+http { access_log off; client_body_temp_path $ndir/body; proxy_temp_path $ndir/proxy;
+  fastcgi_temp_path $ndir/fastcgi; uwsgi_temp_path $ndir/uwsgi; scgi_temp_path $ndir/scgi;
+  include $ndir/site.conf; }
+CONF
+  /usr/sbin/nginx -c "$ndir/nginx.conf" -p "$ndir" -e "$ndir/error.log" &
+  nginx_pid=$!
+  for _ in $(seq 100); do
+    curl -fs "http://127.0.0.1:$proxy_port/readyz" >/dev/null 2>&1 && return
+    sleep 0.1
+  done
+  echo "nginx did not become ready" >&2; exit 1
+}
+stop_nginx() { kill -TERM "$nginx_pid"; wait "$nginx_pid" || true; nginx_pid=""; rm -rf "$ndir"; }
+trap '[ -n "$pid" ] && kill -TERM "$pid" 2>/dev/null; [ -n "$nginx_pid" ] && kill -TERM "$nginx_pid" 2>/dev/null; rm -rf "$bin"' EXIT
+
+start; load poll-fanout --addr "$addr" --subs 100 --rate 1000 --secs "$secs"; stop
+start; load poll-fanout --addr "$addr" --subs 1000 --rate 100 --secs "$secs"; stop
+start; load poll-idle --addr "$addr" --subs 10000 --pid "$pid" --hold 5; stop
+start; load poll-gzip --addr "$addr" --events 1000; stop
+start; load fanout --addr "$addr" --subs 1000 --rate 100 --secs "$secs"; stop
+start; start_nginx
+load fanout --addr "127.0.0.1:$proxy_port" --publish-addr "$addr" --subs 1000 --rate 100 --secs "$secs"
+stop_nginx; stop

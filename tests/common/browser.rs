@@ -1,0 +1,200 @@
+//! Shared parts of the real-browser tests: a tiny HTTP server of the test's own that serves one
+//! page and takes the page's JSON reports, and headless Chromium as a child process killed by
+//! its PID (and process group) on drop.
+
+use std::os::unix::process::CommandExt;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use serde_json::Value;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::{TcpListener, TcpStream};
+
+pub const CHROMIUM: &str = "/usr/bin/chromium";
+
+// ---------------------------------------------------------------------------------------------
+// The test's own HTTP server.
+
+/// The page's latest report: `{opens, errors, readyState, events: [{type, id, data}]}`.
+pub type Report = Arc<Mutex<Option<Value>>>;
+
+/// Serves the page at `/` and takes the page's reports at `POST /report`. One request per
+/// connection (`Connection: close`): this is test scaffolding, not a web server.
+pub async fn page_server(html: String) -> (u16, Report) {
+    let listener = TcpListener::bind("127.0.0.1:0")
+        .await
+        .expect("bind page server");
+    let port = listener.local_addr().expect("page addr").port();
+    let report: Report = Arc::new(Mutex::new(None));
+    let html = Arc::new(html);
+    let shared = report.clone();
+    tokio::spawn(async move {
+        loop {
+            let Ok((conn, _)) = listener.accept().await else {
+                tokio::time::sleep(Duration::from_millis(10)).await;
+                continue;
+            };
+            let (html, report) = (html.clone(), shared.clone());
+            tokio::spawn(async move {
+                let _ =
+                    tokio::time::timeout(Duration::from_secs(10), serve_one(conn, &html, &report))
+                        .await;
+            });
+        }
+    });
+    (port, report)
+}
+
+async fn serve_one(mut conn: TcpStream, html: &str, report: &Report) -> std::io::Result<()> {
+    let mut buf = Vec::new();
+    let mut chunk = [0u8; 8192];
+    let head_end = loop {
+        if let Some(i) = buf.windows(4).position(|w| w == b"\r\n\r\n") {
+            break i + 4;
+        }
+        if buf.len() > 64 * 1024 {
+            return Ok(());
+        }
+        let n = conn.read(&mut chunk).await?;
+        if n == 0 {
+            return Ok(()); // a speculative preconnect that never sent anything
+        }
+        buf.extend_from_slice(&chunk[..n]);
+    };
+    let head = String::from_utf8_lossy(&buf[..head_end]).into_owned();
+    let mut lines = head.lines();
+    let request_line = lines.next().unwrap_or("");
+    let mut parts = request_line.split(' ');
+    let method = parts.next().unwrap_or("");
+    let path = parts.next().unwrap_or("");
+    let content_length: usize = lines
+        .filter_map(|l| l.split_once(':'))
+        .find(|(k, _)| k.trim().eq_ignore_ascii_case("content-length"))
+        .and_then(|(_, v)| v.trim().parse().ok())
+        .unwrap_or(0);
+    let mut body = buf[head_end..].to_vec();
+    while body.len() < content_length {
+        let n = conn.read(&mut chunk).await?;
+        if n == 0 {
+            return Ok(());
+        }
+        body.extend_from_slice(&chunk[..n]);
+    }
+    let (status, content_type, payload): (&str, &str, Vec<u8>) = match (method, path) {
+        ("GET", "/") => (
+            "200 OK",
+            "text/html; charset=utf-8",
+            html.as_bytes().to_vec(),
+        ),
+        ("POST", "/report") => match serde_json::from_slice::<Value>(&body) {
+            Ok(v) => {
+                *report.lock().expect("report lock") = Some(v);
+                ("200 OK", "text/plain", b"ok".to_vec())
+            }
+            Err(_) => ("400 Bad Request", "text/plain", b"bad json".to_vec()),
+        },
+        _ => ("404 Not Found", "text/plain", b"not found".to_vec()),
+    };
+    let head = format!(
+        "HTTP/1.1 {status}\r\ncontent-type: {content_type}\r\ncontent-length: {}\r\n\
+         cache-control: no-store\r\nconnection: close\r\n\r\n",
+        payload.len()
+    );
+    conn.write_all(head.as_bytes()).await?;
+    conn.write_all(&payload).await?;
+    conn.shutdown().await
+}
+
+// ---------------------------------------------------------------------------------------------
+// Chromium as a child process, killed by its PID (and its process group) on drop.
+
+pub struct Browser {
+    pub child: Child,
+    log: PathBuf,
+    _profile: tempfile::TempDir,
+}
+
+impl Browser {
+    /// Fails (never skips) when the browser is not installed.
+    pub fn require() {
+        assert!(
+            Path::new(CHROMIUM).exists(),
+            "{CHROMIUM} is missing: this test needs Debian's Chromium. Run `bash .ci/run` \
+             (installs it) or `sudo apt-get install chromium`."
+        );
+    }
+
+    pub fn launch(url: &str) -> Browser {
+        Self::require();
+        let profile = tempfile::tempdir().expect("profile dir");
+        let log = profile.path().join("chromium.log");
+        let stderr = std::fs::File::create(&log).expect("chromium log file");
+        let mut cmd = Command::new(CHROMIUM);
+        cmd.args([
+            "--headless",
+            "--no-sandbox",
+            "--disable-gpu",
+            "--disable-quic",
+            "--no-first-run",
+            "--disable-background-networking",
+            "--disable-component-update",
+            "--disable-sync",
+        ])
+        .arg(format!(
+            "--user-data-dir={}",
+            profile.path().join("profile").display()
+        ))
+        .arg(url)
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(stderr)
+        // Its own process group, so the renderer and helper processes go with it.
+        .process_group(0);
+        let child = cmd.spawn().expect("launch chromium");
+        Browser {
+            child,
+            log,
+            _profile: profile,
+        }
+    }
+
+    /// Panics (with the browser's log) if Chromium has died.
+    pub fn assert_alive(&mut self) {
+        if let Ok(Some(status)) = self.child.try_wait() {
+            panic!(
+                "chromium exited early ({status}); its log:\n{}",
+                self.log_tail()
+            );
+        }
+    }
+
+    pub fn log_tail(&self) -> String {
+        let text = std::fs::read_to_string(&self.log).unwrap_or_default();
+        let lines: Vec<&str> = text.lines().collect();
+        lines[lines.len().saturating_sub(30)..].join("\n")
+    }
+}
+
+impl Drop for Browser {
+    fn drop(&mut self) {
+        let pid = self.child.id();
+        // The whole group we created (the group id is the PID we started), then the PID.
+        let _ = Command::new("kill")
+            .args(["-KILL", "--", &format!("-{pid}")])
+            .stderr(Stdio::null())
+            .status();
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// The page's latest report, or `null` before the first one.
+pub fn snapshot(report: &Report) -> Value {
+    report
+        .lock()
+        .expect("report lock")
+        .clone()
+        .unwrap_or(Value::Null)
+}
