@@ -41,7 +41,11 @@ const USAGE: &str = "usage: load <mode> [--addr 127.0.0.1:7700] [options]
   ws-fanout  --subs 100 --rate 1000 --secs 10 --proto json|msgpack [--size 256] [--publishers 16]
   ws-publish --conns 64 --secs 10 [--proto json|msgpack] [--topics 8]
   ws-replay  --events 100000 [--gzip] [--proto json|msgpack|both]
-  ws-idle    --subs 10000 --pid PID [--hold 5] [--proto json|msgpack]";
+  ws-idle    --subs 10000 --pid PID [--hold 5] [--proto json|msgpack]
+  poll-fanout --subs 1000 --rate 100 --secs 10 [--publishers 16]
+  poll-idle  --subs 10000 --pid PID [--hold 5]
+  poll-gzip  --events 1000
+  (fanout also takes --publish-addr, to publish directly while subscribing through a proxy)";
 
 struct Args(Vec<String>);
 
@@ -78,6 +82,9 @@ fn main() -> Result<(), Error> {
             "ws-publish" => ws_publish(&addr, &args).await,
             "ws-replay" => ws_replay(&addr, &args).await,
             "ws-idle" => ws_idle(&addr, &args).await,
+            "poll-fanout" => poll_fanout(&addr, &args).await,
+            "poll-idle" => poll_idle(&addr, &args).await,
+            "poll-gzip" => poll_gzip(&addr, &args).await,
             _ => {
                 println!("{USAGE}");
                 Ok(())
@@ -130,6 +137,68 @@ impl Conn {
         resp.into_body().collect().await?;
         Ok(status)
     }
+
+    /// GETs `path` with extra headers; returns the status, the headers and the whole body.
+    async fn get(
+        &mut self,
+        path: &str,
+        headers: &[(&str, &str)],
+    ) -> Result<(u16, hyper::HeaderMap, Bytes), Error> {
+        self.sender.ready().await?;
+        let mut req = hyper::Request::get(path).header("host", &self.host);
+        for (k, v) in headers {
+            req = req.header(*k, *v);
+        }
+        let resp = self
+            .sender
+            .send_request(req.body(Full::new(Bytes::new()))?)
+            .await?;
+        let status = resp.status().as_u16();
+        let headers = resp.headers().clone();
+        let body = resp.into_body().collect().await?.to_bytes();
+        Ok((status, headers, body))
+    }
+}
+
+/// Publishes `total` events of `size` bytes to `topic` at `rate` per second from `publishers`
+/// connections (event i is due at start + i/rate: one connection waiting for each durable 201
+/// could not keep 1000 events/s). Returns how many were acknowledged. Bounded in time.
+async fn publish_at_rate(
+    addr: &str,
+    topic: &str,
+    rate: u64,
+    total: u64,
+    size: usize,
+    publishers: u64,
+) -> Result<u64, Error> {
+    let interval = Duration::from_micros(1_000_000 / rate.max(1));
+    let started = Instant::now();
+    let deadline = started + Duration::from_secs(total / rate.max(1) * 3 + 10);
+    let mut pubs = Vec::new();
+    for k in 0..publishers {
+        let mut conn = Conn::open(addr).await?;
+        let path = format!("/v1/topics/{topic}/events");
+        pubs.push(tokio::spawn(async move {
+            let mut ok = 0u64;
+            let mut i = k;
+            while i < total && Instant::now() < deadline {
+                tokio::time::sleep_until((started + interval * i as u32).into()).await;
+                if let Ok(201) = conn
+                    .post(&path, "application/json", envelope(size).into())
+                    .await
+                {
+                    ok += 1;
+                }
+                i += publishers;
+            }
+            ok
+        }));
+    }
+    let mut published = 0u64;
+    for p in pubs {
+        published += p.await?;
+    }
+    Ok(published)
 }
 
 /// A JSON envelope whose whole body is `size` bytes, carrying the send time in `ts`.
@@ -269,6 +338,7 @@ async fn fanout(addr: &str, args: &Args) -> Result<(), Error> {
     let secs: u64 = args.get("secs", 10);
     let size: usize = args.get("size", 256);
     let topic = format!("bench/fanout-{}", now_us());
+    let publish_addr: String = args.get("publish-addr", addr.to_string());
     let total = rate * secs;
     let stop = Arc::new(AtomicBool::new(false));
     let mut readers = Vec::new();
@@ -299,22 +369,9 @@ async fn fanout(addr: &str, args: &Args) -> Result<(), Error> {
             lat
         }));
     }
-    let mut conn = Conn::open(addr).await?;
-    let path = format!("/v1/topics/{topic}/events");
-    let interval = Duration::from_micros(1_000_000 / rate.max(1));
-    let mut tick = tokio::time::interval(interval);
+    let publishers: u64 = args.get("publishers", 4);
     let started = Instant::now();
-    let mut published = 0u64;
-    while published < total {
-        tick.tick().await;
-        if conn
-            .post(&path, "application/json", envelope(size).into())
-            .await?
-            == 201
-        {
-            published += 1;
-        }
-    }
+    let published = publish_at_rate(&publish_addr, &topic, rate, total, size, publishers).await?;
     // Give the last events time to arrive, then stop the readers.
     let grace = Instant::now() + Duration::from_secs(10);
     let mut all = Vec::new();
@@ -598,33 +655,8 @@ async fn ws_fanout(addr: &str, args: &Args) -> Result<(), Error> {
     // Publishers on their own connections, event i due at start + i/rate: one connection
     // waiting for each durable 201 could not keep 1000 events/s.
     let publishers: u64 = args.get("publishers", 16);
-    let interval = Duration::from_micros(1_000_000 / rate.max(1));
     let started = Instant::now();
-    let publish_deadline = started + Duration::from_secs(secs * 3 + 10);
-    let mut pubs = Vec::new();
-    for k in 0..publishers {
-        let mut conn = Conn::open(addr).await?;
-        let path = format!("/v1/topics/{topic}/events");
-        pubs.push(tokio::spawn(async move {
-            let mut ok = 0u64;
-            let mut i = k;
-            while i < total && Instant::now() < publish_deadline {
-                tokio::time::sleep_until((started + interval * i as u32).into()).await;
-                if let Ok(201) = conn
-                    .post(&path, "application/json", envelope(size).into())
-                    .await
-                {
-                    ok += 1;
-                }
-                i += publishers;
-            }
-            ok
-        }));
-    }
-    let mut published = 0u64;
-    for p in pubs {
-        published += p.await?;
-    }
+    let published = publish_at_rate(addr, &topic, rate, total, size, publishers).await?;
     let publish_secs = started.elapsed().as_secs_f64();
     // Give the last events time to arrive, then stop the readers.
     let grace = Instant::now() + Duration::from_secs(10);
@@ -868,5 +900,156 @@ async fn ws_idle(addr: &str, args: &Args) -> Result<(), Error> {
         (after.saturating_sub(before) as f64 * 1024.0) / subs as f64
     );
     drop(socks);
+    Ok(())
+}
+
+/// The events of a long-poll JSON body, its `next` cursor, and the `ts` each event carries.
+fn poll_body(body: &[u8]) -> Result<(Vec<u64>, u64), Error> {
+    let v: serde_json::Value = serde_json::from_slice(body)?;
+    let next = v["next"].as_u64().ok_or("poll body without next")?;
+    let ts = v["events"]
+        .as_array()
+        .ok_or("poll body without events")?
+        .iter()
+        .filter_map(|e| e["data"]["ts"].as_u64())
+        .collect();
+    Ok((ts, next))
+}
+
+async fn poll_fanout(addr: &str, args: &Args) -> Result<(), Error> {
+    let subs: usize = args.get("subs", 1000);
+    let rate: u64 = args.get("rate", 100);
+    let secs: u64 = args.get("secs", 10);
+    let size: usize = args.get("size", 256);
+    let publishers: u64 = args.get("publishers", 16);
+    let topic = format!("bench/pollfanout-{}", now_us());
+    let total = rate * secs;
+    let polls = Arc::new(AtomicU64::new(0));
+    let deadline = Instant::now() + Duration::from_secs(secs * 3 + 20);
+    let mut pollers = Vec::new();
+    for _ in 0..subs {
+        let mut conn = Conn::open(addr).await?;
+        // Live only: the first (immediate) answer names the head to poll from.
+        let (_, _, body) = conn
+            .get(&format!("/v1/poll?topic={topic}&timeout=0"), &[])
+            .await?;
+        let (_, mut next) = poll_body(&body)?;
+        let polls = polls.clone();
+        let topic = topic.clone();
+        pollers.push(tokio::spawn(async move {
+            let mut lat = Vec::with_capacity(total as usize);
+            while (lat.len() as u64) < total && Instant::now() < deadline {
+                let path = format!("/v1/poll?topic={topic}&since={next}&timeout=5&limit=1000");
+                let Ok((200, _, body)) = conn.get(&path, &[]).await else {
+                    break;
+                };
+                let now = now_us();
+                polls.fetch_add(1, Ordering::Relaxed);
+                let Ok((ts, n)) = poll_body(&body) else {
+                    break;
+                };
+                lat.extend(ts.into_iter().map(|t| now.saturating_sub(t)));
+                next = n;
+            }
+            lat
+        }));
+    }
+    let started = Instant::now();
+    let published = publish_at_rate(addr, &topic, rate, total, size, publishers).await?;
+    let publish_secs = started.elapsed().as_secs_f64();
+    let mut all = Vec::new();
+    let mut complete = 0usize;
+    for p in pollers {
+        let lat = p.await?;
+        if lat.len() as u64 == total {
+            complete += 1;
+        }
+        all.extend(lat);
+    }
+    let elapsed = started.elapsed().as_secs_f64();
+    all.sort_unstable();
+    println!(
+        "poll-fanout subs={subs} rate={rate} publish_secs={publish_secs:.1} secs={elapsed:.1} published={published} delivered={} expected={} complete_pollers={complete} delivered_per_s={:.0} polls_per_s={:.0} p50_ms={:.2} p99_ms={:.2} max_ms={:.2}",
+        all.len(),
+        total * subs as u64,
+        all.len() as f64 / publish_secs,
+        polls.load(Ordering::Relaxed) as f64 / elapsed,
+        percentile(&all, 0.50) as f64 / 1000.0,
+        percentile(&all, 0.99) as f64 / 1000.0,
+        all.last().copied().unwrap_or(0) as f64 / 1000.0,
+    );
+    Ok(())
+}
+
+async fn poll_idle(addr: &str, args: &Args) -> Result<(), Error> {
+    let subs: usize = args.get("subs", 10_000);
+    let pid: u32 = args.get("pid", 0);
+    let hold: u64 = args.get("hold", 5);
+    if pid == 0 {
+        return Err("poll-idle needs --pid of the server".into());
+    }
+    let before = rss_kib(pid)?;
+    let mut socks = Vec::with_capacity(subs);
+    let started = Instant::now();
+    for i in 0..subs {
+        let mut s = TcpStream::connect(addr).await?;
+        let req = format!(
+            "GET /v1/poll?topic=bench/pollidle/{}&timeout=55 HTTP/1.1\r\nHost: {addr}\r\n\r\n",
+            i % 100
+        );
+        s.write_all(req.as_bytes()).await?;
+        socks.push(s);
+    }
+    let opened = started.elapsed().as_secs_f64();
+    tokio::time::sleep(Duration::from_secs(hold)).await;
+    let after = rss_kib(pid)?;
+    println!(
+        "poll-idle pollers={subs} open_secs={opened:.1} rss_before_kib={before} rss_after_kib={after} per_poller_bytes={:.0}",
+        (after.saturating_sub(before) as f64 * 1024.0) / subs as f64
+    );
+    drop(socks);
+    Ok(())
+}
+
+async fn poll_gzip(addr: &str, args: &Args) -> Result<(), Error> {
+    let events: usize = args.get("events", 1000);
+    let topic = format!("bench/pollgzip-{}", now_us());
+    // Typical telemetry: readings from a few sensors, values that vary.
+    let batch: Vec<serde_json::Value> = (0..events)
+        .map(|i| {
+            serde_json::json!({"type": "reading", "data": {
+                "sensor": format!("room-{}", i % 12),
+                "t": 18.0 + (i % 70) as f64 / 10.0,
+                "rh": 35 + (i * 7) % 30,
+                "battery": 100 - (i / 40) % 100,
+                "seq": i,
+            }})
+        })
+        .collect();
+    let mut conn = Conn::open(addr).await?;
+    let st = conn
+        .post(
+            &format!("/v1/topics/{topic}/events"),
+            "application/json",
+            serde_json::to_vec(&batch)?.into(),
+        )
+        .await?;
+    if st != 201 {
+        return Err(format!("publish failed: {st}").into());
+    }
+    let path = format!("/v1/poll?topic={topic}&since=0&timeout=0&limit={events}");
+    let (_, _, plain) = conn.get(&path, &[("accept-encoding", "identity")]).await?;
+    let (_, h, gz) = conn.get(&path, &[("accept-encoding", "gzip")]).await?;
+    let encoding = h
+        .get("content-encoding")
+        .and_then(|v| v.to_str().ok())
+        .unwrap_or("none")
+        .to_string();
+    println!(
+        "poll-gzip events={events} plain_bytes={} gzip_bytes={} content_encoding={encoding} ratio={:.2}",
+        plain.len(),
+        gz.len(),
+        plain.len() as f64 / gz.len().max(1) as f64
+    );
     Ok(())
 }
