@@ -43,7 +43,7 @@ const USAGE: &str = "usage: load <mode> [--addr 127.0.0.1:7700] [options]
   ws-replay  --events 100000 [--gzip] [--proto json|msgpack|both]
   ws-idle    --subs 10000 --pid PID [--hold 5] [--proto json|msgpack]
   poll-fanout --subs 1000 --rate 100 --secs 10 [--publishers 16]
-  poll-idle  --subs 10000 --pid PID [--hold 5]
+  poll-idle  --subs 10000 --pid PID [--hold 5] [--other-rate 100 --other-secs 5]
   poll-gzip  --events 1000
   (fanout also takes --publish-addr, to publish directly while subscribing through a proxy)";
 
@@ -400,6 +400,20 @@ async fn fanout(addr: &str, args: &Args) -> Result<(), Error> {
         all.last().copied().unwrap_or(0) as f64 / 1000.0,
     );
     Ok(())
+}
+
+/// utime + stime of a process, in clock ticks (100 per second on Linux).
+fn cpu_ticks(pid: u32) -> Result<u64, Error> {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat"))?;
+    // Fields after the command name, which is in parentheses and may hold spaces.
+    let rest = stat
+        .rsplit_once(')')
+        .map(|(_, r)| r)
+        .ok_or("bad /proc stat")?;
+    let f: Vec<&str> = rest.split_whitespace().collect();
+    let utime: u64 = f.get(11).ok_or("no utime")?.parse()?;
+    let stime: u64 = f.get(12).ok_or("no stime")?.parse()?;
+    Ok(utime + stime)
 }
 
 fn rss_kib(pid: u32) -> Result<u64, Error> {
@@ -1007,6 +1021,21 @@ async fn poll_idle(addr: &str, args: &Args) -> Result<(), Error> {
         "poll-idle pollers={subs} open_secs={opened:.1} rss_before_kib={before} rss_after_kib={after} per_poller_bytes={:.0}",
         (after.saturating_sub(before) as f64 * 1024.0) / subs as f64
     );
+    // What the waiting pollers cost while events they do not want are published.
+    let rate: u64 = args.get("other-rate", 0);
+    if rate > 0 {
+        let secs: u64 = args.get("other-secs", 5);
+        let cpu_before = cpu_ticks(pid)?;
+        let published =
+            publish_at_rate(addr, "bench/pollidle-other", rate, rate * secs, 256, 4).await?;
+        let cpu_after = cpu_ticks(pid)?;
+        let ticks = cpu_after.saturating_sub(cpu_before) as f64;
+        println!(
+            "poll-idle-other pollers={subs} published={published} server_cpu_secs={:.2} server_cpu_ms_per_event={:.3}",
+            ticks / 100.0,
+            ticks * 10.0 / published.max(1) as f64
+        );
+    }
     drop(socks);
     Ok(())
 }

@@ -16,7 +16,7 @@ use std::sync::Arc;
 use tokio::sync::broadcast;
 
 use crate::envelope::{EventId, Gap, SharedEvent};
-use crate::hub::{CommittedBatch, Hub};
+use crate::hub::{CommittedBatch, Hub, Registration};
 use crate::log::{EventLog, LogError};
 use crate::metrics::Metrics;
 use crate::topic::PatternSet;
@@ -45,7 +45,7 @@ pub enum SubscriptionError {
 pub struct Subscription {
     log: Arc<dyn EventLog>,
     patterns: PatternSet,
-    live: broadcast::Receiver<CommittedBatch>,
+    hub: Registration,
     /// Every matching event with an id up to this one has been handed out or queued in
     /// `backlog` (or was before the cursor).
     last: EventId,
@@ -67,7 +67,7 @@ impl Subscription {
         metrics: Metrics,
     ) -> Self {
         // Register before looking at the head: nothing committed after this can be missed.
-        let live = hub.subscribe();
+        let registration = hub.subscribe(&patterns);
         let (last, replaying) = match cursor {
             Some(c) => (c, true),
             None => (log.head(), false),
@@ -75,7 +75,7 @@ impl Subscription {
         Subscription {
             log,
             patterns,
-            live,
+            hub: registration,
             last,
             replaying,
             backlog: VecDeque::new(),
@@ -88,7 +88,7 @@ impl Subscription {
     /// can coalesce a burst into one write.
     pub fn next_ready(&mut self) -> Option<Delivery> {
         if self.backlog.is_empty() && !self.replaying {
-            match self.live.try_recv() {
+            match self.hub.live.try_recv() {
                 Ok(batch) => self.take_live(&batch),
                 Err(broadcast::error::TryRecvError::Lagged(_)) => {
                     self.metrics.observe_lag();
@@ -165,13 +165,18 @@ impl Subscription {
                 self.replay_page().await?;
                 continue;
             }
-            match self.live.recv().await {
+            // Batches that concern this subscription wake it; others wait in the ring and
+            // are skipped over when it next reads (or, past the ring, by reading the log).
+            match self.hub.live.try_recv() {
                 Ok(batch) => self.take_live(&batch),
-                Err(broadcast::error::RecvError::Lagged(_)) => {
+                Err(broadcast::error::TryRecvError::Empty) => self.hub.woken().await,
+                Err(broadcast::error::TryRecvError::Lagged(_)) => {
                     self.metrics.observe_lag();
                     self.replaying = true;
                 }
-                Err(broadcast::error::RecvError::Closed) => return Err(SubscriptionError::Closed),
+                Err(broadcast::error::TryRecvError::Closed) => {
+                    return Err(SubscriptionError::Closed)
+                }
             }
         }
     }

@@ -124,7 +124,12 @@ pub async fn poll<B>(state: &Arc<AppState>, req: &Request<B>) -> Result<Response
         _ = tokio::time::sleep(p.timeout) => None,
         _ = stop.wait_for(|s| *s) => None,
     };
-    let mut next = first;
+    // After a timeout, skip over what was committed meanwhile (it did not match, or it is
+    // taken now), so `next` moves as far as it safely can.
+    let mut next = match first {
+        Some(d) => Some(d),
+        None => sub.next_available().await.ok().flatten(),
+    };
     while let Some(d) = next.take() {
         match d {
             Delivery::Gap(g) => gap = Some(g),
