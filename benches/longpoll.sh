@@ -68,7 +68,7 @@ trap '[ -n "$pid" ] && kill -TERM "$pid" 2>/dev/null; [ -n "$nginx_pid" ] && kil
 
 start; load poll-fanout --addr "$addr" --subs 100 --rate 1000 --secs "$secs"; stop
 start; load poll-fanout --addr "$addr" --subs 1000 --rate 100 --secs "$secs"; stop
-start; load poll-idle --addr "$addr" --subs 10000 --pid "$pid" --hold 5; stop
+start; load poll-idle --addr "$addr" --subs 10000 --pid "$pid" --hold 5 --other-rate 100 --other-secs 5; stop
 start; load poll-gzip --addr "$addr" --events 1000; stop
 start; load fanout --addr "$addr" --subs 1000 --rate 100 --secs "$secs"; stop
 start; start_nginx
