@@ -160,6 +160,33 @@ impl Conn {
     }
 }
 
+/// Waits (at most 10 s more) for every reader's publish-to-receive latencies, then stops
+/// those still reading. Returns all latencies sorted, and how many readers got all `total`.
+async fn collect_latencies(
+    readers: Vec<tokio::task::JoinHandle<Vec<u64>>>,
+    total: u64,
+    stop: &AtomicBool,
+) -> (Vec<u64>, usize) {
+    let grace = Instant::now() + Duration::from_secs(10);
+    let mut all = Vec::new();
+    let mut complete = 0usize;
+    for r in readers {
+        let remaining = grace.saturating_duration_since(Instant::now());
+        match tokio::time::timeout(remaining, r).await {
+            Ok(Ok(lat)) => {
+                if lat.len() as u64 == total {
+                    complete += 1;
+                }
+                all.extend(lat);
+            }
+            _ => stop.store(true, Ordering::Relaxed),
+        }
+    }
+    stop.store(true, Ordering::Relaxed);
+    all.sort_unstable();
+    (all, complete)
+}
+
 /// Publishes `total` events of `size` bytes to `topic` at `rate` per second from `publishers`
 /// connections (event i is due at start + i/rate: one connection waiting for each durable 201
 /// could not keep 1000 events/s). Returns how many were acknowledged. Bounded in time.
@@ -372,25 +399,8 @@ async fn fanout(addr: &str, args: &Args) -> Result<(), Error> {
     let publishers: u64 = args.get("publishers", 4);
     let started = Instant::now();
     let published = publish_at_rate(&publish_addr, &topic, rate, total, size, publishers).await?;
-    // Give the last events time to arrive, then stop the readers.
-    let grace = Instant::now() + Duration::from_secs(10);
-    let mut all = Vec::new();
-    let mut complete = 0usize;
-    for r in readers {
-        let remaining = grace.saturating_duration_since(Instant::now());
-        match tokio::time::timeout(remaining, r).await {
-            Ok(Ok(lat)) => {
-                if lat.len() as u64 == total {
-                    complete += 1;
-                }
-                all.extend(lat);
-            }
-            _ => stop.store(true, Ordering::Relaxed),
-        }
-    }
-    stop.store(true, Ordering::Relaxed);
+    let (all, complete) = collect_latencies(readers, total, &stop).await;
     let elapsed = started.elapsed().as_secs_f64();
-    all.sort_unstable();
     println!(
         "fanout subs={subs} rate={rate} secs={elapsed:.1} published={published} delivered={} expected={} complete_subscribers={complete} p50_ms={:.2} p99_ms={:.2} max_ms={:.2}",
         all.len(),
@@ -672,25 +682,8 @@ async fn ws_fanout(addr: &str, args: &Args) -> Result<(), Error> {
     let started = Instant::now();
     let published = publish_at_rate(addr, &topic, rate, total, size, publishers).await?;
     let publish_secs = started.elapsed().as_secs_f64();
-    // Give the last events time to arrive, then stop the readers.
-    let grace = Instant::now() + Duration::from_secs(10);
-    let mut all = Vec::new();
-    let mut complete = 0usize;
-    for r in readers {
-        let remaining = grace.saturating_duration_since(Instant::now());
-        match tokio::time::timeout(remaining, r).await {
-            Ok(Ok(lat)) => {
-                if lat.len() as u64 == total {
-                    complete += 1;
-                }
-                all.extend(lat);
-            }
-            _ => stop.store(true, Ordering::Relaxed),
-        }
-    }
-    stop.store(true, Ordering::Relaxed);
+    let (all, complete) = collect_latencies(readers, total, &stop).await;
     let elapsed = started.elapsed().as_secs_f64();
-    all.sort_unstable();
     println!(
         "ws-fanout proto={} subs={subs} rate={rate} publish_secs={publish_secs:.1} secs={elapsed:.1} published={published} delivered={} expected={} complete_sockets={complete} delivered_per_s={:.0} p50_ms={:.2} p99_ms={:.2} max_ms={:.2}",
         proto.name(),
@@ -971,17 +964,9 @@ async fn poll_fanout(addr: &str, args: &Args) -> Result<(), Error> {
     let started = Instant::now();
     let published = publish_at_rate(addr, &topic, rate, total, size, publishers).await?;
     let publish_secs = started.elapsed().as_secs_f64();
-    let mut all = Vec::new();
-    let mut complete = 0usize;
-    for p in pollers {
-        let lat = p.await?;
-        if lat.len() as u64 == total {
-            complete += 1;
-        }
-        all.extend(lat);
-    }
+    // Pollers stop by themselves (all received, or their deadline); nothing to interrupt.
+    let (all, complete) = collect_latencies(pollers, total, &AtomicBool::new(false)).await;
     let elapsed = started.elapsed().as_secs_f64();
-    all.sort_unstable();
     println!(
         "poll-fanout subs={subs} rate={rate} publish_secs={publish_secs:.1} secs={elapsed:.1} published={published} delivered={} expected={} complete_pollers={complete} delivered_per_s={:.0} polls_per_s={:.0} p50_ms={:.2} p99_ms={:.2} max_ms={:.2}",
         all.len(),

@@ -18,31 +18,9 @@ if [ ! -x /usr/sbin/nginx ]; then
   sudo_cmd=""; [ "$(id -u)" -ne 0 ] && sudo_cmd="sudo"
   $sudo_cmd apt-get install -y -q --no-install-recommends nginx
 fi
-cargo build -q --release
-bin=$(mktemp -d /tmp/tidewire-bench-bin.XXXXXX)
-cp target/release/tidewire "$bin/tidewire"
-loadbin=$(cargo bench -q --bench load --no-run --message-format=json 2>/dev/null |
-  grep -o '"executable":"[^"]*load-[^"]*"' | tail -1 | cut -d'"' -f4)
-cp "$loadbin" "$bin/load"
-echo "# $(date -u +%FT%TZ) $(nproc) cores, load average: $(cut -d' ' -f1-3 /proc/loadavg)"
-load() {
-  echo "\$ load $*    # load average before: $(cut -d' ' -f1-3 /proc/loadavg)"
-  "$bin/load" "$@"
-}
+. benches/lib.sh
 
-pid=""
 nginx_pid=""
-start() {
-  dir=$(mktemp -d /tmp/tidewire-bench.XXXXXX)
-  RUST_LOG=warn "$bin/tidewire" serve --listen "$addr" --data-dir "$dir/data" &
-  pid=$!
-  for _ in $(seq 100); do
-    curl -fs "http://$addr/readyz" >/dev/null 2>&1 && return
-    sleep 0.1
-  done
-  echo "server did not become ready" >&2; exit 1
-}
-stop() { kill -TERM "$pid"; wait "$pid" || true; pid=""; rm -rf "$dir"; }
 start_nginx() {
   ndir=$(mktemp -d /tmp/tidewire-nginx.XXXXXX)
   sed -e "s/127.0.0.1:7700/$addr/" -e "s/listen 127.0.0.1:8080/listen 127.0.0.1:$proxy_port/" \
@@ -64,7 +42,7 @@ CONF
   echo "nginx did not become ready" >&2; exit 1
 }
 stop_nginx() { kill -TERM "$nginx_pid"; wait "$nginx_pid" || true; nginx_pid=""; rm -rf "$ndir"; }
-trap '[ -n "$pid" ] && kill -TERM "$pid" 2>/dev/null; [ -n "$nginx_pid" ] && kill -TERM "$nginx_pid" 2>/dev/null; rm -rf "$bin"' EXIT
+on_exit() { [ -n "$nginx_pid" ] && kill -TERM "$nginx_pid" 2>/dev/null; :; }
 
 start; load poll-fanout --addr "$addr" --subs 100 --rate 1000 --secs "$secs"; stop
 start; load poll-fanout --addr "$addr" --subs 1000 --rate 100 --secs "$secs"; stop

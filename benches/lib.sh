@@ -1,0 +1,36 @@
+# Shared by the benches/*.sh scripts (sourced, not run): builds the release server and the load
+# tool once and copies both aside, so a rebuild in the tree during the runs changes nothing
+# measured; starts and stops a fresh server per run; prints each load command before it runs.
+# Expects: cd to the repository root, and $addr (host:port of the server) set.
+cargo build -q --release
+bin=$(mktemp -d /tmp/tidewire-bench-bin.XXXXXX)
+cp target/release/tidewire "$bin/tidewire"
+loadbin=$(cargo bench -q --bench load --no-run --message-format=json 2>/dev/null |
+  grep -o '"executable":"[^"]*load-[^"]*"' | tail -1 | cut -d'"' -f4)
+cp "$loadbin" "$bin/load"
+echo "# $(date -u +%FT%TZ) $(nproc) cores, load average: $(cut -d' ' -f1-3 /proc/loadavg)"
+
+# Runs the load tool, printing the command and the load average first.
+load() {
+  echo "\$ load $*    # load average before: $(cut -d' ' -f1-3 /proc/loadavg)"
+  "$bin/load" "$@"
+}
+
+pid=""
+# Starts a release server on $addr with a fresh data dir; waits until /readyz answers 200.
+start() {
+  dir=$(mktemp -d /tmp/tidewire-bench.XXXXXX)
+  RUST_LOG=warn "$bin/tidewire" serve --listen "$addr" --data-dir "$dir/data" &
+  pid=$!
+  for _ in $(seq 100); do
+    curl -fs "http://$addr/readyz" >/dev/null 2>&1 && return
+    sleep 0.1
+  done
+  echo "server did not become ready" >&2
+  exit 1
+}
+# Stops the server by its PID and removes its data dir.
+stop() { kill -TERM "$pid"; wait "$pid" || true; pid=""; rm -rf "$dir"; }
+# Extra cleanup a script wants on exit (e.g. stopping nginx).
+on_exit() { :; }
+trap '[ -n "$pid" ] && kill -TERM "$pid" 2>/dev/null; on_exit; rm -rf "$bin"' EXIT
