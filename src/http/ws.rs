@@ -142,13 +142,9 @@ fn opening<B>(
                     .map_err(|e| ApiError::invalid_pattern(&v, e))?,
             ),
             "since" if !v.is_empty() => {
-                since = Some(EventId(parse_cursor(&v).ok_or_else(|| {
-                    ApiError::new(
-                        StatusCode::BAD_REQUEST,
-                        "invalid_cursor",
-                        format!("the cursor {v:?} is not an event id"),
-                    )
-                })?))
+                since = Some(EventId(
+                    parse_cursor(&v).ok_or_else(|| ApiError::invalid_cursor(&v))?,
+                ))
             }
             "batch" => match &*v {
                 "gzip" => batch = true,
@@ -163,7 +159,7 @@ fn opening<B>(
         }
     }
     if patterns.len() > cfg.max_patterns {
-        return Err(too_many_patterns(cfg.max_patterns));
+        return Err(ApiError::too_many_patterns(cfg.max_patterns));
     }
     Ok((
         Opening {
@@ -174,14 +170,6 @@ fn opening<B>(
         },
         negotiated.map(Encoding::subprotocol),
     ))
-}
-
-fn too_many_patterns(max: usize) -> ApiError {
-    ApiError::new(
-        StatusCode::UNPROCESSABLE_ENTITY,
-        "too_many_patterns",
-        format!("at most {max} topic patterns per subscription"),
-    )
 }
 
 /// Answers the handshake with 101 and serves the socket on the upgraded connection.
@@ -722,7 +710,7 @@ impl Socket {
             })
             .count();
         if self.subs.patterns.len() + new > max {
-            let e = too_many_patterns(max);
+            let e = ApiError::too_many_patterns(max);
             self.answer(ServerFrame::Error {
                 code: e.code,
                 message: e.message,
