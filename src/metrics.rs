@@ -62,6 +62,15 @@ pub struct WsMetrics {
     pub unresponsive_closed: Counter,
 }
 
+/// One open subscription in `live_subscribers`; decrements the gauge when dropped.
+pub struct SubscriberGuard(Gauge);
+
+impl Drop for SubscriberGuard {
+    fn drop(&mut self) {
+        self.0.dec();
+    }
+}
+
 /// All metrics of one server.
 #[derive(Clone)]
 pub struct Metrics {
@@ -224,11 +233,15 @@ impl Metrics {
         self.commit_latency.observe(latency.as_secs_f64());
     }
 
-    /// The gauge of open subscriptions of one transport.
-    pub fn subscribers(&self, transport: &'static str) -> Gauge {
-        self.subscribers
+    /// Counts one open subscription of `transport` in `live_subscribers` until the returned
+    /// guard is dropped, however the subscription ends.
+    pub fn track_subscriber(&self, transport: &'static str) -> SubscriberGuard {
+        let gauge = self
+            .subscribers
             .get_or_create(&TransportLabel { transport })
-            .clone()
+            .clone();
+        gauge.inc();
+        SubscriberGuard(gauge)
     }
 
     /// The counter of events delivered over one transport.

@@ -19,7 +19,6 @@ use std::time::Duration;
 
 use bytes::Bytes;
 use http::{header, HeaderMap, HeaderValue, Request, Response, StatusCode};
-use prometheus_client::metrics::gauge::Gauge;
 
 use super::{full, query_pairs, ApiError, AppState, Body};
 use crate::envelope::{write_envelope_array, EventId, Gap, SharedEvent, WireFormat};
@@ -85,15 +84,6 @@ fn parse(state: &AppState, query: Option<&str>) -> Result<PollRequest, ApiError>
     })
 }
 
-/// Keeps the waiter gauge right however the request ends (answered or dropped).
-struct GaugeGuard(Gauge);
-
-impl Drop for GaugeGuard {
-    fn drop(&mut self) {
-        self.0.dec();
-    }
-}
-
 /// Answers one poll.
 pub async fn poll<B>(state: &Arc<AppState>, req: &Request<B>) -> Result<Response<Body>, ApiError> {
     let p = parse(state, req.uri().query())?;
@@ -104,9 +94,7 @@ pub async fn poll<B>(state: &Arc<AppState>, req: &Request<B>) -> Result<Response
     };
     let gzip = super::accepts_gzip(req.headers());
     let log = state.log().await?;
-    let gauge = state.metrics.subscribers("poll");
-    gauge.inc();
-    let _waiting = GaugeGuard(gauge);
+    let _waiting = state.metrics.track_subscriber("poll");
     let mut sub = Subscription::open(
         log,
         &state.hub,

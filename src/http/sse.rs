@@ -10,6 +10,7 @@ use std::time::Duration;
 
 use std::io::Write;
 
+use crate::metrics::SubscriberGuard;
 use bytes::{Bytes, BytesMut};
 use flate2::write::GzEncoder;
 use flate2::Compression;
@@ -18,7 +19,6 @@ use http::{header, HeaderValue, Request, Response};
 use http_body_util::{BodyExt, StreamBody};
 use hyper::body::Frame;
 use prometheus_client::metrics::counter::Counter;
-use prometheus_client::metrics::gauge::Gauge;
 use tokio::sync::watch;
 use tokio::time::{sleep, Instant, Sleep};
 
@@ -30,15 +30,6 @@ use crate::topic::{parse_cursor, Pattern, PatternSet};
 /// Frames of one write are coalesced up to this many bytes when events arrive in a burst.
 const MAX_CHUNK: usize = 64 * 1024;
 
-/// Keeps the live-subscriber gauge right however the stream ends.
-struct GaugeGuard(Gauge);
-
-impl Drop for GaugeGuard {
-    fn drop(&mut self) {
-        self.0.dec();
-    }
-}
-
 struct Stream {
     sub: Subscription,
     heartbeat: Duration,
@@ -49,7 +40,7 @@ struct Stream {
     /// Set when the client accepts gzip and `sse_gzip` is on: every write is compressed and
     /// sync-flushed, so each event reaches the client when it is sent, never held back.
     gzip: Option<GzEncoder<Vec<u8>>>,
-    _gauge: GaugeGuard,
+    _gauge: SubscriberGuard,
 }
 
 /// The patterns and cursor of a subscription request, validated.
@@ -101,8 +92,6 @@ pub async fn subscribe<B>(
     let log = state.log().await?;
     let cfg = &state.config;
     let gzip = cfg.sse_gzip && super::accepts_gzip(req.headers());
-    let gauge = state.metrics.subscribers("sse");
-    gauge.inc();
     let heartbeat = Duration::from_secs(cfg.sse_heartbeat_secs);
     let st = Stream {
         sub: Subscription::open(
@@ -119,7 +108,7 @@ pub async fn subscribe<B>(
         preamble: Some(Bytes::from(format!("retry: {}\n\n", cfg.sse_retry_ms))),
         delivered: state.metrics.delivered("sse"),
         gzip: gzip.then(|| GzEncoder::new(Vec::new(), Compression::fast())),
-        _gauge: GaugeGuard(gauge),
+        _gauge: state.metrics.track_subscriber("sse"),
     };
     let body = stream::unfold(st, |mut st| async move {
         let chunk = match next_chunk(&mut st).await {

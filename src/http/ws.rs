@@ -66,15 +66,6 @@ const CLOSE_WAIT: Duration = Duration::from_secs(2);
 type Ws = WebSocketStream<TokioIo<Upgraded>>;
 type PendingPublish = Pin<Box<dyn Future<Output = ServerFrame> + Send>>;
 
-/// Keeps a gauge right however the socket ends.
-struct GaugeGuard(prometheus_client::metrics::gauge::Gauge);
-
-impl Drop for GaugeGuard {
-    fn drop(&mut self) {
-        self.0.dec();
-    }
-}
-
 /// What the request asked for, validated before the upgrade.
 struct Opening {
     enc: Encoding,
@@ -301,9 +292,7 @@ struct Socket {
 
 async fn serve(state: Arc<AppState>, log: Arc<dyn EventLog>, ws: Ws, opening: Opening) {
     let metrics = state.metrics.clone();
-    let gauge = metrics.subscribers("ws");
-    gauge.inc();
-    let _gauge = GaugeGuard(gauge);
+    let _gauge = metrics.track_subscriber("ws");
     let cfg = state.config.clone();
     let enc = opening.enc;
     let label = |direction| WsLabel {
