@@ -67,6 +67,11 @@ pub struct Config {
     pub poll_max_timeout_secs: u64,
     /// Most events one long-poll response may carry (a larger `limit=` is capped).
     pub poll_max_limit: usize,
+    /// How long a publish's `(topic, msg_id)` is remembered, seconds: a repeat within this
+    /// window is not stored again (it is answered with the original id).
+    pub dedupe_window_secs: u64,
+    /// Most `(topic, msg_id)` pairs remembered; beyond it the oldest are forgotten first.
+    pub dedupe_max_ids: u64,
 }
 
 impl Default for Config {
@@ -96,6 +101,8 @@ impl Default for Config {
             sse_gzip: false,
             poll_max_timeout_secs: 55,
             poll_max_limit: 10_000,
+            dedupe_window_secs: 120,
+            dedupe_max_ids: 1_000_000,
         }
     }
 }

@@ -213,14 +213,20 @@ fn push_json_string(out: &mut Vec<u8>, s: &str) {
 /// The body of a `201` answer to a publish.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, serde::Deserialize)]
 pub struct PublishReceipt {
-    /// Id of the first stored event of the request.
+    /// Id of the first event the request stored; when it stored none (every event was a
+    /// repeat), the smallest original id it repeats.
     pub first_id: u64,
-    /// Id of the last stored event of the request; ids of one request are contiguous.
+    /// Id of the last event the request stored; the ids it stored are contiguous. When it
+    /// stored none, the largest original id it repeats.
     pub last_id: u64,
-    /// Number of events the request carried.
+    /// Number of events the request stored.
     pub count: u64,
-    /// How many of them were recognised as retries and not stored again.
+    /// How many of its events were recognised as repeats of a `(topic, msg_id)` and not
+    /// stored again; `count + duplicates` is the number the request carried.
     pub duplicates: u64,
+    /// The original ids of those repeats, in request order (absent when there are none).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub duplicate_of: Vec<u64>,
 }
 
 /// The gap signal: events between `requested` and `oldest` may have been dropped by

@@ -85,6 +85,9 @@ pub struct Metrics {
     delivered: Family<TransportLabel, Counter>,
     lagged: Counter,
     blobs_synced: Counter,
+    duplicates: Counter,
+    dedupe_entries: Gauge,
+    dedupe_removed: Counter,
     rejected: Family<CodeLabel, Counter>,
     ws: WsMetrics,
 }
@@ -116,6 +119,9 @@ impl Metrics {
             delivered: Family::default(),
             lagged: Counter::default(),
             blobs_synced: Counter::default(),
+            duplicates: Counter::default(),
+            dedupe_entries: Gauge::default(),
+            dedupe_removed: Counter::default(),
             rejected: Family::default(),
             ws: WsMetrics::default(),
         };
@@ -163,6 +169,21 @@ impl Metrics {
             "log_blobs_synced",
             "Large-page files of the log fsynced after a flush (events of several KiB land there)",
             m.blobs_synced.clone(),
+        );
+        r.register(
+            "publish_duplicates",
+            "Published events recognised as repeats of a (topic, msg_id) and not stored again",
+            m.duplicates.clone(),
+        );
+        r.register(
+            "dedupe_entries",
+            "(topic, msg_id) pairs the log remembers for idempotent publish",
+            m.dedupe_entries.clone(),
+        );
+        r.register(
+            "dedupe_entries_removed",
+            "Remembered (topic, msg_id) pairs removed: expired, or beyond the configured maximum",
+            m.dedupe_removed.clone(),
         );
         r.register(
             "subscriber_lag_fallbacks",
@@ -221,6 +242,19 @@ impl Metrics {
     /// Records blob files of the log made durable after a flush.
     pub fn observe_blobs_synced(&self, files: u64) {
         self.blobs_synced.inc_by(files);
+    }
+
+    /// Records events not stored again because they repeated a `(topic, msg_id)`.
+    pub fn observe_duplicates(&self, events: u64) {
+        self.duplicates.inc_by(events);
+    }
+
+    /// Records how many `(topic, msg_id)` pairs the log remembers, and how many it just
+    /// forgot.
+    pub fn observe_dedupe_entries(&self, remembered: u64, removed: u64) {
+        self.dedupe_entries
+            .set(i64::try_from(remembered).unwrap_or(i64::MAX));
+        self.dedupe_removed.inc_by(removed);
     }
 
     /// Records one flush of the log.

@@ -24,7 +24,8 @@ impl Publisher {
     }
 
     /// Stores `events` as one atomic batch with contiguous ids. Resolves once they are
-    /// durable; on error nothing of the batch was acknowledged.
+    /// durable; on error nothing of the batch was acknowledged. Repeats of a `(topic, msg_id)`
+    /// within the dedupe window are not stored; the receipt names their original ids.
     pub async fn publish(&self, events: Vec<NewEvent>) -> Result<PublishReceipt, LogError> {
         let started = Instant::now();
         let bytes: u64 = events.iter().map(|e| e.data.len() as u64).sum();
@@ -35,7 +36,8 @@ impl Publisher {
             first_id: appended.first.0,
             last_id: appended.last.0,
             count: appended.count,
-            duplicates: 0,
+            duplicates: appended.duplicate_of.len() as u64,
+            duplicate_of: appended.duplicate_of.iter().map(|id| id.0).collect(),
         })
     }
 }

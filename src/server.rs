@@ -22,7 +22,7 @@ use tokio::sync::watch;
 use crate::config::Config;
 use crate::http::{self, AppState};
 use crate::hub::Hub;
-use crate::log::{EventLog, LogError, LogOptions, SledLog};
+use crate::log::{DedupeOptions, EventLog, LogError, LogOptions, SledLog};
 use crate::metrics::Metrics;
 
 /// Why the server stopped with an error.
@@ -60,6 +60,10 @@ pub async fn run(
     let opts = LogOptions {
         dir: config.data_dir.clone(),
         cache_bytes: config.cache_bytes,
+        dedupe: DedupeOptions {
+            window: Duration::from_secs(config.dedupe_window_secs),
+            max_ids: config.dedupe_max_ids,
+        },
     };
     let opened = tokio::task::spawn_blocking(move || SledLog::open(&opts, hub, metrics))
         .await

@@ -325,9 +325,12 @@ pub enum ServerFrame {
         /// The request id, when there was one.
         #[serde(rename = "ref", skip_serializing_if = "Option::is_none")]
         r#ref: Option<Ref>,
-        /// The id of the published event.
+        /// The id of the published event (the original one when it was a repeat).
         #[serde(skip_serializing_if = "Option::is_none")]
         id: Option<u64>,
+        /// Set when the publish repeated a `(topic, msg_id)` and was not stored again.
+        #[serde(skip_serializing_if = "std::ops::Not::not")]
+        duplicate: bool,
     },
     /// The answer to a `ping` op.
     Pong {
@@ -518,10 +521,20 @@ mod tests {
         let ack = ServerFrame::Ack {
             r#ref: Some(Ref::Str("r1".into())),
             id: Some(5),
+            duplicate: false,
         };
         assert_eq!(
             &encode_server(Encoding::Json, &ack)[..],
             br#"{"op":"ack","ref":"r1","id":5}"#
+        );
+        let repeat = ServerFrame::Ack {
+            r#ref: None,
+            id: Some(5),
+            duplicate: true,
+        };
+        assert_eq!(
+            &encode_server(Encoding::Json, &repeat)[..],
+            br#"{"op":"ack","id":5,"duplicate":true}"#
         );
         let v: serde_json::Value =
             rmp_serde::from_slice(&encode_server(Encoding::Msgpack, &ack)).unwrap();

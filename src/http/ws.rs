@@ -657,6 +657,7 @@ impl Socket {
                         Ok(receipt) => ServerFrame::Ack {
                             r#ref,
                             id: Some(receipt.last_id),
+                            duplicate: receipt.duplicates > 0,
                         },
                         Err(e) => {
                             let e = ApiError::from(e);
@@ -680,7 +681,11 @@ impl Socket {
                     .retain(|(p, _)| !topics.iter().any(|t| t.as_str() == p.as_str()));
                 self.restart();
                 if r#ref.is_some() {
-                    self.answer(ServerFrame::Ack { r#ref, id: None });
+                    self.answer(ServerFrame::Ack {
+                        r#ref,
+                        id: None,
+                        duplicate: false,
+                    });
                 }
             }
         }
@@ -735,7 +740,11 @@ impl Socket {
         }
         self.restart();
         if r#ref.is_some() {
-            self.answer(ServerFrame::Ack { r#ref, id: None });
+            self.answer(ServerFrame::Ack {
+                r#ref,
+                id: None,
+                duplicate: false,
+            });
         }
     }
 

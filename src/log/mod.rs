@@ -8,6 +8,9 @@
 //! Guarantees every implementation keeps:
 //! - ids are assigned only here, contiguous within one append, strictly increasing, never reused;
 //! - `append` returns only once the events are durable (under the configured flush policy);
+//! - an event whose `(topic, msg_id)` was stored within the dedupe window is not stored
+//!   again, whichever append or restart lies between (JetStream's `Nats-Msg-Id` window is the
+//!   same promise, so it stays behind this trait);
 //! - readers, and the hub, only ever see durable events, in id order.
 
 use std::future::Future;
@@ -20,7 +23,7 @@ mod blobs;
 pub mod record;
 mod sled_log;
 
-pub use sled_log::{LogOptions, SledLog};
+pub use sled_log::{DedupeOptions, LogOptions, SledLog};
 
 /// A boxed future, so the trait can be used as `dyn EventLog`.
 pub type BoxFuture<'a, T> = Pin<Box<dyn Future<Output = T> + Send + 'a>>;
@@ -43,14 +46,19 @@ pub enum LogError {
 }
 
 /// What one successful append stored.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Appended {
-    /// Id of the first event.
+    /// Id of the first event stored; when every event was a duplicate, the smallest
+    /// original id.
     pub first: EventId,
-    /// Id of the last event; `last - first + 1 == count`.
+    /// Id of the last event stored (`last - first + 1 == count` when `count > 0`); when
+    /// every event was a duplicate, the largest original id.
     pub last: EventId,
-    /// Number of events stored.
+    /// Number of events stored by this append.
     pub count: u64,
+    /// The original ids of the events recognised as repeats of an earlier `(topic, msg_id)`
+    /// and not stored again, in the order the append carried them.
+    pub duplicate_of: Vec<EventId>,
 }
 
 /// One page of a read by cursor.
@@ -86,7 +94,8 @@ pub struct TopicStats {
 /// The log, as every other part of tidewire sees it.
 pub trait EventLog: Send + Sync + 'static {
     /// Stores `events` atomically (all or none) with contiguous ids, and resolves once they
-    /// are durable. The events are passed to the hub after they are durable, before this
+    /// are durable. Events repeating a `(topic, msg_id)` stored within the dedupe window,
+    /// or earlier in the same append, are not stored: the result names their original ids. The events are passed to the hub after they are durable, before this
     /// resolves.
     fn append(&self, events: Vec<NewEvent>) -> BoxFuture<'_, Result<Appended, LogError>>;
 

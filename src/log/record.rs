@@ -12,6 +12,11 @@
 //!   that chunk: the offsets (from the chunk's first id) of the topic's events in it, u32 BE,
 //!   strictly ascending, at least one;
 //! - `t` + topic name → [`TopicRecord`];
+//! - `d` + topic name + `0x00` + msg_id → the **dedupe entry** of a publish that carried a
+//!   `msg_id`: the id it was stored under and when (see [`DedupeEntry`]);
+//! - `e` + commit time (ms, u64 BE) + first id (u64 BE) → an **expiry bucket**: the dedupe
+//!   keys one group commit wrote, so expired entries are found by a range scan in time order;
+//! - `m/dedupe_count` → the number of dedupe entries (u64 BE), kept in the same batches;
 //! - `m/format` → [`FORMAT_VERSION`].
 
 use bytes::Bytes;
@@ -26,6 +31,12 @@ pub const CHUNK_PREFIX: u8 = b'c';
 pub const INDEX_PREFIX: u8 = b'i';
 /// Key prefix of topic records: `t` + topic name.
 pub const TOPIC_PREFIX: u8 = b't';
+/// Key prefix of dedupe entries: `d` + topic name + `0x00` + msg_id.
+pub const DEDUPE_PREFIX: u8 = b'd';
+/// Key prefix of expiry buckets: `e` + commit time (ms, u64 BE) + first id (u64 BE).
+pub const EXPIRY_PREFIX: u8 = b'e';
+/// Key of the number of stored dedupe entries (u64 BE).
+pub const DEDUPE_COUNT_KEY: &[u8] = b"m/dedupe_count";
 /// Key of the format marker, written once when a data dir is created.
 pub const FORMAT_KEY: &[u8] = b"m/format";
 /// The on-disk format this build writes and reads.
@@ -423,6 +434,111 @@ pub fn decode_index(bytes: &[u8]) -> Result<Vec<u32>, CorruptRecord> {
 }
 
 // ---------------------------------------------------------------------------------------------
+// Dedupe entries and expiry buckets
+// ---------------------------------------------------------------------------------------------
+
+/// The key of the dedupe entry of `(topic, msg_id)`. A topic never holds `0x00`, so the
+/// separator makes the key unambiguous.
+pub fn dedupe_key_into(out: &mut Vec<u8>, topic: &str, msg_id: &str) {
+    out.clear();
+    out.reserve(topic.len() + msg_id.len() + 2);
+    out.push(DEDUPE_PREFIX);
+    out.extend_from_slice(topic.as_bytes());
+    out.push(0);
+    out.extend_from_slice(msg_id.as_bytes());
+}
+
+/// What the log remembers of a publish that carried a `msg_id`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct DedupeEntry {
+    /// The id the event was stored under.
+    pub id: u64,
+    /// Its commit time, Unix milliseconds: the entry counts until `time + window`.
+    pub time: u64,
+}
+
+/// Encodes a dedupe entry (16 bytes).
+pub fn encode_dedupe(e: DedupeEntry) -> [u8; 16] {
+    let mut v = [0u8; 16];
+    v[..8].copy_from_slice(&e.id.to_be_bytes());
+    v[8..].copy_from_slice(&e.time.to_be_bytes());
+    v
+}
+
+/// Decodes a dedupe entry.
+pub fn decode_dedupe(bytes: &[u8]) -> Result<DedupeEntry, CorruptRecord> {
+    if bytes.len() != 16 {
+        return Err(corrupt(format!(
+            "dedupe entry of {} bytes, not 16",
+            bytes.len()
+        )));
+    }
+    Ok(DedupeEntry {
+        id: be_u64(bytes),
+        time: be_u64(&bytes[8..]),
+    })
+}
+
+/// The key of the expiry bucket written at `time` whose first entry is event `first`.
+pub fn expiry_key(time: u64, first: u64) -> [u8; 17] {
+    let mut k = [0u8; 17];
+    k[0] = EXPIRY_PREFIX;
+    k[1..9].copy_from_slice(&time.to_be_bytes());
+    k[9..].copy_from_slice(&first.to_be_bytes());
+    k
+}
+
+/// The commit time held in an expiry key.
+pub fn expiry_time_of_key(key: &[u8]) -> Result<u64, CorruptRecord> {
+    match key {
+        [EXPIRY_PREFIX, rest @ ..] if rest.len() == 16 => Ok(be_u64(rest)),
+        _ => Err(corrupt(format!("bad expiry key {key:?}"))),
+    }
+}
+
+/// Appends one (event id, dedupe key) pair to an expiry bucket being built.
+pub fn push_expiry_item(bucket: &mut Vec<u8>, id: u64, dedupe_key: &[u8]) {
+    // Keys are bounded by the topic (≤ 200 bytes) and msg_id (≤ 256 bytes) limits; the
+    // length is clamped so a bucket stays decodable whatever a caller passes.
+    let len = dedupe_key.len().min(u16::MAX as usize);
+    bucket.extend_from_slice(&id.to_be_bytes());
+    bucket.extend_from_slice(&(len as u16).to_be_bytes());
+    bucket.extend_from_slice(&dedupe_key[..len]);
+}
+
+/// Decodes an expiry bucket into its (event id, dedupe key) pairs.
+pub fn decode_expiry(bytes: &[u8]) -> Result<Vec<(u64, &[u8])>, CorruptRecord> {
+    let mut items = Vec::new();
+    let mut rest = bytes;
+    while !rest.is_empty() {
+        if rest.len() < 10 {
+            return Err(corrupt("truncated expiry bucket"));
+        }
+        let id = be_u64(rest);
+        let len = usize::from(u16::from_be_bytes([rest[8], rest[9]]));
+        let Some(key) = rest.get(10..10 + len) else {
+            return Err(corrupt("expiry bucket item runs past its end"));
+        };
+        items.push((id, key));
+        rest = &rest[10 + len..];
+    }
+    Ok(items)
+}
+
+/// Encodes a counter stored under a meta key.
+pub fn encode_count(n: u64) -> [u8; 8] {
+    n.to_be_bytes()
+}
+
+/// Decodes a counter stored under a meta key.
+pub fn decode_count(bytes: &[u8]) -> Result<u64, CorruptRecord> {
+    if bytes.len() != 8 {
+        return Err(corrupt(format!("counter of {} bytes, not 8", bytes.len())));
+    }
+    Ok(be_u64(bytes))
+}
+
+// ---------------------------------------------------------------------------------------------
 // Topic records
 // ---------------------------------------------------------------------------------------------
 
@@ -554,7 +670,35 @@ mod tests {
     }
 
     #[test]
+    fn dedupe_forms_round_trip_and_keys_sort_by_time() {
+        let mut k1 = Vec::new();
+        dedupe_key_into(&mut k1, "a/b", "m-1");
+        let mut k2 = Vec::new();
+        // Same bytes run together differently: the separator keeps the keys apart.
+        dedupe_key_into(&mut k2, "a/bm", "-1");
+        assert_ne!(k1, k2);
+        let e = DedupeEntry { id: 42, time: 7 };
+        assert_eq!(decode_dedupe(&encode_dedupe(e)).unwrap(), e);
+        let mut bucket = Vec::new();
+        push_expiry_item(&mut bucket, 5, &k1);
+        push_expiry_item(&mut bucket, 6, &k2);
+        assert_eq!(
+            decode_expiry(&bucket).unwrap(),
+            vec![(5, k1.as_slice()), (6, k2.as_slice())]
+        );
+        assert!(expiry_key(1, u64::MAX) < expiry_key(2, 0));
+        assert_eq!(expiry_time_of_key(&expiry_key(9, 3)).unwrap(), 9);
+        assert_eq!(decode_count(&encode_count(1 << 40)).unwrap(), 1 << 40);
+    }
+
+    #[test]
     fn garbage_is_reported_not_panicked_on() {
+        assert!(decode_dedupe(b"short").is_err());
+        assert!(decode_count(b"\x00").is_err());
+        assert!(expiry_time_of_key(&chunk_key(1)).is_err());
+        // Expiry buckets: a header cut short, a key running past the end.
+        assert!(decode_expiry(b"\x00\x00\x00").is_err());
+        assert!(decode_expiry(b"\x00\x00\x00\x00\x00\x00\x00\x01\x00\x09dab").is_err());
         assert!(decode_event(b"\xc1\xff").is_err());
         assert!(decode_event(b"").is_err());
         assert!(peek_event(b"\x93").is_err());

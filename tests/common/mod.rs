@@ -322,6 +322,7 @@ pub async fn retain_after(dir: &std::path::Path, through: u64) {
         &tidewire::log::LogOptions {
             dir: dir.join("data"),
             cache_bytes: 8 << 20,
+            dedupe: Default::default(),
         },
         tidewire::hub::Hub::new(4),
         tidewire::metrics::Metrics::new(),

@@ -15,7 +15,7 @@ use std::collections::{BTreeMap, BinaryHeap, HashMap};
 use std::path::PathBuf;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, RwLock};
-use std::time::{Instant, SystemTime, UNIX_EPOCH};
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use sled::IVec;
 use tokio::sync::{mpsc, oneshot};
@@ -28,11 +28,16 @@ use crate::hub::Hub;
 use crate::metrics::Metrics;
 use crate::topic::{Pattern, PatternSet, Topic};
 
+mod dedupe;
+#[cfg(test)]
+mod dedupe_tests;
 mod read;
 #[cfg(test)]
 mod tests;
 mod writer;
 
+use dedupe::Dedupe;
+pub use dedupe::DedupeOptions;
 use read::*;
 use writer::*;
 
@@ -43,6 +48,8 @@ const MAX_ROUND_EVENTS: usize = 50_000;
 const MAX_MERGED_TOPICS: usize = 64;
 /// Publishes waiting for the writer before publishers are made to wait.
 const QUEUE_DEPTH: usize = 4096;
+/// How often the writer is asked to forget expired `(topic, msg_id)` pairs.
+const SWEEP_EVERY: Duration = Duration::from_secs(1);
 
 /// How big the writer lets a chunk grow.
 #[derive(Debug, Clone, Copy)]
@@ -75,6 +82,8 @@ pub struct LogOptions {
     pub dir: PathBuf,
     /// sled's page cache size, bytes.
     pub cache_bytes: u64,
+    /// How long, and how many, `(topic, msg_id)` pairs are remembered for idempotent publish.
+    pub dedupe: DedupeOptions,
 }
 
 /// Where the writer sends the outcome of one append.
@@ -89,6 +98,8 @@ enum Command {
         through: EventId,
         reply: oneshot::Sender<Result<u64, LogError>>,
     },
+    /// Forget expired dedupe entries (one bounded step).
+    Sweep,
 }
 
 /// State shared by the writer thread and the readers.
@@ -201,6 +212,11 @@ impl SledLog {
             high_water = high_water.max(first.saturating_add(n - 1));
         }
 
+        let dedupe_count = match tree.get(record::DEDUPE_COUNT_KEY).map_err(storage)? {
+            Some(v) => record::decode_count(&v).map_err(corrupt)?,
+            None => 0,
+        };
+
         let shared = Arc::new(Shared {
             tree,
             head: AtomicU64::new(high_water),
@@ -217,7 +233,9 @@ impl SledLog {
             next_topic_id,
             chunk: OpenChunk::new(caps),
             blobs: BlobSync::new(opts.dir.clone()),
+            dedupe: Dedupe::new(opts.dedupe, dedupe_count),
         };
+        let sweeps = tx.downgrade();
         std::thread::Builder::new()
             .name("tidewire-log-writer".into())
             .spawn(move || {
@@ -225,6 +243,16 @@ impl SledLog {
                 let _ = done_tx.send(());
             })
             .map_err(|e| LogError::Open(format!("cannot start the writer thread: {e}")))?;
+        // A weak sender: the sweeper never keeps a closed log's writer alive.
+        std::thread::Builder::new()
+            .name("tidewire-log-sweeper".into())
+            .spawn(move || loop {
+                std::thread::sleep(SWEEP_EVERY);
+                let Some(tx) = sweeps.upgrade() else { break };
+                // A full queue means a busy writer: the next tick asks again.
+                let _ = tx.try_send(Command::Sweep);
+            })
+            .map_err(|e| LogError::Open(format!("cannot start the sweeper thread: {e}")))?;
         Ok(Arc::new(SledLog {
             shared,
             queue: Mutex::new(Some(tx)),

@@ -27,6 +27,7 @@ fn opts(dir: &std::path::Path) -> LogOptions {
     LogOptions {
         dir: dir.join("data"),
         cache_bytes: 16 << 20,
+        dedupe: Default::default(),
     }
 }
 

@@ -14,6 +14,7 @@ pub(super) struct Writer {
     /// The chunk being filled, kept between commits so its buffers are reused.
     pub(super) chunk: OpenChunk,
     pub(super) blobs: BlobSync,
+    pub(super) dedupe: Dedupe,
 }
 
 pub(super) struct Pending {
@@ -145,12 +146,17 @@ impl Writer {
                         self.commit(std::mem::take(&mut appends));
                         let _ = reply.send(self.remove_through(through));
                     }
+                    Command::Sweep => self.sweep(),
                 }
                 if queued < MAX_ROUND_EVENTS {
                     next = rx.try_recv().ok();
                 }
             }
             self.commit(appends);
+            if self.dedupe.over_budget() {
+                // Unique msg_ids arriving faster than the periodic sweep forgets them.
+                self.sweep();
+            }
         }
         if let Err(e) = self.flush() {
             tracing::error!(error = %e, "final flush of the log failed");
@@ -180,19 +186,30 @@ impl Writer {
                 return;
             };
             'appends: for (events, reply) in appends {
+                let mut stored = 0u64;
                 let first = id;
-                let count = events.len() as u64;
-                pending.push(Pending {
-                    reply,
-                    result: Appended {
-                        first: EventId(first),
-                        last: EventId(first + count.max(1) - 1),
-                        count,
-                    },
-                });
+                let mut duplicate_of = Vec::new();
                 for ev in events {
+                    if let Some(m) = ev.msg_id.as_deref() {
+                        match self
+                            .dedupe
+                            .check(&self.shared.tree, ev.topic.as_str(), m, time)
+                        {
+                            Ok(Some(original)) => {
+                                duplicate_of.push(EventId(original));
+                                continue;
+                            }
+                            Ok(None) => self.dedupe.record(&mut batch, id, time),
+                            Err(e) => {
+                                let _ = reply.send(Err(e.clone()));
+                                failed = Some(e);
+                                break 'appends;
+                            }
+                        }
+                    }
                     let eid = id;
                     id += 1;
+                    stored += 1;
                     let rec = delta.entry(ev.topic.clone()).or_insert_with(|| {
                         reg.get(&ev.topic).copied().unwrap_or_else(|| {
                             let r = TopicRecord {
@@ -210,27 +227,47 @@ impl Writer {
                     rec.count += 1;
                     rec.bytes += ev.data.len() as u64;
                     if let Err(e) = chunk.push(&mut batch, eid, rec.topic_id, time, &ev) {
+                        let _ = reply.send(Err(e.clone()));
                         failed = Some(e);
                         break 'appends;
                     }
                     committed.push(Arc::new(Event::new(EventId(eid), time, ev)));
                 }
+                let (first, last) = if stored > 0 {
+                    (first, first + stored - 1)
+                } else {
+                    // Nothing new: the request is answered with the ids it repeats.
+                    let ids = duplicate_of.iter().map(|e| e.0);
+                    (ids.clone().min().unwrap_or(0), ids.max().unwrap_or(0))
+                };
+                pending.push(Pending {
+                    reply,
+                    result: Appended {
+                        first: EventId(first),
+                        last: EventId(last),
+                        count: stored,
+                        duplicate_of,
+                    },
+                });
             }
         }
         if let Some(err) = failed {
             // Nothing was written: these ids were never seen by anyone.
             chunk.clear();
+            self.dedupe.abort_round();
             for p in pending {
                 let _ = p.reply.send(Err(err.clone()));
             }
             return;
         }
         chunk.close(&mut batch);
+        self.dedupe.finish_round(&mut batch, time);
         for (t, r) in &delta {
             batch.insert(record::topic_key(t.as_str()), record::encode_topic(r));
         }
         if let Err(e) = self.shared.tree.apply_batch(batch) {
             // Nothing of the batch was applied: its ids were never seen by anyone.
+            self.dedupe.abort_round();
             let err = storage(e);
             for p in pending {
                 let _ = p.reply.send(Err(err.clone()));
@@ -238,6 +275,7 @@ impl Writer {
             return;
         }
         self.next_id = id;
+        self.dedupe.commit_round();
         let flush_started = Instant::now();
         let flushed = self.flush();
         self.metrics.observe_flush(flush_started.elapsed());
@@ -251,8 +289,24 @@ impl Writer {
         }
         self.publish(delta, committed);
         self.metrics.observe_commit(started.elapsed());
+        let duplicates: usize = pending.iter().map(|p| p.result.duplicate_of.len()).sum();
+        if duplicates > 0 {
+            self.metrics.observe_duplicates(duplicates as u64);
+        }
+        self.metrics.observe_dedupe_entries(self.dedupe.count(), 0);
         for p in pending {
             let _ = p.reply.send(Ok(p.result));
+        }
+    }
+
+    /// One bounded step of forgetting expired dedupe entries. A failure is logged, not
+    /// fatal: stale entries are ignored by their time until a later sweep succeeds.
+    pub(super) fn sweep(&mut self) {
+        match self.dedupe.sweep(&self.shared.tree, now_ms()) {
+            Ok(removed) => self
+                .metrics
+                .observe_dedupe_entries(self.dedupe.count(), removed),
+            Err(e) => tracing::warn!(error = %e, "sweeping expired msg_ids failed"),
         }
     }
 
