@@ -17,10 +17,11 @@ load() {
 }
 
 pid=""
-# Starts a release server on $addr with a fresh data dir; waits until /readyz answers 200.
+# Starts a release server on $addr with a fresh data dir and any extra serve flags given;
+# waits until /readyz answers 200.
 start() {
   dir=$(mktemp -d /tmp/tidewire-bench.XXXXXX)
-  RUST_LOG=warn "$bin/tidewire" serve --listen "$addr" --data-dir "$dir/data" &
+  RUST_LOG=warn "$bin/tidewire" serve --listen "$addr" --data-dir "$dir/data" "$@" &
   pid=$!
   for _ in $(seq 100); do
     curl -fs "http://$addr/readyz" >/dev/null 2>&1 && return

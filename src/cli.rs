@@ -9,6 +9,7 @@ use clap::{Args, Parser, Subcommand};
 use serde::Serialize;
 
 use crate::config::Config;
+use crate::log::FsyncPolicy;
 
 /// tidewire: push live events to devices, dashboards and browsers, and never lose one.
 #[derive(Debug, Parser)]
@@ -53,6 +54,11 @@ pub struct ServeArgs {
     #[arg(long)]
     #[serde(skip_serializing_if = "is_false")]
     pub insecure_open: bool,
+    /// When a publish is acknowledged: always (after its fsync), interval=100ms (after the
+    /// write, fsync at least that often) or never (fsync left to the storage) [default: always].
+    #[arg(long)]
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub fsync: Option<FsyncPolicy>,
     /// Seconds between SSE heartbeat comments [default: 15].
     #[arg(long)]
     #[serde(skip_serializing_if = "Option::is_none")]

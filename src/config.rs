@@ -10,6 +10,8 @@ use figment::providers::{Env, Format, Serialized, Toml};
 use figment::Figment;
 use serde::{Deserialize, Serialize};
 
+use crate::log::FsyncPolicy;
+
 /// The address the server listens on by default (loopback: an open server is never exposed
 /// by accident).
 pub const DEFAULT_LISTEN: &str = "127.0.0.1:7700";
@@ -72,6 +74,9 @@ pub struct Config {
     pub dedupe_window_secs: u64,
     /// Most `(topic, msg_id)` pairs remembered; beyond it the oldest are forgotten first.
     pub dedupe_max_ids: u64,
+    /// When a publish is acknowledged relative to the fsync that makes it durable:
+    /// `always`, `interval=100ms` or `never` (see [`FsyncPolicy`] for what each can lose).
+    pub fsync: FsyncPolicy,
 }
 
 impl Default for Config {
@@ -103,6 +108,7 @@ impl Default for Config {
             poll_max_limit: 10_000,
             dedupe_window_secs: 120,
             dedupe_max_ids: 1_000_000,
+            fsync: FsyncPolicy::Always,
         }
     }
 }

@@ -64,6 +64,7 @@ pub async fn run(
             window: Duration::from_secs(config.dedupe_window_secs),
             max_ids: config.dedupe_max_ids,
         },
+        fsync: config.fsync,
     };
     let opened = tokio::task::spawn_blocking(move || SledLog::open(&opts, hub, metrics))
         .await

@@ -45,6 +45,83 @@ pub enum LogError {
     Open(String),
 }
 
+/// When an append is acknowledged relative to the flush (fsync) that makes it durable.
+///
+/// Written in configuration as `always`, `interval=100ms` (also `s`) or `never`. What each can
+/// lose:
+/// - `Always`: nothing acknowledged, on a process crash or a power loss. Group commit shares
+///   one flush among every append queued meanwhile.
+/// - `Interval(d)`: acknowledged once written; flushed at least every `d`. A crash (of the
+///   process, since sled buffers writes in memory, or of the machine) can take back what was
+///   acknowledged in the last `d`. Subscribers only see flushed events, so nobody ever sees
+///   an event that a crash takes back; those ids are never used again.
+/// - `Never`: acknowledged and visible once written; sled writes out in the background
+///   (about every 500 ms). A crash can take back events subscribers have already seen;
+///   their ids are never used again.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, serde::Serialize, serde::Deserialize)]
+#[serde(try_from = "String", into = "String")]
+pub enum FsyncPolicy {
+    /// Acknowledge after the flush that covers the append.
+    #[default]
+    Always,
+    /// Acknowledge after the write; flush at least this often.
+    Interval(std::time::Duration),
+    /// Acknowledge after the write; never wait for a flush.
+    Never,
+}
+
+impl std::str::FromStr for FsyncPolicy {
+    type Err = String;
+
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        let bad = || {
+            format!("fsync policy {s:?}: expected always, never or interval=<n>ms|s (e.g. interval=100ms)")
+        };
+        match s.trim() {
+            "always" => Ok(FsyncPolicy::Always),
+            "never" => Ok(FsyncPolicy::Never),
+            other => {
+                let every = other.strip_prefix("interval=").ok_or_else(bad)?;
+                let (n, unit) = match every.strip_suffix("ms") {
+                    Some(n) => (n, 1u64),
+                    None => (every.strip_suffix('s').ok_or_else(bad)?, 1000),
+                };
+                let ms = n.parse::<u64>().map_err(|_| bad())?.saturating_mul(unit);
+                if ms == 0 || ms > 60_000 {
+                    return Err(format!(
+                        "fsync policy {s:?}: the interval must be 1 ms to 60 s"
+                    ));
+                }
+                Ok(FsyncPolicy::Interval(std::time::Duration::from_millis(ms)))
+            }
+        }
+    }
+}
+
+impl std::fmt::Display for FsyncPolicy {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            FsyncPolicy::Always => f.write_str("always"),
+            FsyncPolicy::Never => f.write_str("never"),
+            FsyncPolicy::Interval(d) => write!(f, "interval={}ms", d.as_millis()),
+        }
+    }
+}
+
+impl TryFrom<String> for FsyncPolicy {
+    type Error = String;
+
+    fn try_from(s: String) -> Result<Self, Self::Error> {
+        s.parse()
+    }
+}
+
+impl From<FsyncPolicy> for String {
+    fn from(p: FsyncPolicy) -> String {
+        p.to_string()
+    }
+}
+
 /// What one successful append stored.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Appended {
@@ -120,4 +197,37 @@ pub trait EventLog: Send + Sync + 'static {
 
     /// Finishes every accepted append, flushes, and stops. Later appends fail with `Closed`.
     fn close(&self) -> BoxFuture<'_, Result<(), LogError>>;
+}
+
+#[cfg(test)]
+mod tests {
+    use super::FsyncPolicy;
+    use std::time::Duration;
+
+    #[test]
+    fn fsync_policies_parse_and_print_back() {
+        for (text, policy) in [
+            ("always", FsyncPolicy::Always),
+            ("never", FsyncPolicy::Never),
+            (
+                "interval=100ms",
+                FsyncPolicy::Interval(Duration::from_millis(100)),
+            ),
+            ("interval=2s", FsyncPolicy::Interval(Duration::from_secs(2))),
+        ] {
+            assert_eq!(text.parse::<FsyncPolicy>(), Ok(policy));
+            assert_eq!(policy.to_string().parse::<FsyncPolicy>(), Ok(policy));
+        }
+        for bad in [
+            "",
+            "sometimes",
+            "interval=",
+            "interval=0ms",
+            "interval=5m",
+            "interval=-1s",
+            "interval=61s",
+        ] {
+            assert!(bad.parse::<FsyncPolicy>().is_err(), "{bad}");
+        }
+    }
 }

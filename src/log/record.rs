@@ -17,6 +17,8 @@
 //! - `e` + commit time (ms, u64 BE) + first id (u64 BE) → an **expiry bucket**: the dedupe
 //!   keys one group commit wrote, so expired entries are found by a range scan in time order;
 //! - `m/dedupe_count` → the number of dedupe entries (u64 BE), kept in the same batches;
+//! - `m/ids_reserved` → the highest id that may have been acknowledged (u64 BE), under the
+//!   fsync policies that acknowledge before a flush;
 //! - `m/format` → [`FORMAT_VERSION`].
 
 use bytes::Bytes;
@@ -37,6 +39,9 @@ pub const DEDUPE_PREFIX: u8 = b'd';
 pub const EXPIRY_PREFIX: u8 = b'e';
 /// Key of the number of stored dedupe entries (u64 BE).
 pub const DEDUPE_COUNT_KEY: &[u8] = b"m/dedupe_count";
+/// Key of the highest id a writer may have handed out (u64 BE), kept under fsync policies
+/// that acknowledge before a flush so an id is never used twice across a crash.
+pub const IDS_RESERVED_KEY: &[u8] = b"m/ids_reserved";
 /// Key of the format marker, written once when a data dir is created.
 pub const FORMAT_KEY: &[u8] = b"m/format";
 /// The on-disk format this build writes and reads.

@@ -323,6 +323,7 @@ pub async fn retain_after(dir: &std::path::Path, through: u64) {
             dir: dir.join("data"),
             cache_bytes: 8 << 20,
             dedupe: Default::default(),
+            fsync: Default::default(),
         },
         tidewire::hub::Hub::new(4),
         tidewire::metrics::Metrics::new(),

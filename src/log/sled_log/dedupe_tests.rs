@@ -9,6 +9,7 @@ fn open_with(dir: &std::path::Path, dedupe: DedupeOptions) -> Arc<SledLog> {
         dir: dir.join("data"),
         cache_bytes: 16 << 20,
         dedupe,
+        fsync: FsyncPolicy::Always,
     };
     SledLog::open(&opts, Hub::new(16), Metrics::new()).expect("open")
 }
@@ -225,4 +226,58 @@ async fn beyond_the_maximum_the_oldest_msg_ids_are_forgotten_first() {
     assert_eq!(newest.count, 0);
     let oldest = log.append(vec![ev("a", Some("m0"), 0)]).await.unwrap();
     assert_eq!(oldest.count, 1);
+}
+
+fn open_policy(dir: &std::path::Path, fsync: FsyncPolicy) -> Arc<SledLog> {
+    let opts = LogOptions {
+        dir: dir.join("data"),
+        cache_bytes: 16 << 20,
+        dedupe: DedupeOptions::default(),
+        fsync,
+    };
+    SledLog::open(&opts, Hub::new(16), Metrics::new()).expect("open")
+}
+
+#[tokio::test]
+async fn under_an_interval_policy_an_acknowledged_event_is_visible_only_after_its_flush() {
+    let dir = tempfile::tempdir().unwrap();
+    let log = open_policy(dir.path(), FsyncPolicy::Interval(Duration::from_secs(2)));
+    let a = log.append(vec![ev("a", None, 1)]).await.unwrap();
+    assert_eq!(a.first.0, 1);
+    // Acknowledged within the first interval: written, not yet flushed, so not visible.
+    assert_eq!(log.head().0, 0, "visible before its flush");
+    assert!(stored(&log).await.is_empty());
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while log.head().0 < 1 {
+        assert!(Instant::now() < deadline, "never flushed");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    assert_eq!(stored(&log).await, [(1, "a".into(), "1".into())]);
+    // Topic records built while unflushed continue correctly.
+    log.append(vec![ev("a", None, 2)]).await.unwrap();
+    log.close().await.unwrap();
+    assert_eq!(log.topic(&Topic::parse("a").unwrap()).unwrap().count, 2);
+}
+
+#[tokio::test]
+async fn under_the_never_policy_events_are_visible_at_once() {
+    let dir = tempfile::tempdir().unwrap();
+    let log = open_policy(dir.path(), FsyncPolicy::Never);
+    let a = log.append(vec![ev("a", None, 1)]).await.unwrap();
+    assert_eq!(log.head(), a.last);
+    assert_eq!(stored(&log).await.len(), 1);
+}
+
+#[tokio::test]
+async fn a_clean_restart_under_an_early_ack_policy_continues_ids_without_a_jump() {
+    let dir = tempfile::tempdir().unwrap();
+    for round in 0..3u64 {
+        let log = open_policy(dir.path(), FsyncPolicy::Interval(Duration::from_millis(20)));
+        let a = log.append(vec![ev("a", None, round)]).await.unwrap();
+        assert_eq!(a.first.0, round + 1, "round {round}");
+        log.close().await.unwrap();
+    }
+    // Back to `always`: ids continue too.
+    let log = open_policy(dir.path(), FsyncPolicy::Always);
+    assert_eq!(log.append(vec![ev("a", None, 9)]).await.unwrap().first.0, 4);
 }

@@ -22,7 +22,7 @@ use tokio::sync::{mpsc, oneshot};
 
 use super::blobs::BlobSync;
 use super::record::{self, Chunk, ChunkBuilder, CorruptRecord, TopicRecord};
-use super::{Appended, BoxFuture, EventLog, LogError, Page, TopicStats};
+use super::{Appended, BoxFuture, EventLog, FsyncPolicy, LogError, Page, TopicStats};
 use crate::envelope::{Event, EventId, Gap, NewEvent, SharedEvent};
 use crate::hub::Hub;
 use crate::metrics::Metrics;
@@ -48,8 +48,11 @@ const MAX_ROUND_EVENTS: usize = 50_000;
 const MAX_MERGED_TOPICS: usize = 64;
 /// Publishes waiting for the writer before publishers are made to wait.
 const QUEUE_DEPTH: usize = 4096;
-/// How often the writer is asked to forget expired `(topic, msg_id)` pairs.
+/// How often the writer forgets expired `(topic, msg_id)` pairs.
 const SWEEP_EVERY: Duration = Duration::from_secs(1);
+/// Ids reserved at a time under the fsync policies that acknowledge before a flush: one
+/// extra flush per this many events, and at most this many ids skipped after a crash.
+const ID_RESERVATION: u64 = 1 << 20;
 
 /// How big the writer lets a chunk grow.
 #[derive(Debug, Clone, Copy)]
@@ -84,6 +87,8 @@ pub struct LogOptions {
     pub cache_bytes: u64,
     /// How long, and how many, `(topic, msg_id)` pairs are remembered for idempotent publish.
     pub dedupe: DedupeOptions,
+    /// When an append is acknowledged relative to the flush that makes it durable.
+    pub fsync: FsyncPolicy,
 }
 
 /// Where the writer sends the outcome of one append.
@@ -98,8 +103,8 @@ enum Command {
         through: EventId,
         reply: oneshot::Sender<Result<u64, LogError>>,
     },
-    /// Forget expired dedupe entries (one bounded step).
-    Sweep,
+    /// Periodic work: an interval flush when due, a dedupe sweep when due.
+    Tick,
 }
 
 /// State shared by the writer thread and the readers.
@@ -217,6 +222,18 @@ impl SledLog {
             None => 0,
         };
 
+        // Under a policy that acknowledges before a flush, ids up to the stored reservation
+        // may have been handed out (and then lost in a crash): continue above them.
+        let stored_reservation = match tree.get(record::IDS_RESERVED_KEY).map_err(storage)? {
+            Some(v) => Some(record::decode_count(&v).map_err(corrupt)?),
+            None => None,
+        };
+        let next_id = high_water.max(stored_reservation.unwrap_or(0)) + 1;
+        let reserved = match opts.fsync {
+            FsyncPolicy::Always => None,
+            FsyncPolicy::Interval(_) | FsyncPolicy::Never => Some(next_id - 1),
+        };
+
         let shared = Arc::new(Shared {
             tree,
             head: AtomicU64::new(high_water),
@@ -229,13 +246,22 @@ impl SledLog {
             shared: shared.clone(),
             hub,
             metrics,
-            next_id: high_water + 1,
+            next_id,
             next_topic_id,
             chunk: OpenChunk::new(caps),
             blobs: BlobSync::new(opts.dir.clone()),
             dedupe: Dedupe::new(opts.dedupe, dedupe_count),
+            fsync: opts.fsync,
+            unpublished: Unpublished::default(),
+            last_flush: Instant::now(),
+            last_sweep: Instant::now(),
+            reserved,
         };
-        let sweeps = tx.downgrade();
+        let ticks = tx.downgrade();
+        let tick_every = match opts.fsync {
+            FsyncPolicy::Interval(every) => every.clamp(Duration::from_millis(1), SWEEP_EVERY),
+            FsyncPolicy::Always | FsyncPolicy::Never => SWEEP_EVERY,
+        };
         std::thread::Builder::new()
             .name("tidewire-log-writer".into())
             .spawn(move || {
@@ -243,16 +269,17 @@ impl SledLog {
                 let _ = done_tx.send(());
             })
             .map_err(|e| LogError::Open(format!("cannot start the writer thread: {e}")))?;
-        // A weak sender: the sweeper never keeps a closed log's writer alive.
+        // A weak sender: the ticker never keeps a closed log's writer alive.
         std::thread::Builder::new()
-            .name("tidewire-log-sweeper".into())
+            .name("tidewire-log-ticker".into())
             .spawn(move || loop {
-                std::thread::sleep(SWEEP_EVERY);
-                let Some(tx) = sweeps.upgrade() else { break };
-                // A full queue means a busy writer: the next tick asks again.
-                let _ = tx.try_send(Command::Sweep);
+                std::thread::sleep(tick_every);
+                let Some(tx) = ticks.upgrade() else { break };
+                // A full queue means a busy writer, which checks the interval after every
+                // commit anyway: the next tick asks again.
+                let _ = tx.try_send(Command::Tick);
             })
-            .map_err(|e| LogError::Open(format!("cannot start the sweeper thread: {e}")))?;
+            .map_err(|e| LogError::Open(format!("cannot start the ticker thread: {e}")))?;
         Ok(Arc::new(SledLog {
             shared,
             queue: Mutex::new(Some(tx)),

@@ -28,6 +28,7 @@ fn opts(dir: &std::path::Path) -> LogOptions {
         dir: dir.join("data"),
         cache_bytes: 16 << 20,
         dedupe: Default::default(),
+        fsync: Default::default(),
     }
 }
 

@@ -15,6 +15,21 @@ pub(super) struct Writer {
     pub(super) chunk: OpenChunk,
     pub(super) blobs: BlobSync,
     pub(super) dedupe: Dedupe,
+    pub(super) fsync: FsyncPolicy,
+    /// Written but not yet visible (registry, head, hub): what the next flush publishes.
+    pub(super) unpublished: Unpublished,
+    pub(super) last_flush: Instant,
+    pub(super) last_sweep: Instant,
+    /// Under a policy that acknowledges before a flush: the highest id that may have been
+    /// handed out, stored durably before any id above it is (see [`Writer::reserve_ids`]).
+    pub(super) reserved: Option<u64>,
+}
+
+/// Topic records and events a commit wrote that are not yet visible.
+#[derive(Default)]
+pub(super) struct Unpublished {
+    pub(super) topics: HashMap<Topic, TopicRecord>,
+    pub(super) events: Vec<SharedEvent>,
 }
 
 pub(super) struct Pending {
@@ -146,7 +161,7 @@ impl Writer {
                         self.commit(std::mem::take(&mut appends));
                         let _ = reply.send(self.remove_through(through));
                     }
-                    Command::Sweep => self.sweep(),
+                    Command::Tick => self.tick(),
                 }
                 if queued < MAX_ROUND_EVENTS {
                     next = rx.try_recv().ok();
@@ -157,10 +172,83 @@ impl Writer {
                 // Unique msg_ids arriving faster than the periodic sweep forgets them.
                 self.sweep();
             }
+            if self.flush_due() {
+                // Under load ticks wait behind appends: the interval is kept here too.
+                self.flush_and_publish();
+            }
+        }
+        self.flush_and_publish();
+        if self.reserved.is_some() {
+            // A clean stop hands out nothing more: the next start continues at next_id.
+            let stored = self.next_id.saturating_sub(1);
+            if let Err(e) = self
+                .shared
+                .tree
+                .insert(record::IDS_RESERVED_KEY, &record::encode_count(stored)[..])
+            {
+                tracing::error!(error = %e, "recording the last id on shutdown failed");
+            }
         }
         if let Err(e) = self.flush() {
             tracing::error!(error = %e, "final flush of the log failed");
         }
+    }
+
+    /// The periodic step: a due interval flush, then a due dedupe sweep.
+    pub(super) fn tick(&mut self) {
+        if self.flush_due() {
+            self.flush_and_publish();
+        }
+        if self.last_sweep.elapsed() >= SWEEP_EVERY {
+            self.last_sweep = Instant::now();
+            self.sweep();
+        }
+    }
+
+    /// Whether the interval policy wants a flush now.
+    fn flush_due(&self) -> bool {
+        match self.fsync {
+            FsyncPolicy::Interval(every) => {
+                !self.unpublished.events.is_empty() && self.last_flush.elapsed() >= every
+            }
+            FsyncPolicy::Always | FsyncPolicy::Never => false,
+        }
+    }
+
+    /// Flushes, then makes everything written visible. On a failed flush nothing is made
+    /// visible; the next flush tries again.
+    fn flush_and_publish(&mut self) {
+        if self.unpublished.events.is_empty() && self.unpublished.topics.is_empty() {
+            return;
+        }
+        let started = Instant::now();
+        let flushed = self.flush();
+        self.metrics.observe_flush(started.elapsed());
+        self.last_flush = Instant::now();
+        match flushed {
+            Ok(()) => self.publish_written(),
+            Err(e) => tracing::error!(error = %e, "flushing the log failed; retrying later"),
+        }
+    }
+
+    /// Stores, durably, a new upper bound for the ids this writer may hand out before an id
+    /// above the current one is used. Under a policy that acknowledges before a flush, this
+    /// keeps an acknowledged id that a crash took back from ever naming another event.
+    fn reserve_ids(&mut self, upto: u64) -> Result<(), LogError> {
+        let Some(reserved) = self.reserved else {
+            return Ok(());
+        };
+        if upto <= reserved {
+            return Ok(());
+        }
+        let next = upto.saturating_add(ID_RESERVATION);
+        self.shared
+            .tree
+            .insert(record::IDS_RESERVED_KEY, &record::encode_count(next)[..])
+            .map_err(storage)?;
+        self.flush()?;
+        self.reserved = Some(next);
+        Ok(())
     }
 
     /// One group commit: every queued append in one atomic batch and one flush.
@@ -171,6 +259,12 @@ impl Writer {
         let started = Instant::now();
         let time = now_ms();
         let total: usize = appends.iter().map(|(e, _)| e.len()).sum();
+        if let Err(err) = self.reserve_ids(self.next_id.saturating_add(total as u64)) {
+            for (_, reply) in appends {
+                let _ = reply.send(Err(err.clone()));
+            }
+            return;
+        }
         let mut batch = sled::Batch::default();
         let mut delta: HashMap<Topic, TopicRecord> = HashMap::new();
         let mut committed: Vec<SharedEvent> = Vec::with_capacity(total);
@@ -210,8 +304,10 @@ impl Writer {
                     let eid = id;
                     id += 1;
                     stored += 1;
+                    let unpublished = &self.unpublished.topics;
                     let rec = delta.entry(ev.topic.clone()).or_insert_with(|| {
-                        reg.get(&ev.topic).copied().unwrap_or_else(|| {
+                        let known = unpublished.get(&ev.topic).or_else(|| reg.get(&ev.topic));
+                        known.copied().unwrap_or_else(|| {
                             let r = TopicRecord {
                                 topic_id: self.next_topic_id,
                                 ..TopicRecord::default()
@@ -276,18 +372,30 @@ impl Writer {
         }
         self.next_id = id;
         self.dedupe.commit_round();
-        let flush_started = Instant::now();
-        let flushed = self.flush();
-        self.metrics.observe_flush(flush_started.elapsed());
-        if let Err(err) = flushed {
-            // The events are written but not known durable: they are not acknowledged and
-            // not published. They may surface after a later flush; their ids are never reused.
-            for p in pending {
-                let _ = p.reply.send(Err(err.clone()));
+        self.unpublished.topics.extend(delta);
+        self.unpublished.events.extend(committed);
+        match self.fsync {
+            FsyncPolicy::Always => {
+                let flush_started = Instant::now();
+                let flushed = self.flush();
+                self.metrics.observe_flush(flush_started.elapsed());
+                self.last_flush = Instant::now();
+                if let Err(err) = flushed {
+                    // Written but not known durable: not acknowledged and not visible. They
+                    // may surface after a later flush; their ids are never reused.
+                    for p in pending {
+                        let _ = p.reply.send(Err(err.clone()));
+                    }
+                    return;
+                }
+                self.publish_written();
             }
-            return;
+            // Acknowledged now; visible after the flush that makes them durable, so no
+            // subscriber ever sees what a crash could take back.
+            FsyncPolicy::Interval(_) => {}
+            // Nothing waits for a flush: visible at once; sled writes out in the background.
+            FsyncPolicy::Never => self.publish_written(),
         }
-        self.publish(delta, committed);
         self.metrics.observe_commit(started.elapsed());
         let duplicates: usize = pending.iter().map(|p| p.result.duplicate_of.len()).sum();
         if duplicates > 0 {
@@ -310,6 +418,12 @@ impl Writer {
         }
     }
 
+    /// Makes everything written so far visible (see [`Writer::publish`]).
+    fn publish_written(&mut self) {
+        let written = std::mem::take(&mut self.unpublished);
+        self.publish(written.topics, written.events);
+    }
+
     /// Makes durable state visible: registry first, then the head, then the hub, so a reader
     /// never sees an id the registry does not yet cover.
     pub(super) fn publish(&self, delta: HashMap<Topic, TopicRecord>, committed: Vec<SharedEvent>) {
@@ -330,6 +444,13 @@ impl Writer {
     /// entries; the chunk straddling it (at most one, since removal takes a prefix) is
     /// rewritten under the key of its first kept event, with new index entries.
     pub(super) fn remove_through(&mut self, through: EventId) -> Result<u64, LogError> {
+        // Removal works on visible state: what is written goes first.
+        self.flush_and_publish();
+        if !self.unpublished.events.is_empty() {
+            return Err(LogError::Storage(
+                "the log cannot be flushed; nothing was removed".into(),
+            ));
+        }
         let head = self.shared.head.load(Ordering::Acquire);
         let through = through.0.min(head);
         let tree = &self.shared.tree;
