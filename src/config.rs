@@ -10,6 +10,7 @@ use figment::providers::{Env, Format, Serialized, Toml};
 use figment::Figment;
 use serde::{Deserialize, Serialize};
 
+use crate::log::retention::{Limits, RetentionPolicy, RuleConfig};
 use crate::log::FsyncPolicy;
 
 /// The address the server listens on by default (loopback: an open server is never exposed
@@ -77,6 +78,20 @@ pub struct Config {
     /// When a publish is acknowledged relative to the fsync that makes it durable:
     /// `always`, `interval=100ms` or `never` (see [`FsyncPolicy`] for what each can lose).
     pub fsync: FsyncPolicy,
+    /// Default retention: events older than this many seconds are removed (0: kept forever).
+    pub retention_max_age_secs: u64,
+    /// Default retention: most events kept per topic (0: unlimited).
+    pub retention_max_events: u64,
+    /// Default retention: most payload bytes kept per topic (0: unlimited).
+    pub retention_max_bytes: u64,
+    /// Most payload bytes kept over all topics (0: unlimited); beyond it the oldest events of
+    /// the whole log go first.
+    pub retention_max_total_bytes: u64,
+    /// Seconds between background retention passes.
+    pub retention_check_secs: u64,
+    /// Per-pattern retention rules; the first whose pattern matches a topic governs it,
+    /// topics no rule matches get the defaults above.
+    pub retention_rules: Vec<RuleConfig>,
 }
 
 impl Default for Config {
@@ -109,6 +124,12 @@ impl Default for Config {
             dedupe_window_secs: 120,
             dedupe_max_ids: 1_000_000,
             fsync: FsyncPolicy::Always,
+            retention_max_age_secs: 7 * 24 * 3600,
+            retention_max_events: 0,
+            retention_max_bytes: 0,
+            retention_max_total_bytes: 0,
+            retention_check_secs: 10,
+            retention_rules: Vec::new(),
         }
     }
 }
@@ -154,8 +175,24 @@ impl Config {
         }
     }
 
+    /// The retention policy these settings describe; refuses an invalid rule pattern.
+    pub fn retention_policy(&self) -> Result<RetentionPolicy, ConfigError> {
+        RetentionPolicy::new(
+            &self.retention_rules,
+            Limits {
+                max_age_secs: self.retention_max_age_secs,
+                max_events: self.retention_max_events,
+                max_bytes: self.retention_max_bytes,
+            },
+            self.retention_max_total_bytes,
+            std::time::Duration::from_secs(self.retention_check_secs.max(1)),
+        )
+        .map_err(ConfigError::Invalid)
+    }
+
     /// Checks the rules that span several keys.
     pub fn validate(&self) -> Result<(), ConfigError> {
+        self.retention_policy()?;
         if !self.listen.ip().is_loopback() && !self.insecure_open {
             return Err(ConfigError::Invalid(format!(
                 "refusing to listen on {} without authentication: an open server listens on \

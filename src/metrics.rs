@@ -88,6 +88,9 @@ pub struct Metrics {
     duplicates: Counter,
     dedupe_entries: Gauge,
     dedupe_removed: Counter,
+    retention_removed: Counter,
+    retention_reclaimed: Counter,
+    retention_latency: Histogram,
     rejected: Family<CodeLabel, Counter>,
     ws: WsMetrics,
 }
@@ -122,6 +125,9 @@ impl Metrics {
             duplicates: Counter::default(),
             dedupe_entries: Gauge::default(),
             dedupe_removed: Counter::default(),
+            retention_removed: Counter::default(),
+            retention_reclaimed: Counter::default(),
+            retention_latency: latency_histogram(),
             rejected: Family::default(),
             ws: WsMetrics::default(),
         };
@@ -184,6 +190,21 @@ impl Metrics {
             "dedupe_entries_removed",
             "Remembered (topic, msg_id) pairs removed: expired, or beyond the configured maximum",
             m.dedupe_removed.clone(),
+        );
+        r.register(
+            "retention_removed_events",
+            "Events removed by retention (per-topic limits and the global budget)",
+            m.retention_removed.clone(),
+        );
+        r.register(
+            "retention_reclaimed_chunks",
+            "Stored chunks deleted once retention had removed every event in them",
+            m.retention_reclaimed.clone(),
+        );
+        r.register(
+            "retention_pass_seconds",
+            "Duration of each background retention pass (commits wait while it runs)",
+            m.retention_latency.clone(),
         );
         r.register(
             "subscriber_lag_fallbacks",
@@ -255,6 +276,13 @@ impl Metrics {
         self.dedupe_entries
             .set(i64::try_from(remembered).unwrap_or(i64::MAX));
         self.dedupe_removed.inc_by(removed);
+    }
+
+    /// Records one retention pass.
+    pub fn observe_retention(&self, removed: u64, chunks_reclaimed: u64, took: Duration) {
+        self.retention_removed.inc_by(removed);
+        self.retention_reclaimed.inc_by(chunks_reclaimed);
+        self.retention_latency.observe(took.as_secs_f64());
     }
 
     /// Records one flush of the log.

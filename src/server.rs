@@ -65,6 +65,9 @@ pub async fn run(
             max_ids: config.dedupe_max_ids,
         },
         fsync: config.fsync,
+        retention: config
+            .retention_policy()
+            .map_err(|e| LogError::Open(e.to_string()))?,
     };
     let opened = tokio::task::spawn_blocking(move || SledLog::open(&opts, hub, metrics))
         .await

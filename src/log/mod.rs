@@ -21,9 +21,10 @@ use crate::topic::{Pattern, PatternSet, Topic};
 
 mod blobs;
 pub mod record;
+pub mod retention;
 mod sled_log;
 
-pub use sled_log::{DedupeOptions, LogOptions, SledLog};
+pub use sled_log::{Compacted, DedupeOptions, LogOptions, SledLog};
 
 /// A boxed future, so the trait can be used as `dyn EventLog`.
 pub type BoxFuture<'a, T> = Pin<Box<dyn Future<Output = T> + Send + 'a>>;

@@ -194,6 +194,8 @@ pub struct EventPeek<'a> {
     pub topic: &'a str,
     /// Payload bytes, as counted in topic statistics.
     pub data_len: usize,
+    /// Commit time, Unix milliseconds.
+    pub time: u64,
 }
 
 /// Reads the topic and payload size of an event record without decoding the rest.
@@ -202,6 +204,7 @@ pub fn peek_event(bytes: &[u8]) -> Result<EventPeek<'_>, CorruptRecord> {
     Ok(EventPeek {
         topic: rec.topic,
         data_len: rec.data.len(),
+        time: rec.time,
     })
 }
 

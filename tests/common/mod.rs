@@ -324,6 +324,7 @@ pub async fn retain_after(dir: &std::path::Path, through: u64) {
             cache_bytes: 8 << 20,
             dedupe: Default::default(),
             fsync: Default::default(),
+            retention: tidewire::log::retention::RetentionPolicy::keep_everything(),
         },
         tidewire::hub::Hub::new(4),
         tidewire::metrics::Metrics::new(),

@@ -10,6 +10,7 @@ fn open_with(dir: &std::path::Path, dedupe: DedupeOptions) -> Arc<SledLog> {
         cache_bytes: 16 << 20,
         dedupe,
         fsync: FsyncPolicy::Always,
+        retention: RetentionPolicy::keep_everything(),
     };
     SledLog::open(&opts, Hub::new(16), Metrics::new()).expect("open")
 }
@@ -234,6 +235,7 @@ fn open_policy(dir: &std::path::Path, fsync: FsyncPolicy) -> Arc<SledLog> {
         cache_bytes: 16 << 20,
         dedupe: DedupeOptions::default(),
         fsync,
+        retention: RetentionPolicy::keep_everything(),
     };
     SledLog::open(&opts, Hub::new(16), Metrics::new()).expect("open")
 }

@@ -22,20 +22,25 @@ use tokio::sync::{mpsc, oneshot};
 
 use super::blobs::BlobSync;
 use super::record::{self, Chunk, ChunkBuilder, CorruptRecord, TopicRecord};
+use super::retention::RetentionPolicy;
 use super::{Appended, BoxFuture, EventLog, FsyncPolicy, LogError, Page, TopicStats};
 use crate::envelope::{Event, EventId, Gap, NewEvent, SharedEvent};
 use crate::hub::Hub;
 use crate::metrics::Metrics;
 use crate::topic::{Pattern, PatternSet, Topic};
 
+mod compact;
 mod dedupe;
 #[cfg(test)]
 mod dedupe_tests;
 mod read;
 #[cfg(test)]
+mod retention_tests;
+#[cfg(test)]
 mod tests;
 mod writer;
 
+pub use compact::Compacted;
 use dedupe::Dedupe;
 pub use dedupe::DedupeOptions;
 use read::*;
@@ -89,6 +94,8 @@ pub struct LogOptions {
     pub dedupe: DedupeOptions,
     /// When an append is acknowledged relative to the flush that makes it durable.
     pub fsync: FsyncPolicy,
+    /// How much history is kept; applied in the background.
+    pub retention: RetentionPolicy,
 }
 
 /// Where the writer sends the outcome of one append.
@@ -105,6 +112,10 @@ enum Command {
     },
     /// Periodic work: an interval flush when due, a dedupe sweep when due.
     Tick,
+    /// One retention pass now.
+    Compact {
+        reply: oneshot::Sender<Result<Compacted, LogError>>,
+    },
 }
 
 /// State shared by the writer thread and the readers.
@@ -256,12 +267,17 @@ impl SledLog {
             last_flush: Instant::now(),
             last_sweep: Instant::now(),
             reserved,
+            retention: opts.retention.clone(),
+            last_compact: Instant::now(),
         };
         let ticks = tx.downgrade();
-        let tick_every = match opts.fsync {
-            FsyncPolicy::Interval(every) => every.clamp(Duration::from_millis(1), SWEEP_EVERY),
-            FsyncPolicy::Always | FsyncPolicy::Never => SWEEP_EVERY,
-        };
+        let mut tick_every = SWEEP_EVERY;
+        if let FsyncPolicy::Interval(every) = opts.fsync {
+            tick_every = tick_every.min(every.max(Duration::from_millis(1)));
+        }
+        if opts.retention.removes_anything() {
+            tick_every = tick_every.min(opts.retention.check_every);
+        }
         std::thread::Builder::new()
             .name("tidewire-log-writer".into())
             .spawn(move || {
@@ -302,6 +318,17 @@ impl SledLog {
         let (reply, rx) = oneshot::channel();
         self.sender()?
             .send(Command::RemoveThrough { through, reply })
+            .await
+            .map_err(|_| LogError::Closed)?;
+        rx.await.map_err(|_| LogError::Closed)?
+    }
+
+    /// Runs one retention pass now (they also run in the background every `check_every`)
+    /// and says what it removed. Each pass is bounded; a large backlog takes several.
+    pub async fn compact_now(&self) -> Result<Compacted, LogError> {
+        let (reply, rx) = oneshot::channel();
+        self.sender()?
+            .send(Command::Compact { reply })
             .await
             .map_err(|_| LogError::Closed)?;
         rx.await.map_err(|_| LogError::Closed)?

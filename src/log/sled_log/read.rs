@@ -50,6 +50,24 @@ pub(super) fn read_page(
     read_page_costed(shared, patterns, after, limit, &mut ReadCost::default())
 }
 
+/// Why one attempt at a read did not produce a page.
+pub(super) enum ReadFail {
+    /// The log failed.
+    Log(LogError),
+    /// A chunk named by an index entry was deleted by retention after the read looked at
+    /// the registry: the read starts again from the current state (which says so with a gap).
+    ChunkGone(u64),
+}
+
+impl From<LogError> for ReadFail {
+    fn from(e: LogError) -> Self {
+        ReadFail::Log(e)
+    }
+}
+
+/// Attempts a read makes when retention keeps deleting chunks under it.
+const READ_ATTEMPTS: usize = 5;
+
 pub(super) fn read_page_costed(
     shared: &Shared,
     patterns: &PatternSet,
@@ -57,6 +75,31 @@ pub(super) fn read_page_costed(
     limit: usize,
     cost: &mut ReadCost,
 ) -> Result<Page, LogError> {
+    let mut gone = 0;
+    for _ in 0..READ_ATTEMPTS {
+        match read_once(shared, patterns, after, limit, cost) {
+            Ok(page) => return Ok(page),
+            Err(ReadFail::Log(e)) => return Err(e),
+            Err(ReadFail::ChunkGone(first)) => {
+                gone = first;
+                // Retention publishes its new topic records right after deleting: give the
+                // writer a moment to finish.
+                std::thread::sleep(std::time::Duration::from_millis(1));
+            }
+        }
+    }
+    Err(LogError::Corrupt(format!(
+        "an index entry names the missing chunk {gone}"
+    )))
+}
+
+fn read_once(
+    shared: &Shared,
+    patterns: &PatternSet,
+    after: EventId,
+    limit: usize,
+    cost: &mut ReadCost,
+) -> Result<Page, ReadFail> {
     let head = shared.head.load(Ordering::Acquire);
     let limit = limit.max(1);
     let topics = {
@@ -65,17 +108,18 @@ pub(super) fn read_page_costed(
     };
     let mut after = after.0;
     let mut gap = None;
-    // Removal so far takes a prefix of the whole log, so every event up to the largest
-    // removed-through of the matching topics is gone from all of them.
+    // Retention removes each topic's oldest events. When a matching topic lost events after
+    // the cursor, the stream is complete again only after the last of them: the gap says so,
+    // and delivery continues from there (retained events of other topics below that point
+    // are inside the gap: order and the gap's meaning hold over skipping them silently).
+    // Cursor 0 asks for "the oldest retained event": it has lost nothing it asked for, and
+    // gets every retained event.
     let removed = topics.iter().map(|t| t.2).max().unwrap_or(0);
-    if removed > after {
-        // Cursor 0 asks for "the oldest retained event": it has lost nothing it asked for.
-        if after > 0 {
-            gap = Some(Gap {
-                requested: after,
-                oldest: removed + 1,
-            });
-        }
+    if removed > after && after > 0 {
+        gap = Some(Gap {
+            requested: after,
+            oldest: removed + 1,
+        });
         after = removed;
     }
     let mut page = Page {
@@ -120,7 +164,8 @@ pub(super) fn read_page_costed(
             if id <= last {
                 return Err(LogError::Corrupt(format!(
                     "index entries overlap: event {id} after {last}"
-                )));
+                ))
+                .into());
             }
             last = id;
             page.events.push(chunks.event(first, id, cost)?);
@@ -130,7 +175,15 @@ pub(super) fn read_page_costed(
         }
     } else {
         // Many topics: walk the chunks from the one holding `after + 1`, which costs what
-        // lies after the cursor.
+        // lies after the cursor. A chunk can still hold events its topic's retention removed
+        // (it is reclaimed once all of its events are): those are skipped.
+        let removed_through: HashMap<String, u64> = {
+            let reg = shared.registry.read().map_err(|_| LogError::Closed)?;
+            reg.iter()
+                .filter(|(_, r)| r.removed_through > after)
+                .map(|(t, r)| (t.as_str().to_string(), r.removed_through))
+                .collect()
+        };
         let start = last_key_at_most(tree, &record::chunk_key(0), &record::chunk_key(after + 1))?;
         'walk: for item in tree.range(start..=IVec::from(&record::chunk_key(head)[..])) {
             let (k, v) = item.map_err(storage)?;
@@ -149,7 +202,9 @@ pub(super) fn read_page_costed(
                 }
                 let rec = chunk.record(i).map_err(corrupt)?;
                 let topic = record::peek_event(rec).map_err(corrupt)?.topic;
-                if !patterns.patterns().iter().any(|p| p.matches_str(topic)) {
+                if !patterns.patterns().iter().any(|p| p.matches_str(topic))
+                    || removed_through.get(topic).is_some_and(|&r| id <= r)
+                {
                     continue;
                 }
                 if page.events.len() == limit {
@@ -273,14 +328,12 @@ impl<'t> ChunkCache<'t> {
         first: u64,
         id: u64,
         cost: &mut ReadCost,
-    ) -> Result<SharedEvent, LogError> {
+    ) -> Result<SharedEvent, ReadFail> {
         let bytes = match &self.current {
             Some((f, b)) if *f == first => b,
             _ => {
                 let Some(b) = self.tree.get(record::chunk_key(first)).map_err(storage)? else {
-                    return Err(LogError::Corrupt(format!(
-                        "an index entry names the missing chunk {first}"
-                    )));
+                    return Err(ReadFail::ChunkGone(first));
                 };
                 cost.chunks += 1;
                 &self.current.insert((first, b)).1

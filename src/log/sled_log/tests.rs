@@ -29,6 +29,7 @@ fn opts(dir: &std::path::Path) -> LogOptions {
         cache_bytes: 16 << 20,
         dedupe: Default::default(),
         fsync: Default::default(),
+        retention: crate::log::retention::RetentionPolicy::keep_everything(),
     }
 }
 

@@ -23,6 +23,8 @@ pub(super) struct Writer {
     /// Under a policy that acknowledges before a flush: the highest id that may have been
     /// handed out, stored durably before any id above it is (see [`Writer::reserve_ids`]).
     pub(super) reserved: Option<u64>,
+    pub(super) retention: RetentionPolicy,
+    pub(super) last_compact: Instant,
 }
 
 /// Topic records and events a commit wrote that are not yet visible.
@@ -162,6 +164,10 @@ impl Writer {
                         let _ = reply.send(self.remove_through(through));
                     }
                     Command::Tick => self.tick(),
+                    Command::Compact { reply } => {
+                        self.commit(std::mem::take(&mut appends));
+                        let _ = reply.send(self.compact());
+                    }
                 }
                 if queued < MAX_ROUND_EVENTS {
                     next = rx.try_recv().ok();
@@ -203,6 +209,20 @@ impl Writer {
             self.last_sweep = Instant::now();
             self.sweep();
         }
+        if self.retention.removes_anything()
+            && self.last_compact.elapsed() >= self.retention.check_every
+        {
+            self.last_compact = Instant::now();
+            let started = Instant::now();
+            match self.compact() {
+                Ok(done) => self.metrics.observe_retention(
+                    done.trimmed + done.over_budget,
+                    done.chunks_reclaimed,
+                    started.elapsed(),
+                ),
+                Err(e) => tracing::warn!(error = %e, "retention pass failed; retrying later"),
+            }
+        }
     }
 
     /// Whether the interval policy wants a flush now.
@@ -217,7 +237,7 @@ impl Writer {
 
     /// Flushes, then makes everything written visible. On a failed flush nothing is made
     /// visible; the next flush tries again.
-    fn flush_and_publish(&mut self) {
+    pub(super) fn flush_and_publish(&mut self) {
         if self.unpublished.events.is_empty() && self.unpublished.topics.is_empty() {
             return;
         }
@@ -492,12 +512,17 @@ impl Writer {
                     if !topics_in_chunk.contains(&rec.topic_id) {
                         topics_in_chunk.push(rec.topic_id);
                     }
+                    // Already removed by its topic's own retention: not counted again, and
+                    // not indexed again if its chunk is rewritten.
+                    let live = id > rec.removed_through;
                     if i < cut {
-                        rec.count = rec.count.saturating_sub(1);
-                        rec.bytes = rec.bytes.saturating_sub(peek.data_len as u64);
-                        rec.removed_through = rec.removed_through.max(id);
-                        delta.insert(topic, rec);
-                        removed += 1;
+                        if live {
+                            rec.count = rec.count.saturating_sub(1);
+                            rec.bytes = rec.bytes.saturating_sub(peek.data_len as u64);
+                            rec.removed_through = id;
+                            delta.insert(topic, rec);
+                            removed += 1;
+                        }
                     } else {
                         if kept.builder.is_empty() {
                             kept.first = id;
@@ -507,11 +532,13 @@ impl Writer {
                                 "chunk {first} cannot be rewritten"
                             )));
                         }
-                        kept.topics
-                            .entry(rec.topic_id)
-                            .or_default()
-                            .push((id - kept.first) as u32);
-                        kept_first.entry(rec.topic_id).or_insert(id);
+                        if live {
+                            kept.topics
+                                .entry(rec.topic_id)
+                                .or_default()
+                                .push((id - kept.first) as u32);
+                            kept_first.entry(rec.topic_id).or_insert(id);
+                        }
                     }
                 }
                 batch.remove(k);
