@@ -92,6 +92,12 @@ pub struct Config {
     /// Per-pattern retention rules; the first whose pattern matches a topic governs it,
     /// topics no rule matches get the defaults above.
     pub retention_rules: Vec<RuleConfig>,
+    /// Free bytes to keep on the data directory's filesystem: publishes that would go below
+    /// it get 503 `storage_full` (reads go on), and resume by themselves once there is room.
+    pub storage_min_free_bytes: u64,
+    /// Most bytes the data directory may take on disk (0: no budget); over it publishes get
+    /// 503 `storage_full` until retention frees room.
+    pub storage_max_disk_bytes: u64,
 }
 
 impl Default for Config {
@@ -130,6 +136,8 @@ impl Default for Config {
             retention_max_total_bytes: 0,
             retention_check_secs: 10,
             retention_rules: Vec::new(),
+            storage_min_free_bytes: 64 << 20,
+            storage_max_disk_bytes: 0,
         }
     }
 }

@@ -22,7 +22,7 @@ use tokio::sync::watch;
 use crate::config::Config;
 use crate::http::{self, AppState};
 use crate::hub::Hub;
-use crate::log::{DedupeOptions, EventLog, LogError, LogOptions, SledLog};
+use crate::log::{DedupeOptions, EventLog, LogError, LogOptions, SledLog, SpaceLimits};
 use crate::metrics::Metrics;
 
 /// Why the server stopped with an error.
@@ -68,6 +68,10 @@ pub async fn run(
         retention: config
             .retention_policy()
             .map_err(|e| LogError::Open(e.to_string()))?,
+        space: SpaceLimits {
+            min_free_bytes: config.storage_min_free_bytes,
+            max_disk_bytes: config.storage_max_disk_bytes,
+        },
     };
     let opened = tokio::task::spawn_blocking(move || SledLog::open(&opts, hub, metrics))
         .await

@@ -133,6 +133,11 @@ impl From<LogError> for ApiError {
                 "storage_unavailable",
                 format!("the event was not stored: {m}"),
             ),
+            LogError::Full(m) => Self::new(
+                StatusCode::SERVICE_UNAVAILABLE,
+                "storage_full",
+                format!("the event was not stored: {m}"),
+            ),
             LogError::Corrupt(m) | LogError::Open(m) => {
                 Self::new(StatusCode::INTERNAL_SERVER_ERROR, "internal", m)
             }

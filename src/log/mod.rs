@@ -24,7 +24,7 @@ pub mod record;
 pub mod retention;
 mod sled_log;
 
-pub use sled_log::{Compacted, DedupeOptions, LogOptions, SledLog};
+pub use sled_log::{Compacted, DedupeOptions, LogOptions, SledLog, SpaceLimits};
 
 /// A boxed future, so the trait can be used as `dyn EventLog`.
 pub type BoxFuture<'a, T> = Pin<Box<dyn Future<Output = T> + Send + 'a>>;
@@ -38,6 +38,10 @@ pub enum LogError {
     /// The storage refused a write or a flush; the events of that append are not acknowledged.
     #[error("storage error: {0}")]
     Storage(String),
+    /// The disk, or the configured budget, is full: nothing of the append was stored.
+    /// Publishing resumes by itself once there is room again.
+    #[error("storage full: {0}")]
+    Full(String),
     /// A stored record could not be decoded.
     #[error("corrupt log: {0}")]
     Corrupt(String),

@@ -325,6 +325,7 @@ pub async fn retain_after(dir: &std::path::Path, through: u64) {
             dedupe: Default::default(),
             fsync: Default::default(),
             retention: tidewire::log::retention::RetentionPolicy::keep_everything(),
+            space: Default::default(),
         },
         tidewire::hub::Hub::new(4),
         tidewire::metrics::Metrics::new(),

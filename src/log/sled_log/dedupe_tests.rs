@@ -11,6 +11,7 @@ fn open_with(dir: &std::path::Path, dedupe: DedupeOptions) -> Arc<SledLog> {
         dedupe,
         fsync: FsyncPolicy::Always,
         retention: RetentionPolicy::keep_everything(),
+        space: SpaceLimits::default(),
     };
     SledLog::open(&opts, Hub::new(16), Metrics::new()).expect("open")
 }
@@ -236,6 +237,7 @@ fn open_policy(dir: &std::path::Path, fsync: FsyncPolicy) -> Arc<SledLog> {
         dedupe: DedupeOptions::default(),
         fsync,
         retention: RetentionPolicy::keep_everything(),
+        space: SpaceLimits::default(),
     };
     SledLog::open(&opts, Hub::new(16), Metrics::new()).expect("open")
 }

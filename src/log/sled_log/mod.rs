@@ -96,6 +96,28 @@ pub struct LogOptions {
     pub fsync: FsyncPolicy,
     /// How much history is kept; applied in the background.
     pub retention: RetentionPolicy,
+    /// When appends are refused for lack of room.
+    pub space: SpaceLimits,
+}
+
+/// When the log refuses appends for lack of room (with [`LogError::Full`]), before the disk
+/// itself is full: sled cannot recover from a failed write without a restart, so the log
+/// keeps it from ever hitting one. 0 in a field: no such limit.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct SpaceLimits {
+    /// Free bytes to keep on the data directory's filesystem.
+    pub min_free_bytes: u64,
+    /// Most bytes the data directory may take on disk.
+    pub max_disk_bytes: u64,
+}
+
+impl Default for SpaceLimits {
+    fn default() -> Self {
+        SpaceLimits {
+            min_free_bytes: 64 << 20,
+            max_disk_bytes: 0,
+        }
+    }
 }
 
 /// Where the writer sends the outcome of one append.
@@ -141,7 +163,12 @@ impl std::borrow::Borrow<str> for Topic {
 }
 
 fn storage(e: sled::Error) -> LogError {
-    LogError::Storage(e.to_string())
+    match &e {
+        sled::Error::Io(io) if io.kind() == std::io::ErrorKind::StorageFull => {
+            LogError::Full(e.to_string())
+        }
+        _ => LogError::Storage(e.to_string()),
+    }
 }
 
 fn corrupt(e: CorruptRecord) -> LogError {
@@ -269,6 +296,9 @@ impl SledLog {
             reserved,
             retention: opts.retention.clone(),
             last_compact: Instant::now(),
+            space: opts.space,
+            dir: opts.dir.clone(),
+            over_disk_budget: None,
         };
         let ticks = tx.downgrade();
         let mut tick_every = SWEEP_EVERY;

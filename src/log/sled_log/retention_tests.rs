@@ -13,6 +13,7 @@ fn open_with(dir: &std::path::Path, retention: RetentionPolicy) -> Arc<SledLog> 
         dedupe: DedupeOptions::default(),
         fsync: FsyncPolicy::Always,
         retention,
+        space: SpaceLimits::default(),
     };
     SledLog::open(&opts, Hub::new(16), Metrics::new()).expect("open")
 }

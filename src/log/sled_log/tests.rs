@@ -30,6 +30,7 @@ fn opts(dir: &std::path::Path) -> LogOptions {
         dedupe: Default::default(),
         fsync: Default::default(),
         retention: crate::log::retention::RetentionPolicy::keep_everything(),
+        space: Default::default(),
     }
 }
 

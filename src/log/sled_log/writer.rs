@@ -25,6 +25,10 @@ pub(super) struct Writer {
     pub(super) reserved: Option<u64>,
     pub(super) retention: RetentionPolicy,
     pub(super) last_compact: Instant,
+    pub(super) space: SpaceLimits,
+    pub(super) dir: std::path::PathBuf,
+    /// The data dir's size on disk when it was last found over `max_disk_bytes`.
+    pub(super) over_disk_budget: Option<u64>,
 }
 
 /// Topic records and events a commit wrote that are not yet visible.
@@ -200,8 +204,42 @@ impl Writer {
         }
     }
 
+    /// Refuses an append of about `bytes` when it would take the filesystem below the free
+    /// space to keep, or while the data dir is over its disk budget (checked by the tick).
+    fn check_space(&mut self, bytes: u64) -> Result<(), LogError> {
+        if let Some(size) = self.over_disk_budget {
+            return Err(LogError::Full(format!(
+                "the data directory takes {size} bytes, over its budget of {} \
+                 (storage_max_disk_bytes); retention must free room first",
+                self.space.max_disk_bytes
+            )));
+        }
+        let min_free = self.space.min_free_bytes;
+        if min_free == 0 {
+            return Ok(());
+        }
+        // Stored bytes grow by more than the payload (records, index, sled's own log):
+        // twice the payload is a safe bound for one commit.
+        let need = min_free.saturating_add(bytes.saturating_mul(2));
+        match fs4::available_space(&self.dir) {
+            Ok(free) if free < need => Err(LogError::Full(format!(
+                "{free} bytes free on the data directory's filesystem, and {min_free} are \
+                 kept free (storage_min_free_bytes); publishing resumes once there is room"
+            ))),
+            Ok(_) => Ok(()),
+            // Not knowing is no reason to refuse: sled still reports a real failure.
+            Err(_) => Ok(()),
+        }
+    }
+
     /// The periodic step: a due interval flush, then a due dedupe sweep.
     pub(super) fn tick(&mut self) {
+        if self.space.max_disk_bytes > 0 {
+            self.over_disk_budget = match self.db.size_on_disk() {
+                Ok(size) if size > self.space.max_disk_bytes => Some(size),
+                _ => None,
+            };
+        }
         if self.flush_due() {
             self.flush_and_publish();
         }
@@ -279,6 +317,17 @@ impl Writer {
         let started = Instant::now();
         let time = now_ms();
         let total: usize = appends.iter().map(|(e, _)| e.len()).sum();
+        let bytes: u64 = appends
+            .iter()
+            .flat_map(|(e, _)| e.iter())
+            .map(|e| e.data.len() as u64 + e.topic.as_str().len() as u64)
+            .sum();
+        if let Err(err) = self.check_space(bytes) {
+            for (_, reply) in appends {
+                let _ = reply.send(Err(err.clone()));
+            }
+            return;
+        }
         if let Err(err) = self.reserve_ids(self.next_id.saturating_add(total as u64)) {
             for (_, reply) in appends {
                 let _ = reply.send(Err(err.clone()));
