@@ -1,13 +1,16 @@
-//! The command line: `serve`, `publish`, `tail`. Parses flags, builds the runtime, and calls
-//! the library; holds no logic of its own.
+//! The command line: `serve`, `publish`, `tail`, `token`. Parses flags, builds the runtime,
+//! and calls the library; holds no logic of its own.
 
 use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::process::ExitCode;
+use std::time::Duration;
 
 use clap::{Args, Parser, Subcommand};
 use serde::Serialize;
 
+use crate::auth::mint::{self, TokenSpec};
+use crate::auth::Authenticator;
 use crate::config::Config;
 use crate::log::FsyncPolicy;
 
@@ -29,6 +32,60 @@ pub enum Command {
     Publish(PublishArgs),
     /// Follow topics over SSE, printing one event envelope per line; resumes after drops.
     Tail(TailArgs),
+    /// Mint a signed token (HS256/384/512) granting topic patterns, and print it.
+    Token(TokenArgs),
+    /// Show what a stopped server's log holds: events, ids, topics, bytes, retention.
+    Inspect(InspectArgs),
+    /// Check that every stored structure of a stopped server's log agrees; exit 1 if not.
+    Verify(InspectArgs),
+    /// Write events as NDJSON to stdout: from a stopped server's data dir, or online from a
+    /// running server (`--server`) without stopping publishers.
+    Export(ExportArgs),
+    /// Restore an export (NDJSON on stdin or `--input`) into an empty data dir, keeping ids.
+    Import(ImportArgs),
+}
+
+/// Flags of `inspect` and `verify`.
+#[derive(Debug, Args)]
+pub struct InspectArgs {
+    /// Directory of the log (the server must be stopped).
+    #[arg(long)]
+    pub data_dir: PathBuf,
+    /// Print JSON instead of a table.
+    #[arg(long)]
+    pub json: bool,
+}
+
+/// Flags of `export`.
+#[derive(Debug, Args)]
+#[command(group(clap::ArgGroup::new("source").required(true).args(["data_dir", "server"])))]
+pub struct ExportArgs {
+    /// Directory of a stopped server's log.
+    #[arg(long)]
+    pub data_dir: Option<PathBuf>,
+    /// A running server (online backup; `msg_id`s are not exported this way).
+    #[arg(long)]
+    pub server: Option<String>,
+    /// Pattern to export (repeatable) [default: every topic].
+    #[arg(long = "topic", default_value = "**")]
+    pub patterns: Vec<String>,
+    /// Export events with ids above this cursor.
+    #[arg(long, default_value_t = 0)]
+    pub since: u64,
+    /// Bearer token for a server with authorization on.
+    #[arg(long, env = "TIDEWIRE_TOKEN", hide_env_values = true)]
+    pub token: Option<String>,
+}
+
+/// Flags of `import`.
+#[derive(Debug, Args)]
+pub struct ImportArgs {
+    /// Directory to restore into: new or holding a log with no events.
+    #[arg(long)]
+    pub data_dir: PathBuf,
+    /// The export file [default: stdin].
+    #[arg(long)]
+    pub input: Option<PathBuf>,
 }
 
 fn is_false(b: &bool) -> bool {
@@ -71,6 +128,63 @@ pub struct ServeArgs {
     #[arg(long = "allowed-origin")]
     #[serde(skip_serializing_if = "Vec::is_empty")]
     pub allowed_origins: Vec<String>,
+    /// HMAC secret for HS256/384/512 tokens (shows in `ps`: prefer --jwt-secret-file or
+    /// TIDEWIRE_JWT_SECRET). Setting a key turns authorization on.
+    #[arg(long)]
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub jwt_secret: Option<String>,
+    /// File holding the HMAC secret.
+    #[arg(long)]
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub jwt_secret_file: Option<PathBuf>,
+    /// PEM public key verifying RS256 (RSA) or ES256 (P-256) tokens.
+    #[arg(long)]
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub jwt_public_key: Option<PathBuf>,
+    /// Require this `aud` in tokens.
+    #[arg(long)]
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub jwt_audience: Option<String>,
+    /// Require this `iss` in tokens.
+    #[arg(long)]
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub jwt_issuer: Option<String>,
+    /// Clock skew allowed on `exp`/`nbf`, seconds [default: 30].
+    #[arg(long)]
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub jwt_leeway_secs: Option<u64>,
+}
+
+/// Flags of `token`.
+#[derive(Debug, Args)]
+pub struct TokenArgs {
+    /// File holding the HMAC secret (the server's jwt_secret_file).
+    #[arg(long, required_unless_present = "secret", conflicts_with = "secret")]
+    pub secret_file: Option<PathBuf>,
+    /// The HMAC secret itself (shows in `ps`; prefer --secret-file).
+    #[arg(long)]
+    pub secret: Option<String>,
+    /// Pattern the token may publish to (repeatable), e.g. 'sensors/**'.
+    #[arg(long)]
+    pub publish: Vec<String>,
+    /// Pattern the token may subscribe to (repeatable), e.g. 'dash/**'.
+    #[arg(long)]
+    pub subscribe: Vec<String>,
+    /// Lifetime: 30s, 15m, 1h, 7d.
+    #[arg(long, default_value = "1h", value_parser = mint::parse_ttl)]
+    pub ttl: Duration,
+    /// `sub` claim (who the token is for; shown in logs).
+    #[arg(long)]
+    pub sub: Option<String>,
+    /// `aud` claim (match the server's jwt_audience).
+    #[arg(long)]
+    pub aud: Option<String>,
+    /// `iss` claim (match the server's jwt_issuer).
+    #[arg(long)]
+    pub iss: Option<String>,
+    /// Signing algorithm: HS256, HS384 or HS512.
+    #[arg(long, default_value = "HS256", value_parser = mint::parse_hs_alg)]
+    pub alg: jsonwebtoken::Algorithm,
 }
 
 /// Flags of `publish`.
@@ -90,6 +204,9 @@ pub struct PublishArgs {
     /// Server URL.
     #[arg(long, default_value = "http://127.0.0.1:7700", env = "TIDEWIRE_SERVER")]
     pub server: String,
+    /// Bearer token for a server with authorization on (see `tidewire token`).
+    #[arg(long, env = "TIDEWIRE_TOKEN", hide_env_values = true)]
+    pub token: Option<String>,
 }
 
 /// Flags of `tail`.
@@ -107,6 +224,9 @@ pub struct TailArgs {
     /// Server URL.
     #[arg(long, default_value = "http://127.0.0.1:7700", env = "TIDEWIRE_SERVER")]
     pub server: String,
+    /// Bearer token for a server with authorization on (see `tidewire token`).
+    #[arg(long, env = "TIDEWIRE_TOKEN", hide_env_values = true)]
+    pub token: Option<String>,
 }
 
 /// Runs a parsed command line to completion.
@@ -130,13 +250,30 @@ pub fn run(cli: Cli) -> ExitCode {
                 &a.data,
                 a.event_type.as_deref(),
                 a.msg_id.as_deref(),
+                a.token.as_deref(),
             )
             .await
             .map(|receipt| println!("{receipt}"))
             .map_err(|e| e.to_string()),
-            Command::Tail(a) => crate::client::tail(&a.server, &a.patterns, a.since, a.count)
+            Command::Tail(a) => {
+                crate::client::tail(&a.server, &a.patterns, a.since, a.count, a.token.as_deref())
+                    .await
+                    .map_err(|e| e.to_string())
+            }
+            Command::Token(a) => token(a).map(|t| println!("{t}")),
+            Command::Inspect(a) => crate::ops::inspect(&a.data_dir, a.json).await,
+            Command::Verify(a) => crate::ops::verify(&a.data_dir, a.json).await,
+            Command::Export(a) => {
+                crate::ops::export(
+                    a.data_dir.as_deref(),
+                    a.server.as_deref(),
+                    &a.patterns,
+                    a.since,
+                    a.token.as_deref(),
+                )
                 .await
-                .map_err(|e| e.to_string()),
+            }
+            Command::Import(a) => crate::ops::import(&a.data_dir, a.input.as_deref()).await,
         }
     });
     match result {
@@ -158,12 +295,30 @@ async fn serve(args: ServeArgs) -> Result<(), String> {
         .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
         .init();
     let config = Config::load(args.config.as_deref(), &args).map_err(|e| e.to_string())?;
+    // Before binding: an unusable key must not leave a port open, even briefly.
+    let auth = Authenticator::from_config(&config).map_err(|e| e.to_string())?;
     let listener = tokio::net::TcpListener::bind(config.listen)
         .await
         .map_err(|e| format!("cannot listen on {}: {e}", config.listen))?;
-    crate::server::run(listener, config, shutdown_signal())
+    crate::server::run_with_auth(listener, config, auth, shutdown_signal())
         .await
         .map_err(|e| e.to_string())
+}
+
+fn token(a: TokenArgs) -> Result<String, String> {
+    let secret = crate::auth::jwt::load_secret(a.secret.as_deref(), a.secret_file.as_deref())
+        .map_err(|e| e.to_string())?
+        .ok_or("give --secret-file or --secret")?;
+    let spec = TokenSpec {
+        publish: a.publish,
+        subscribe: a.subscribe,
+        ttl: a.ttl,
+        sub: a.sub,
+        aud: a.aud,
+        iss: a.iss,
+        alg: a.alg,
+    };
+    mint::mint(&secret, &spec).map_err(|e| e.to_string())
 }
 
 /// Resolves on SIGTERM or SIGINT (Ctrl-C).

@@ -37,6 +37,8 @@ fn transport(e: impl std::fmt::Display) -> ClientError {
 
 struct Server {
     authority: String,
+    /// Sent as `Authorization: Bearer` on every request, when given.
+    token: Option<String>,
 }
 
 impl Server {
@@ -51,7 +53,13 @@ impl Server {
         let port = authority.port_u16().unwrap_or(80);
         Ok(Server {
             authority: format!("{}:{port}", authority.host()),
+            token: None,
         })
+    }
+
+    fn with_token(mut self, token: Option<&str>) -> Self {
+        self.token = token.map(str::to_string);
+        self
     }
 
     async fn send(
@@ -71,24 +79,30 @@ impl Server {
     }
 
     fn request(&self, method: Method, path_and_query: &str) -> http::request::Builder {
-        Request::builder()
+        let req = Request::builder()
             .method(method)
             .uri(path_and_query)
-            .header(header::HOST, &self.authority)
+            .header(header::HOST, &self.authority);
+        match &self.token {
+            Some(t) => req.header(header::AUTHORIZATION, format!("Bearer {t}")),
+            None => req,
+        }
     }
 }
 
 /// Publishes one event to `topic`: `data` is sent as JSON when it parses as JSON, else as a
 /// JSON string; text that starts like a JSON object or array must parse (a typo is refused,
-/// not stored as a string). Returns the server's receipt (the 201 body).
+/// not stored as a string). Returns the server's receipt (the 201 body). `token`, when given,
+/// is sent as `Authorization: Bearer`.
 pub async fn publish(
     server: &str,
     topic: &str,
     data: &str,
     event_type: Option<&str>,
     msg_id: Option<&str>,
+    token: Option<&str>,
 ) -> Result<String, ClientError> {
-    let server = Server::parse(server)?;
+    let server = Server::parse(server)?.with_token(token);
     let data: serde_json::Value = match serde_json::from_str(data) {
         Ok(v) => v,
         Err(e) if data.trim_start().starts_with(['{', '[']) => {
@@ -225,14 +239,17 @@ impl SseParser {
 /// Follows `patterns` over SSE, printing each event envelope on its own line to stdout (and
 /// gap signals to stderr). Starts from `since` (live only when `None`), and on any
 /// disconnect reconnects with `Last-Event-ID`, so no event is missed or printed twice.
-/// Returns after `max_events` events when given.
+/// Returns after `max_events` events when given. `token`, when given, is sent as
+/// `Authorization: Bearer`; once it expires the server refuses the reconnect (401) and `tail`
+/// fails, naming the refusal.
 pub async fn tail(
     server: &str,
     patterns: &[String],
     since: Option<u64>,
     max_events: Option<u64>,
+    token: Option<&str>,
 ) -> Result<(), ClientError> {
-    let server = Server::parse(server)?;
+    let server = Server::parse(server)?.with_token(token);
     let query: String = form_urlencoded::Serializer::new(String::new())
         .extend_pairs(patterns.iter().map(|p| ("topic", p.as_str())))
         .finish();
@@ -299,6 +316,73 @@ pub async fn tail(
             parser.retry.unwrap_or(1000).min(30_000),
         ))
         .await;
+    }
+}
+
+/// An online backup: writes every retained event matching `patterns` with an id above
+/// `since` from a running server to `out`, one JSON envelope per line (the export format,
+/// without `msg_id`, which the wire never shows), by long-polling with `timeout=0` until a
+/// poll finds nothing new. The export is consistent up to the cursor it returns: it holds
+/// exactly the matching retained events with ids up to it, and a later export `--since` that
+/// cursor continues it. Publishers need not stop.
+pub async fn export(
+    server: &str,
+    patterns: &[String],
+    since: u64,
+    token: Option<&str>,
+    out: &mut (dyn std::io::Write + Send),
+) -> Result<(u64, u64), ClientError> {
+    #[derive(serde::Deserialize)]
+    struct Poll {
+        events: Vec<Box<serde_json::value::RawValue>>,
+        next: u64,
+    }
+    let server = Server::parse(server)?.with_token(token);
+    let topics: String = patterns
+        .iter()
+        .map(|p| {
+            format!(
+                "topic={}&",
+                form_urlencoded::byte_serialize(p.as_bytes()).collect::<String>()
+            )
+        })
+        .collect();
+    let mut cursor = since;
+    let mut written = 0u64;
+    loop {
+        let req = server
+            .request(
+                Method::GET,
+                &format!("/v1/poll?{topics}since={cursor}&timeout=0&limit=10000"),
+            )
+            .body(Full::new(Bytes::new()))
+            .map_err(transport)?;
+        let resp = server.send(req).await?;
+        let status = resp.status();
+        let body = resp
+            .into_body()
+            .collect()
+            .await
+            .map_err(transport)?
+            .to_bytes();
+        if status != StatusCode::OK {
+            return Err(ClientError::Refused {
+                status,
+                body: String::from_utf8_lossy(&body).into_owned(),
+            });
+        }
+        let poll: Poll =
+            serde_json::from_slice(&body).map_err(|e| ClientError::BadJson(e.to_string()))?;
+        for e in &poll.events {
+            out.write_all(e.get().as_bytes()).map_err(transport)?;
+            out.write_all(b"\n").map_err(transport)?;
+        }
+        written += poll.events.len() as u64;
+        if poll.events.is_empty() || poll.next <= cursor {
+            out.flush().map_err(transport)?;
+            return Ok((written, poll.next.max(cursor)));
+        }
+        cursor = poll.next;
     }
 }
 

@@ -136,6 +136,10 @@ pub fn decode_publish(
     limits: &Limits,
     bare: &BareDefaults,
 ) -> Result<Vec<NewEvent>, DecodeError> {
+    // `?type=` and `?msg_id=` only apply to bare bodies, but a bad one is refused whatever
+    // the body: a client should not learn of its typo only when it switches content type.
+    validate_fields(bare.event_type.as_deref(), bare.msg_id.as_deref())
+        .map_err(|m| DecodeError::Invalid(format!("query: {m}")))?;
     let inflated;
     let body = if gzip {
         inflated = gunzip(body, limits.max_decompressed)?;
@@ -225,7 +229,18 @@ fn validate(env: RawEnvelope, target: &Target, limits: &Limits) -> Result<NewEve
         (Target::PerEnvelope, Some(named)) => Topic::parse_with_limit(&named, limits.max_topic_len)
             .map_err(|e: NameError| format!("topic {named:?} {e}"))?,
     };
-    if let Some(t) = &env.event_type {
+    validate_fields(env.event_type.as_deref(), env.msg_id.as_deref())?;
+    Ok(NewEvent {
+        topic,
+        event_type: env.event_type.map(Into::into),
+        msg_id: env.msg_id.map(Into::into),
+        data: env.data,
+    })
+}
+
+/// The rules for an envelope's `type` and `msg_id`, wherever they come from.
+fn validate_fields(event_type: Option<&str>, msg_id: Option<&str>) -> Result<(), String> {
+    if let Some(t) = event_type {
         if t.is_empty() || t.len() > MAX_TYPE_LEN || t.chars().any(char::is_control) {
             return Err(format!(
                 "`type` must be 1 to {MAX_TYPE_LEN} bytes without control characters"
@@ -235,17 +250,33 @@ fn validate(env: RawEnvelope, target: &Target, limits: &Limits) -> Result<NewEve
             return Err("`type` \"gap\" is reserved for the gap signal".into());
         }
     }
-    if let Some(m) = &env.msg_id {
+    if let Some(m) = msg_id {
         if m.is_empty() || m.len() > MAX_MSG_ID_LEN {
             return Err(format!("`msg_id` must be 1 to {MAX_MSG_ID_LEN} bytes"));
         }
     }
-    Ok(NewEvent {
-        topic,
-        event_type: env.event_type.map(Into::into),
-        msg_id: env.msg_id.map(Into::into),
-        data: env.data,
-    })
+    Ok(())
+}
+
+/// Reads `T` (an envelope struct) only from a map, refusing the sequence form serde also
+/// accepts for structs (`[1, "type"]` is not an envelope).
+struct MapOnly<T>(T);
+
+impl<'de, T: Deserialize<'de>> Deserialize<'de> for MapOnly<T> {
+    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        struct MapVisitor<T>(std::marker::PhantomData<T>);
+        impl<'de, T: Deserialize<'de>> Visitor<'de> for MapVisitor<T> {
+            type Value = T;
+            fn expecting(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+                f.write_str("an envelope object")
+            }
+            fn visit_map<A: MapAccess<'de>>(self, map: A) -> Result<T, A::Error> {
+                T::deserialize(de::value::MapAccessDeserializer::new(map))
+            }
+        }
+        d.deserialize_map(MapVisitor(std::marker::PhantomData))
+            .map(MapOnly)
+    }
 }
 
 // ---------------------------------------------------------------- JSON and NDJSON
@@ -301,6 +332,11 @@ fn from_json_envelope(env: JsonEnvelope<'_>) -> Result<RawEnvelope, DecodeError>
 /// Returns JSON text on one line: as given when it already is, re-serialised when it
 /// spans lines (an SSE `data:` line must not break).
 fn compact_json(text: &str) -> Result<Box<str>, DecodeError> {
+    if text.contains("\\u") {
+        // The raw parse skips escapes without decoding them: a lone surrogate (`"\ud800"`)
+        // is not a character, and would come out of MessagePack and other decoders changed.
+        serde_json::from_str::<serde_json::Value>(text).map_err(json_error)?;
+    }
     if text.contains(['\n', '\r']) {
         let v: serde_json::Value = serde_json::from_str(text).map_err(json_error)?;
         Ok(v.to_string().into())
@@ -313,12 +349,14 @@ fn decode_json(body: &[u8]) -> Result<Vec<RawEnvelope>, DecodeError> {
     let first = body.iter().find(|b| !b.is_ascii_whitespace());
     match first {
         Some(b'[') => {
-            let envs: Vec<JsonEnvelope<'_>> = serde_json::from_slice(body).map_err(json_error)?;
-            envs.into_iter().map(from_json_envelope).collect()
+            let envs: Vec<MapOnly<JsonEnvelope<'_>>> =
+                serde_json::from_slice(body).map_err(json_error)?;
+            envs.into_iter().map(|e| from_json_envelope(e.0)).collect()
         }
         Some(b'{') => {
-            let env: JsonEnvelope<'_> = serde_json::from_slice(body).map_err(json_error)?;
-            Ok(vec![from_json_envelope(env)?])
+            let env: MapOnly<JsonEnvelope<'_>> =
+                serde_json::from_slice(body).map_err(json_error)?;
+            Ok(vec![from_json_envelope(env.0)?])
         }
         Some(_) => {
             // Well-formed JSON that is not an envelope is invalid, anything else malformed.
@@ -337,13 +375,13 @@ fn decode_ndjson(body: &[u8]) -> Result<Vec<RawEnvelope>, DecodeError> {
         if line.iter().all(u8::is_ascii_whitespace) {
             continue;
         }
-        let env: JsonEnvelope<'_> =
+        let env: MapOnly<JsonEnvelope<'_>> =
             serde_json::from_slice(line).map_err(|e| match json_error(e) {
                 DecodeError::Invalid(m) => DecodeError::Invalid(format!("line {}: {m}", n + 1)),
                 DecodeError::Malformed(m) => DecodeError::Malformed(format!("line {}: {m}", n + 1)),
                 other => other,
             })?;
-        out.push(from_json_envelope(env)?);
+        out.push(from_json_envelope(env.0)?);
     }
     Ok(out)
 }
@@ -452,14 +490,15 @@ fn decode_msgpack(body: &[u8]) -> Result<Vec<RawEnvelope>, DecodeError> {
     };
     let mut de = rmp_serde::Deserializer::new(std::io::Cursor::new(body));
     let envs: Vec<RawEnvelope> = match first {
-        0x90..=0x9f | 0xdc | 0xdd => Vec::<MsgpackEnvelope>::deserialize(&mut de)
+        0x90..=0x9f | 0xdc | 0xdd => Vec::<MapOnly<MsgpackEnvelope>>::deserialize(&mut de)
             .map_err(msgpack_error)?
             .into_iter()
-            .map(Into::into)
+            .map(|e| e.0.into())
             .collect(),
         0x80..=0x8f | 0xde | 0xdf => {
-            vec![MsgpackEnvelope::deserialize(&mut de)
+            vec![MapOnly::<MsgpackEnvelope>::deserialize(&mut de)
                 .map_err(msgpack_error)?
+                .0
                 .into()]
         }
         _ => {
@@ -541,6 +580,60 @@ mod tests {
             decode(BodyFormat::Json, b"42"),
             Err(DecodeError::Invalid(_))
         ));
+    }
+
+    #[test]
+    fn an_envelope_written_as_an_array_is_not_an_envelope() {
+        for (format, body) in [
+            (BodyFormat::Json, &b"[[1,\"t\",\"m\"]]"[..]),
+            (BodyFormat::Ndjson, b"[1,\"typ\"]\n"),
+            (BodyFormat::Msgpack, b"\x91\x91\xc0"),
+        ] {
+            assert!(
+                matches!(decode(format, body), Err(DecodeError::Invalid(_))),
+                "{format:?} {body:?}"
+            );
+        }
+        let batch = decode_publish(
+            &Target::PerEnvelope,
+            BodyFormat::Json,
+            false,
+            b"[[1,null,null,\"other/x\"]]",
+            &Limits::default(),
+            &BareDefaults::default(),
+        );
+        assert!(matches!(batch, Err(DecodeError::Invalid(_))));
+    }
+
+    #[test]
+    fn a_lone_surrogate_in_json_data_is_refused_and_a_pair_is_kept() {
+        assert!(decode(BodyFormat::Json, br#"{"data":"\ud800x"}"#).is_err());
+        let ok = decode(BodyFormat::Json, br#"{"data":"\ud83d\ude00"}"#).unwrap();
+        assert_eq!(json_text(&ok[0]), r#""\ud83d\ude00""#);
+    }
+
+    #[test]
+    fn a_bad_query_type_or_msg_id_is_refused_whatever_the_body() {
+        for bare in [
+            BareDefaults {
+                event_type: Some("gap".into()),
+                ..BareDefaults::default()
+            },
+            BareDefaults {
+                msg_id: Some(String::new()),
+                ..BareDefaults::default()
+            },
+        ] {
+            let r = decode_publish(
+                &topic(),
+                BodyFormat::Json,
+                false,
+                br#"{"data":1}"#,
+                &Limits::default(),
+                &bare,
+            );
+            assert!(matches!(r, Err(DecodeError::Invalid(_))), "{r:?}");
+        }
     }
 
     #[test]

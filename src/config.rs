@@ -70,6 +70,58 @@ pub struct Config {
     pub poll_max_timeout_secs: u64,
     /// Most events one long-poll response may carry (a larger `limit=` is capped).
     pub poll_max_limit: usize,
+    /// HMAC secret for HS256/384/512 tokens, at least 32 bytes. Setting a key (this,
+    /// `jwt_secret_file` or `jwt_public_key`) turns authorization on. Prefer the file or
+    /// `TIDEWIRE_JWT_SECRET`: a secret on the command line shows in `ps`.
+    pub jwt_secret: Option<Secret>,
+    /// File holding the HMAC secret (trailing newlines are not part of it).
+    pub jwt_secret_file: Option<PathBuf>,
+    /// PEM public key (RSA for RS256, P-256 EC for ES256) that verifies tokens.
+    pub jwt_public_key: Option<PathBuf>,
+    /// When set, tokens must carry this `aud`.
+    pub jwt_audience: Option<String>,
+    /// When set, tokens must carry this `iss`.
+    pub jwt_issuer: Option<String>,
+    /// Refuse tokens without `exp` (a token that never expires cannot be revoked).
+    pub jwt_require_exp: bool,
+    /// Clock skew allowed on `exp` and `nbf`, seconds. Streams end this long after `exp`.
+    pub jwt_leeway_secs: u64,
+    /// Accept the token from the `access_token` query parameter (browsers' EventSource and
+    /// WebSocket cannot set headers). It is never logged.
+    pub jwt_query_token: bool,
+    /// When set, `/metrics` needs `Authorization: Bearer <metrics_token>`.
+    pub metrics_token: Option<Secret>,
+    /// Publish requests per second each publisher may sustain (a token bucket per token
+    /// subject, or per client address for tokens without `sub` and on an open server). One
+    /// request is one cell, whatever the number of events it carries; a WebSocket publish op
+    /// is one too. Excess gets 429 `rate_limited` with `Retry-After`. 0: unlimited.
+    pub publish_rate_per_sec: f64,
+    /// Publish requests a publisher may send at once above its rate (the bucket's size).
+    /// 0: one second's worth of `publish_rate_per_sec`, at least 1.
+    pub publish_burst: u32,
+    /// Most TCP connections open at once (WebSockets included); one more is answered 503
+    /// `server_at_capacity` and closed. 0: unlimited.
+    pub max_connections: usize,
+    /// Most TCP connections open at once from one client address (an IPv6 client's /64);
+    /// one more is answered 429 `too_many_connections` and closed. 0: unlimited.
+    pub max_connections_per_ip: usize,
+    /// Most topic patterns one WebSocket may hold over all its `subscribe` ops (and its
+    /// query); more gets a `too_many_subscriptions` error frame.
+    pub ws_max_subscriptions: usize,
+    /// Seconds a client has to send a complete request head once its first byte arrived
+    /// (slowloris); then the connection is closed. 0: no limit.
+    pub header_read_timeout_secs: u64,
+    /// Seconds a publish request's body may take to arrive in full; then 408
+    /// `request_timeout` and nothing is stored. 0: no limit.
+    pub body_read_timeout_secs: u64,
+    /// Seconds a connection may stay open with no request in flight (keep-alive, or
+    /// connected and silent); then it is closed. A stream in progress (SSE, long-poll) is a
+    /// request in flight, and an upgraded WebSocket is no longer an HTTP connection. 0: no
+    /// limit.
+    pub idle_timeout_secs: u64,
+    /// Largest request line plus headers, in bytes: 431 `headers_too_large` above; the parser
+    /// stops reading at twice this (bare 431, connection closed).
+    pub max_header_bytes: usize,
     /// How long a publish's `(topic, msg_id)` is remembered, seconds: a repeat within this
     /// window is not stored again (it is answered with the original id).
     pub dedupe_window_secs: u64,
@@ -127,6 +179,24 @@ impl Default for Config {
             sse_gzip: false,
             poll_max_timeout_secs: 55,
             poll_max_limit: 10_000,
+            jwt_secret: None,
+            jwt_secret_file: None,
+            jwt_public_key: None,
+            jwt_audience: None,
+            jwt_issuer: None,
+            jwt_require_exp: true,
+            jwt_leeway_secs: 30,
+            jwt_query_token: true,
+            metrics_token: None,
+            publish_rate_per_sec: 0.0,
+            publish_burst: 0,
+            max_connections: 16_384,
+            max_connections_per_ip: 0,
+            ws_max_subscriptions: 64,
+            header_read_timeout_secs: 10,
+            body_read_timeout_secs: 60,
+            idle_timeout_secs: 90,
+            max_header_bytes: 32 << 10,
             dedupe_window_secs: 120,
             dedupe_max_ids: 1_000_000,
             fsync: FsyncPolicy::Always,
@@ -141,6 +211,34 @@ impl Default for Config {
         }
     }
 }
+
+/// A secret from the configuration. `Debug` never shows it, so a logged or printed
+/// configuration does not leak it.
+#[derive(Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(transparent)]
+pub struct Secret(String);
+
+impl Secret {
+    /// Wraps a secret value.
+    pub fn new(value: impl Into<String>) -> Self {
+        Secret(value.into())
+    }
+
+    /// The secret itself, for the one place that uses it.
+    pub fn expose(&self) -> &str {
+        &self.0
+    }
+}
+
+impl std::fmt::Debug for Secret {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("Secret(<redacted>)")
+    }
+}
+
+/// Keys read from `TIDEWIRE_<KEY>` verbatim instead of through figment's value parser, which
+/// would turn a secret that looks like a number or a list into one.
+const VERBATIM_ENV_KEYS: [&str; 2] = ["jwt_secret", "metrics_token"];
 
 /// Why a configuration was refused.
 #[derive(Debug, thiserror::Error)]
@@ -168,12 +266,25 @@ impl Config {
             fig = fig.merge(Toml::file(path));
         }
         let keys = Config::default().keys();
-        fig = fig
-            .merge(Env::prefixed("TIDEWIRE_").filter(move |k| keys.iter().any(|x| k == x.as_str())))
-            .merge(Serialized::defaults(overrides));
+        fig = fig.merge(Env::prefixed("TIDEWIRE_").filter(move |k| {
+            keys.iter().any(|x| k == x.as_str()) && !VERBATIM_ENV_KEYS.contains(&k.as_str())
+        }));
+        for key in VERBATIM_ENV_KEYS {
+            let var = format!("TIDEWIRE_{}", key.to_ascii_uppercase());
+            if let Ok(value) = std::env::var(&var) {
+                fig = fig.merge(Serialized::default(key, value));
+            }
+        }
+        fig = fig.merge(Serialized::defaults(overrides));
         let config: Config = fig.extract().map_err(Box::new)?;
         config.validate()?;
         Ok(config)
+    }
+
+    /// Whether a JWT key is configured, i.e. the server checks tokens (whether the key is
+    /// usable is checked when the server starts).
+    pub fn auth_configured(&self) -> bool {
+        self.jwt_secret.is_some() || self.jwt_secret_file.is_some() || self.jwt_public_key.is_some()
     }
 
     fn keys(&self) -> Vec<String> {
@@ -201,10 +312,11 @@ impl Config {
     /// Checks the rules that span several keys.
     pub fn validate(&self) -> Result<(), ConfigError> {
         self.retention_policy()?;
-        if !self.listen.ip().is_loopback() && !self.insecure_open {
+        if !self.listen.ip().is_loopback() && !self.insecure_open && !self.auth_configured() {
             return Err(ConfigError::Invalid(format!(
-                "refusing to listen on {} without authentication: an open server listens on \
-                 loopback only unless started with --insecure-open",
+                "refusing to listen on {} without authentication: configure a JWT key \
+                 (--jwt-secret-file, TIDEWIRE_JWT_SECRET or --jwt-public-key), or start with \
+                 --insecure-open to serve an open server on a trusted network",
                 self.listen
             )));
         }
@@ -224,6 +336,7 @@ impl Config {
             ("ws_send_queue", self.ws_send_queue),
             ("ws_max_frame_bytes", self.ws_max_frame_bytes),
             ("poll_max_limit", self.poll_max_limit),
+            ("ws_max_subscriptions", self.ws_max_subscriptions),
         ] {
             if v == 0 {
                 return Err(ConfigError::Invalid(format!("{name} must be at least 1")));
@@ -232,6 +345,16 @@ impl Config {
         if self.sse_heartbeat_secs == 0 {
             return Err(ConfigError::Invalid(
                 "sse_heartbeat_secs must be at least 1".into(),
+            ));
+        }
+        if !self.publish_rate_per_sec.is_finite() || self.publish_rate_per_sec < 0.0 {
+            return Err(ConfigError::Invalid(
+                "publish_rate_per_sec must be a number, 0 (unlimited) or more".into(),
+            ));
+        }
+        if self.max_header_bytes < 1024 {
+            return Err(ConfigError::Invalid(
+                "max_header_bytes must be at least 1024".into(),
             ));
         }
         if self.ws_ping_secs == 0 || self.ws_unresponsive_secs <= self.ws_ping_secs {
@@ -264,10 +387,30 @@ mod tests {
             ..Config::default()
         };
         assert!(c.validate().is_err());
+        let with_key = Config {
+            jwt_secret_file: Some(PathBuf::from("/run/secrets/jwt")),
+            ..c.clone()
+        };
+        assert!(
+            with_key.validate().is_ok(),
+            "a keyed server may listen anywhere"
+        );
         let c = Config {
             insecure_open: true,
             ..c
         };
         assert!(c.validate().is_ok());
+    }
+
+    #[test]
+    fn secrets_do_not_show_in_debug_output() {
+        let c = Config {
+            jwt_secret: Some(Secret::new("hunter2-hunter2-hunter2-hunter2-x")),
+            metrics_token: Some(Secret::new("metrics-s3cret")),
+            ..Config::default()
+        };
+        let shown = format!("{c:?}");
+        assert!(!shown.contains("hunter2"), "{shown}");
+        assert!(!shown.contains("metrics-s3cret"), "{shown}");
     }
 }

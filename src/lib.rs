@@ -21,20 +21,28 @@
 //! - [`subscription`]: history from a cursor, then live, without gap or duplicate.
 //! - [`http`]: routing, errors and the HTTP transports (publish, SSE, WebSocket, topics, health).
 //! - [`ws_frame`]: WebSocket ops and frames (JSON, MessagePack, gzip batches), pure functions.
+//! - [`auth`]: JWT verification and topic-pattern grants, checked by every transport.
 //! - [`server`]: accept loop, HTTP/1.1 + HTTP/2, graceful shutdown.
+//! - [`limits`]: abuse limits: publish rate, connection caps, slow-client timeouts.
+//! - [`export`]: the log as NDJSON lines for backups and restores (`tidewire export`/`import`).
+//! - [`ops`]: operator commands on a data dir (`inspect`, `verify`, `export`, `import`).
 //! - [`config`], [`cli`], [`client`], [`metrics`]: configuration, the command line, the
 //!   client behind `publish`/`tail`, Prometheus metrics.
 #![warn(missing_docs)]
 
+pub mod auth;
 pub mod cli;
 pub mod client;
 pub mod codec;
 pub mod config;
 pub mod envelope;
+pub mod export;
 pub mod http;
 pub mod hub;
+pub mod limits;
 pub mod log;
 pub mod metrics;
+pub mod ops;
 pub mod publish;
 pub mod server;
 pub mod subscription;

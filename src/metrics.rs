@@ -62,6 +62,32 @@ pub struct WsMetrics {
     pub unresponsive_closed: Counter,
 }
 
+/// Why a limit acted (`reason` label of the abuse-limit metrics).
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct ReasonLabel {
+    /// Connections refused: `total` or `per_ip`. Connections closed: `header_timeout` or
+    /// `idle_timeout`. Publishes limited: `http` or `ws`.
+    pub reason: &'static str,
+}
+
+/// Abuse-limit metrics (src/limits/): connection caps, slow-client closes, publish rate.
+#[derive(Clone, Default)]
+pub struct LimitMetrics {
+    /// TCP connections open now (counted against `max_connections`; WebSockets included).
+    pub connections_open: Gauge,
+    /// Connections answered 503/429 and closed at accept, by `total` / `per_ip`.
+    pub connections_refused: Family<ReasonLabel, Counter>,
+    /// Connections closed by the server for `header_timeout` or `idle_timeout`.
+    pub connections_timed_out: Family<ReasonLabel, Counter>,
+    /// Publish requests refused with `rate_limited`, by transport (`http`, `ws`).
+    pub publish_rate_limited: Family<ReasonLabel, Counter>,
+    /// Publishers (token subjects or client addresses) the rate limiter remembers, as of its
+    /// last sweep.
+    pub rate_limiter_keys: Gauge,
+    /// Publish bodies that did not arrive within `body_read_timeout_secs` (answered 408).
+    pub body_timeouts: Counter,
+}
+
 /// One open subscription in `live_subscribers`; decrements the gauge when dropped.
 pub struct SubscriberGuard(Gauge);
 
@@ -93,6 +119,7 @@ pub struct Metrics {
     retention_latency: Histogram,
     rejected: Family<CodeLabel, Counter>,
     ws: WsMetrics,
+    limits: LimitMetrics,
 }
 
 impl Default for Metrics {
@@ -130,6 +157,7 @@ impl Metrics {
             retention_latency: latency_histogram(),
             rejected: Family::default(),
             ws: WsMetrics::default(),
+            limits: LimitMetrics::default(),
         };
         r.register(
             "publish_requests",
@@ -246,6 +274,36 @@ impl Metrics {
             "WebSockets closed for not answering or not reading",
             m.ws.unresponsive_closed.clone(),
         );
+        r.register(
+            "connections_open",
+            "TCP connections open now, WebSockets included (capped by max_connections)",
+            m.limits.connections_open.clone(),
+        );
+        r.register(
+            "connections_refused",
+            "Connections answered 503 (total cap) or 429 (per-address cap) and closed at accept",
+            m.limits.connections_refused.clone(),
+        );
+        r.register(
+            "connections_timed_out",
+            "Connections closed for a slow request head or for idling without a request",
+            m.limits.connections_timed_out.clone(),
+        );
+        r.register(
+            "publish_rate_limited",
+            "Publish requests and WebSocket publish ops refused with rate_limited, by transport",
+            m.limits.publish_rate_limited.clone(),
+        );
+        r.register(
+            "rate_limiter_keys",
+            "Publishers (token subjects or client addresses) the publish rate limiter remembers",
+            m.limits.rate_limiter_keys.clone(),
+        );
+        r.register(
+            "publish_body_timeouts",
+            "Publish bodies that did not arrive within body_read_timeout_secs (408)",
+            m.limits.body_timeouts.clone(),
+        );
         Metrics {
             registry: Arc::new(r),
             ..m
@@ -316,6 +374,11 @@ impl Metrics {
     /// The WebSocket metrics.
     pub fn ws(&self) -> &WsMetrics {
         &self.ws
+    }
+
+    /// The abuse-limit metrics.
+    pub fn limits(&self) -> &LimitMetrics {
+        &self.limits
     }
 
     /// Records that a subscriber fell behind and went back to the log.

@@ -19,11 +19,13 @@ use hyper_util::server::graceful::GracefulShutdown;
 use tokio::net::TcpListener;
 use tokio::sync::watch;
 
+use crate::auth::{Authenticator, KeyError};
 use crate::config::Config;
 use crate::http::{self, AppState};
 use crate::hub::Hub;
+use crate::limits::{conn, ClientAddr, ConnWatch, TrackedBody, WatchedIo};
 use crate::log::{DedupeOptions, EventLog, LogError, LogOptions, SledLog, SpaceLimits};
-use crate::metrics::Metrics;
+use crate::metrics::{Metrics, ReasonLabel};
 
 /// Why the server stopped with an error.
 #[derive(Debug, thiserror::Error)]
@@ -34,26 +36,68 @@ pub enum ServerError {
     /// A socket operation failed.
     #[error("network: {0}")]
     Io(#[from] std::io::Error),
+    /// The configured JWT key cannot be used.
+    #[error(transparent)]
+    Key(#[from] KeyError),
+    /// An open server (no key) was handed a non-loopback listener without `insecure_open`.
+    #[error(
+        "refusing to serve on {0} without authentication: configure a JWT key or set insecure_open"
+    )]
+    Open(std::net::SocketAddr),
 }
 
 /// Serves on `listener` until `shutdown` resolves, then shuts down gracefully. The log lives
-/// in `config.data_dir`; `config.listen` is ignored (the listener is already bound).
+/// in `config.data_dir`; `config.listen` is ignored (the listener is already bound). The JWT
+/// key of `config`, if any, is loaded first: an unusable one is an error before anything is
+/// served.
 pub async fn run(
     listener: TcpListener,
     config: Config,
     shutdown: impl Future<Output = ()> + Send,
 ) -> Result<(), ServerError> {
+    let auth = Authenticator::from_config(&config)?;
+    run_with_auth(listener, config, auth, shutdown).await
+}
+
+/// [`run`] with the authenticator already built from `config` (`None`: an open server), so a
+/// caller that checked the key before binding does not read it twice.
+///
+/// Guarantees: an open server serves a non-loopback listener only with `insecure_open` (it
+/// returns [`ServerError::Open`] before accepting anything otherwise), and says so in a
+/// warning when it does.
+pub async fn run_with_auth(
+    listener: TcpListener,
+    config: Config,
+    auth: Option<Authenticator>,
+    shutdown: impl Future<Output = ()> + Send,
+) -> Result<(), ServerError> {
+    let bound = listener.local_addr()?;
+    if auth.is_none() {
+        if !bound.ip().is_loopback() && !config.insecure_open {
+            return Err(ServerError::Open(bound));
+        }
+        if config.insecure_open {
+            tracing::warn!(
+                listen = %bound,
+                "insecure_open: no JWT key is configured, so anyone who can reach this address \
+                 may publish and subscribe to every topic"
+            );
+        }
+    }
     let metrics = Metrics::new();
     let hub = Hub::new(config.hub_capacity);
     let (stop_tx, stop_rx) = watch::channel(false);
     let grace = Duration::from_secs(config.shutdown_grace_secs);
     let addr = listener.local_addr()?;
-    let state = Arc::new(AppState::new(
-        config.clone(),
-        hub.clone(),
-        metrics.clone(),
-        stop_rx.clone(),
-    ));
+    let state = Arc::new(
+        AppState::new(
+            config.clone(),
+            hub.clone(),
+            metrics.clone(),
+            stop_rx.clone(),
+        )
+        .with_authenticator(auth),
+    );
     // Accept at once, so /readyz answers 503 (not a hang) while the log opens.
     let accept = tokio::spawn(accept_loop(listener, state.clone(), stop_rx));
 
@@ -90,6 +134,7 @@ pub async fn run(
         events = log.event_count(),
         topics = log.topic_count(),
         next_id = log.head().0 + 1,
+        auth = if state.authenticator().is_some() { "jwt" } else { "open" },
         "tidewire ready"
     );
     state.set_log(log.clone());
@@ -121,9 +166,15 @@ async fn accept_loop(
     mut stop: watch::Receiver<bool>,
 ) -> GracefulShutdown {
     let graceful = GracefulShutdown::new();
-    let builder = auto::Builder::new(TokioExecutor::new());
+    let builder = http_builder(&state.config);
+    let refusals = Arc::new(tokio::sync::Semaphore::new(conn::REFUSALS_IN_FLIGHT));
+    let secs = |s: u64| (s > 0).then(|| Duration::from_secs(s));
+    let (header_timeout, idle_timeout) = (
+        secs(state.config.header_read_timeout_secs),
+        secs(state.config.idle_timeout_secs),
+    );
     loop {
-        let (stream, _peer) = tokio::select! {
+        let (stream, peer) = tokio::select! {
             // Only ever set to true: any change (or a dropped sender) means stop.
             _ = stop.changed() => break,
             accepted = listener.accept() => match accepted {
@@ -137,18 +188,74 @@ async fn accept_loop(
             },
         };
         let _ = stream.set_nodelay(true);
+        let limits = state.metrics.limits().clone();
+        // Over a connection cap: a real answer (503/429), not a reset.
+        let permit = match state.limits.connections.try_acquire(peer.ip()) {
+            Ok(permit) => permit,
+            Err(refusal) => {
+                let reason = refusal.reason();
+                limits
+                    .connections_refused
+                    .get_or_create(&ReasonLabel { reason })
+                    .inc();
+                tracing::debug!(%peer, reason, "connection refused");
+                if let Ok(slot) = refusals.clone().try_acquire_owned() {
+                    tokio::spawn(async move {
+                        let _slot = slot;
+                        conn::refuse(TokioIo::new(stream), refusal).await;
+                    });
+                }
+                continue;
+            }
+        };
+        // Slow-client defences: the watch sees every read and every request in flight.
+        let watch = ConnWatch::new(header_timeout, idle_timeout);
+        let io = WatchedIo::new(stream, watch.clone(), permit);
+        let client = ClientAddr(peer.ip());
         let state = state.clone();
-        let service = service_fn(move |req| {
+        let requests = watch.clone();
+        let service = service_fn(move |mut req: hyper::Request<hyper::body::Incoming>| {
             let state = state.clone();
-            async move { Ok::<_, Infallible>(http::handle(state, req).await) }
+            let in_flight = requests.request_started(req.version());
+            req.extensions_mut().insert(client);
+            async move {
+                let resp = http::handle(state, req).await;
+                Ok::<_, Infallible>(resp.map(|body| TrackedBody::new(body, in_flight)))
+            }
         });
-        let conn = builder.serve_connection_with_upgrades(TokioIo::new(stream), service);
+        let conn = builder.serve_connection_with_upgrades(TokioIo::new(io), service);
         let conn = graceful.watch(conn.into_owned());
         tokio::spawn(async move {
-            if let Err(e) = conn.await {
-                tracing::debug!(error = %e, "connection ended with an error");
+            tokio::select! {
+                ended = conn => if let Err(e) = ended {
+                    tracing::debug!(error = %e, "connection ended with an error");
+                },
+                // Dropping the connection closes it; nothing is in flight on it.
+                why = watch.expired() => {
+                    limits
+                        .connections_timed_out
+                        .get_or_create(&ReasonLabel { reason: why.reason() })
+                        .inc();
+                    tracing::debug!(%peer, reason = why.reason(), "closing connection");
+                }
             }
         });
     }
     graceful
+}
+
+/// The HTTP/1.1 + HTTP/2 connection builder. The request-head parsers stop at twice
+/// `max_header_bytes` (a bare 431 from hyper or h2); below that the router answers an
+/// oversized head with the contract's 431 body (`limits::check_header_size`). hyper's own
+/// `header_read_timeout` is left off: `limits::timeouts` times request heads and idle
+/// connections without cutting keep-alive short.
+fn http_builder(config: &Config) -> auto::Builder<TokioExecutor> {
+    let mut builder = auto::Builder::new(TokioExecutor::new());
+    let parser_cap = config.max_header_bytes.saturating_mul(2);
+    // hyper requires at least 8 KiB of read buffer.
+    builder.http1().max_buf_size(parser_cap.max(8192));
+    builder
+        .http2()
+        .max_header_list_size(u32::try_from(parser_cap).unwrap_or(u32::MAX));
+    builder
 }

@@ -105,6 +105,14 @@ pub enum ClientOp {
         /// Request id.
         r#ref: Option<Ref>,
     },
+    /// A fresh token for this socket (`{"op":"auth","token":"…"}`): once verified its grants
+    /// replace the old ones and the socket lives until it expires.
+    Auth {
+        /// The token, as presented (verified by the socket, not here).
+        token: String,
+        /// Request id.
+        r#ref: Option<Ref>,
+    },
 }
 
 /// A refused client frame: answered with an error frame, nothing is stored, the socket stays open.
@@ -256,6 +264,24 @@ pub fn parse_client(enc: Encoding, frame: &[u8], limits: &Limits) -> Result<Clie
             r#ref: r,
         },
         "ping" => ClientOp::Ping { r#ref: r },
+        "auth" => {
+            // Read on its own, so a publish envelope's fields never have to fit a token's type.
+            #[derive(Deserialize)]
+            struct TokenOnly {
+                #[serde(default)]
+                token: Option<String>,
+            }
+            match read::<TokenOnly>(enc, frame).map(|t| t.token) {
+                Ok(Some(token)) if !token.is_empty() => ClientOp::Auth { token, r#ref: r },
+                _ => {
+                    return Err(FrameError::new(
+                        "invalid_frame",
+                        "`token` must be a non-empty string",
+                    )
+                    .with_ref(r))
+                }
+            }
+        }
         "publish" => {
             if head.topic.is_some() {
                 // Name the bad topic with its own code; the envelope is validated by the codec.
@@ -291,7 +317,7 @@ pub fn parse_client(enc: Encoding, frame: &[u8], limits: &Limits) -> Result<Clie
         other => {
             return Err(FrameError::new(
                 "unknown_op",
-                format!("unknown op {other:?}: use subscribe, unsubscribe, publish or ping"),
+                format!("unknown op {other:?}: use subscribe, unsubscribe, publish, ping or auth"),
             )
             .with_ref(r))
         }
@@ -331,6 +357,16 @@ pub enum ServerFrame {
         /// Set when the publish repeated a `(topic, msg_id)` and was not stored again.
         #[serde(skip_serializing_if = "std::ops::Not::not")]
         duplicate: bool,
+    },
+    /// The answer to an accepted `auth` op: the new token's `exp` (Unix seconds), absent for
+    /// a token without one.
+    Auth {
+        /// The request id, when there was one.
+        #[serde(rename = "ref", skip_serializing_if = "Option::is_none")]
+        r#ref: Option<Ref>,
+        /// When the new token expires.
+        #[serde(skip_serializing_if = "Option::is_none")]
+        exp: Option<u64>,
     },
     /// The answer to a `ping` op.
     Pong {
@@ -514,6 +550,50 @@ mod tests {
         assert_eq!(r#ref, Some(Ref::Int(9)));
         let e = parse_client(Encoding::Msgpack, b"\x82\xa2o", &limits()).unwrap_err();
         assert_eq!(e.code, "malformed_frame");
+    }
+
+    #[test]
+    fn auth_ops_carry_a_token_and_are_answered_with_its_expiry() {
+        let op = json(r#"{"op":"auth","token":"eyJ.a.b","ref":"a1"}"#).unwrap();
+        assert_eq!(
+            op,
+            ClientOp::Auth {
+                token: "eyJ.a.b".into(),
+                r#ref: Some(Ref::Str("a1".into()))
+            }
+        );
+        let e = json(r#"{"op":"auth","ref":2}"#).unwrap_err();
+        assert_eq!((e.code, e.r#ref), ("invalid_frame", Some(Ref::Int(2))));
+        assert_eq!(
+            json(r#"{"op":"auth","token":""}"#).unwrap_err().code,
+            "invalid_frame"
+        );
+        assert_eq!(
+            json(r#"{"op":"auth","token":7}"#).unwrap_err().code,
+            "invalid_frame"
+        );
+        #[derive(Serialize)]
+        struct A<'a> {
+            op: &'a str,
+            token: &'a str,
+        }
+        let frame = rmp_serde::to_vec_named(&A {
+            op: "auth",
+            token: "t",
+        })
+        .unwrap();
+        assert!(matches!(
+            parse_client(Encoding::Msgpack, &frame, &limits()),
+            Ok(ClientOp::Auth { .. })
+        ));
+        let answer = ServerFrame::Auth {
+            r#ref: Some(Ref::Int(1)),
+            exp: Some(1_763_800_000),
+        };
+        assert_eq!(
+            &encode_server(Encoding::Json, &answer)[..],
+            br#"{"op":"auth","ref":1,"exp":1763800000}"#
+        );
     }
 
     #[test]

@@ -149,7 +149,11 @@ async fn browser_websocket_resumes_with_since_across_a_kill9() {
     let tw_addr = free_addr();
     let ws_base = format!("ws://{tw_addr}/v1/ws?topic=sensors/**");
     let (page_port, report) = page_server(page(&ws_base)).await;
-    let mut server = BinServer::spawn_on(tw_addr, &data, &[]).await;
+    // The page is on another origin: browsers send it on the handshake, and only listed
+    // origins (or the server's own) may open a WebSocket.
+    let origin = format!("http://127.0.0.1:{page_port}");
+    let extra = ["--allowed-origin", origin.as_str()];
+    let mut server = BinServer::spawn_on(tw_addr, &data, &extra).await;
     let base = server.url("");
 
     // 1..3 before the browser exists: replayed from since=0.
@@ -177,7 +181,7 @@ async fn browser_websocket_resumes_with_since_across_a_kill9() {
     .await;
     assert_eq!(r["closes"][0], 1006, "an abnormal close after kill -9: {r}");
     // Restart in place, then at once publish 11..13 while the page waits to reconnect.
-    let mut server = BinServer::spawn_on(tw_addr, &data, &[]).await;
+    let mut server = BinServer::spawn_on(tw_addr, &data, &extra).await;
     publish_range(&client, &base, 11..=13).await;
     let sockets = metric(&base, WS_SOCKETS).await as u64;
     let elapsed = killed_at.elapsed();

@@ -3,6 +3,7 @@
 
 use http::{header, HeaderValue, StatusCode};
 
+use crate::auth::AuthError;
 use crate::codec::DecodeError;
 use crate::log::LogError;
 use crate::topic::NameError;
@@ -98,6 +99,86 @@ impl ApiError {
         )
     }
 
+    /// 422 when a WebSocket would hold more patterns than `ws_max_subscriptions`.
+    pub fn too_many_subscriptions(max: usize) -> Self {
+        Self::new(
+            StatusCode::UNPROCESSABLE_ENTITY,
+            "too_many_subscriptions",
+            format!("at most {max} topic patterns per WebSocket"),
+        )
+    }
+
+    /// 429 `rate_limited` with `Retry-After`: whole seconds, at least 1, rounded up from
+    /// `retry_after` (the earliest moment the publisher's bucket holds a cell again).
+    pub fn rate_limited(retry_after: std::time::Duration) -> Self {
+        let secs = retry_seconds(retry_after);
+        ApiError {
+            header: Some((header::RETRY_AFTER, HeaderValue::from(secs))),
+            ..Self::new(
+                StatusCode::TOO_MANY_REQUESTS,
+                "rate_limited",
+                format!("publish rate exceeded: retry in {secs} s"),
+            )
+        }
+    }
+
+    /// 429 `too_many_connections` (with `Retry-After: 1`): this client address already holds
+    /// `max` connections.
+    pub fn too_many_connections(max: usize) -> Self {
+        ApiError {
+            header: Some((header::RETRY_AFTER, HeaderValue::from_static("1"))),
+            ..Self::new(
+                StatusCode::TOO_MANY_REQUESTS,
+                "too_many_connections",
+                format!("at most {max} concurrent connections per client address"),
+            )
+        }
+    }
+
+    /// 503 `server_at_capacity` (with `Retry-After: 1`): the server holds `max` connections.
+    pub fn server_at_capacity(max: usize) -> Self {
+        ApiError {
+            header: Some((header::RETRY_AFTER, HeaderValue::from_static("1"))),
+            ..Self::new(
+                StatusCode::SERVICE_UNAVAILABLE,
+                "server_at_capacity",
+                format!("the server holds its maximum of {max} connections"),
+            )
+        }
+    }
+
+    /// 408 `request_timeout` with `Connection: close`: the request body did not arrive within
+    /// `secs` seconds (the rest of it is not read, so the connection cannot be reused).
+    pub fn request_timeout(secs: u64) -> Self {
+        ApiError {
+            header: Some((header::CONNECTION, HeaderValue::from_static("close"))),
+            ..Self::new(
+                StatusCode::REQUEST_TIMEOUT,
+                "request_timeout",
+                format!("the request body did not arrive within {secs} s"),
+            )
+        }
+    }
+
+    /// 431 `headers_too_large`: the request line and headers exceed `max` bytes.
+    pub fn headers_too_large(max: usize) -> Self {
+        Self::new(
+            StatusCode::REQUEST_HEADER_FIELDS_TOO_LARGE,
+            "headers_too_large",
+            format!("the request line and headers exceed {max} bytes"),
+        )
+    }
+
+    /// 403 `origin_not_allowed`: a browser request from an origin that may not do this
+    /// (`what`: "open a WebSocket", "publish").
+    pub fn origin_not_allowed(origin: &str, what: &str) -> Self {
+        Self::new(
+            StatusCode::FORBIDDEN,
+            "origin_not_allowed",
+            format!("origin {origin:?} may not {what}: it is not listed in allowed_origins"),
+        )
+    }
+
     /// The JSON body of the error.
     pub fn body(&self) -> String {
         serde_json::json!({"error": {"code": self.code, "message": self.message}}).to_string()
@@ -124,6 +205,40 @@ impl From<DecodeError> for ApiError {
     }
 }
 
+impl From<AuthError> for ApiError {
+    /// 401 `unauthorized` with `WWW-Authenticate: Bearer` (plus `error="invalid_token"` when a
+    /// token was presented and refused), or 403 `forbidden` for a valid token whose grants do
+    /// not cover the request (RFC 6750's `insufficient_scope`).
+    fn from(e: AuthError) -> Self {
+        let (status, code, challenge) = if e.is_forbidden() {
+            (
+                StatusCode::FORBIDDEN,
+                "forbidden",
+                r#"Bearer realm="tidewire", error="insufficient_scope""#,
+            )
+        } else if e.is_invalid_token() {
+            (
+                StatusCode::UNAUTHORIZED,
+                "unauthorized",
+                r#"Bearer realm="tidewire", error="invalid_token""#,
+            )
+        } else {
+            (
+                StatusCode::UNAUTHORIZED,
+                "unauthorized",
+                r#"Bearer realm="tidewire""#,
+            )
+        };
+        ApiError {
+            header: Some((
+                header::WWW_AUTHENTICATE,
+                HeaderValue::from_static(challenge),
+            )),
+            ..Self::new(status, code, e.to_string())
+        }
+    }
+}
+
 impl From<LogError> for ApiError {
     fn from(e: LogError) -> Self {
         match e {
@@ -143,4 +258,10 @@ impl From<LogError> for ApiError {
             }
         }
     }
+}
+
+/// Whole seconds for `Retry-After`: rounded up, at least 1.
+fn retry_seconds(d: std::time::Duration) -> u64 {
+    let whole = d.as_secs() + u64::from(d.subsec_nanos() > 0);
+    whole.max(1)
 }

@@ -13,6 +13,7 @@ use http_body_util::combinators::UnsyncBoxBody;
 use http_body_util::{BodyExt, Full};
 use tokio::sync::watch;
 
+use crate::auth::{Access, AuthError, Authenticator};
 use crate::config::Config;
 use crate::hub::Hub;
 use crate::log::EventLog;
@@ -21,6 +22,7 @@ use crate::publish::Publisher;
 
 pub mod error;
 mod health;
+pub mod origin;
 mod poll;
 mod publish;
 mod sse;
@@ -43,6 +45,8 @@ pub struct AppState {
     pub hub: Hub,
     /// Metrics of this server.
     pub metrics: Metrics,
+    /// Verifies tokens; `None` when no key is configured (an open server).
+    auth: Option<Arc<Authenticator>>,
     log: OnceLock<Arc<dyn EventLog>>,
     log_opened: watch::Sender<bool>,
     ready: AtomicBool,
@@ -50,6 +54,8 @@ pub struct AppState {
     /// How many WebSocket tasks are alive. hyper's graceful shutdown does not track upgraded
     /// connections, so the server waits on this before it closes the log.
     sockets: watch::Sender<usize>,
+    /// Publish rate and connection caps (src/limits/).
+    pub limits: Arc<crate::limits::Limits>,
 }
 
 /// Counts one live WebSocket task in [`AppState`] until dropped.
@@ -65,15 +71,57 @@ impl AppState {
     /// State for a server whose log is not open yet (`/readyz` answers 503 until
     /// [`AppState::set_log`]). `stop` turns true when the server shuts down.
     pub fn new(config: Config, hub: Hub, metrics: Metrics, stop: watch::Receiver<bool>) -> Self {
+        let limits = crate::limits::Limits::new(&config, &metrics);
         AppState {
             config,
             hub,
             metrics,
+            auth: None,
             log: OnceLock::new(),
             log_opened: watch::Sender::new(false),
             ready: AtomicBool::new(false),
             stop,
             sockets: watch::Sender::new(0),
+            limits,
+        }
+    }
+
+    /// Checks tokens with `auth` from now on (`None`: the server is open).
+    pub fn with_authenticator(mut self, auth: Option<Authenticator>) -> Self {
+        self.auth = auth.map(Arc::new);
+        self
+    }
+
+    /// The token verifier, `None` on an open server.
+    pub fn authenticator(&self) -> Option<&Authenticator> {
+        self.auth.as_deref()
+    }
+
+    /// What a request with these headers and query may do: [`Access::Open`] when no key is
+    /// configured, else the grants of its verified token (401 when it has none or a bad one).
+    pub fn access(&self, headers: &HeaderMap, query: Option<&str>) -> Result<Access, ApiError> {
+        match &self.auth {
+            None => Ok(Access::Open),
+            Some(auth) => Ok(Access::Token(auth.authorize(headers, query)?)),
+        }
+    }
+
+    /// `/metrics` is open unless `metrics_token` is set; then it needs exactly that bearer.
+    fn check_metrics(&self, headers: &HeaderMap) -> Result<(), ApiError> {
+        let Some(expected) = &self.config.metrics_token else {
+            return Ok(());
+        };
+        match crate::auth::extract::bearer(headers)? {
+            None => Err(AuthError::Missing.into()),
+            Some(t)
+                if crate::auth::extract::constant_time_eq(
+                    t.as_bytes(),
+                    expected.expose().as_bytes(),
+                ) =>
+            {
+                Ok(())
+            }
+            Some(_) => Err(AuthError::BadSignature.into()),
         }
     }
 
@@ -139,27 +187,53 @@ where
 {
     let method = req.method().clone();
     let path = req.uri().path().to_string();
+    // Only ever logged redacted: it may carry `access_token`.
+    let query = req
+        .uri()
+        .query()
+        .map(|q| crate::auth::extract::redact_query(q).into_owned());
+    let query = query.as_deref().unwrap_or("");
     let origin = req.headers().get(header::ORIGIN).cloned();
-    let result = if method == Method::OPTIONS {
-        Ok(preflight(&state, origin.as_ref()))
-    } else {
-        route(&state, req, &method, &path).await
-    };
+    let result =
+        if let Err(e) = crate::limits::check_header_size(&req, state.config.max_header_bytes) {
+            Err(e)
+        } else if method == Method::OPTIONS {
+            Ok(preflight(&state, origin.as_ref()))
+        } else {
+            route(&state, req, &method, &path).await
+        };
     let mut resp = match result {
         Ok(resp) => {
             // Streams log when their response head is ready, not when they end.
-            tracing::debug!(%method, %path, status = resp.status().as_u16(), "request");
+            tracing::debug!(%method, %path, %query, status = resp.status().as_u16(), "request");
             resp
         }
         Err(e) => {
             state.metrics.observe_rejected(e.status.as_u16(), e.code);
-            tracing::debug!(%method, %path, status = e.status.as_u16(), code = e.code, "request");
+            tracing::debug!(%method, %path, %query, status = e.status.as_u16(), code = e.code, "request");
             error_response(&e)
         }
     };
     apply_cors(&state.config, origin.as_ref(), resp.headers_mut());
     resp
 }
+
+/// Every `(method, path template)` that [`route`] dispatches; `{topic}` stands for a topic,
+/// slashes included. Every `GET` route also answers `HEAD`, and `OPTIONS` (CORS preflight) is
+/// answered on every path. `schemas/openapi.yaml` documents exactly these routes
+/// (`tests/schemas.rs` checks it both ways; the test below checks each is dispatched).
+pub const ROUTES: &[(&str, &str)] = &[
+    ("POST", "/v1/topics/{topic}/events"),
+    ("POST", "/v1/events"),
+    ("GET", "/v1/sse"),
+    ("GET", "/v1/ws"),
+    ("GET", "/v1/poll"),
+    ("GET", "/v1/topics"),
+    ("GET", "/v1/topics/{topic}"),
+    ("GET", "/healthz"),
+    ("GET", "/readyz"),
+    ("GET", "/metrics"),
+];
 
 async fn route<B>(
     state: &Arc<AppState>,
@@ -181,28 +255,37 @@ where
     match path {
         "/healthz" => get_only(method).map(|_| health::healthz()),
         "/readyz" => get_only(method).map(|_| health::readyz(state)),
-        "/metrics" => get_only(method).map(|_| health::metrics(state)),
+        "/metrics" => {
+            get_only(method)?;
+            state.check_metrics(req.headers())?;
+            Ok(health::metrics(state))
+        }
         "/v1/poll" => {
             get_only(method)?;
-            poll::poll(state, &req).await
+            let access = state.access(req.headers(), req.uri().query())?;
+            poll::poll(state, &req, &access).await
         }
         "/v1/sse" => {
             get_only(method)?;
-            sse::subscribe(state, &req).await
+            let access = state.access(req.headers(), req.uri().query())?;
+            sse::subscribe(state, &req, &access).await
         }
         "/v1/ws" => {
             get_only(method)?;
-            ws::upgrade(state, req).await
+            let access = state.access(req.headers(), req.uri().query())?;
+            ws::upgrade(state, req, access).await
         }
         "/v1/events" => {
             if method != Method::POST {
                 return Err(ApiError::method_not_allowed("POST"));
             }
-            publish::publish(state, req, None).await
+            let access = state.access(req.headers(), req.uri().query())?;
+            publish::publish(state, req, None, &access).await
         }
         "/v1/topics" => {
             get_only(method)?;
-            topics::list(state, req.uri().query()).await
+            let access = state.access(req.headers(), req.uri().query())?;
+            topics::list(state, req.uri().query(), &access).await
         }
         _ => {
             let Some(rest) = path.strip_prefix("/v1/topics/") else {
@@ -212,10 +295,12 @@ where
                 let Some(topic) = rest.strip_suffix("/events") else {
                     return Err(ApiError::method_not_allowed("GET"));
                 };
-                return publish::publish(state, req, Some(topic)).await;
+                let access = state.access(req.headers(), req.uri().query())?;
+                return publish::publish(state, req, Some(topic), &access).await;
             }
             get_only(method).map_err(|_| ApiError::method_not_allowed("GET, POST"))?;
-            topics::one(state, rest).await
+            let access = state.access(req.headers(), req.uri().query())?;
+            topics::one(state, rest, &access).await
         }
     }
 }
@@ -236,7 +321,8 @@ pub fn full(body: impl Into<Bytes>) -> Body {
     Full::new(body.into()).boxed_unsync()
 }
 
-fn error_response(e: &ApiError) -> Response<Body> {
+/// The contract's error response for `e`: its status, JSON body and extra header.
+pub fn error_response(e: &ApiError) -> Response<Body> {
     let mut resp = json_response(e.status, e.body());
     if let Some((name, value)) = &e.header {
         resp.headers_mut().insert(name.clone(), value.clone());
@@ -299,7 +385,7 @@ fn apply_cors(config: &Config, origin: Option<&HeaderValue>, headers: &mut Heade
             }
             headers.insert(
                 header::ACCESS_CONTROL_EXPOSE_HEADERS,
-                HeaderValue::from_static("Content-Type, Retry-After"),
+                HeaderValue::from_static("Content-Type, Retry-After, WWW-Authenticate"),
             );
         }
     }
@@ -309,11 +395,17 @@ fn apply_cors(config: &Config, origin: Option<&HeaderValue>, headers: &mut Heade
 fn preflight(state: &AppState, origin: Option<&HeaderValue>) -> Response<Body> {
     let mut resp = Response::new(full(Bytes::new()));
     *resp.status_mut() = StatusCode::NO_CONTENT;
-    if origin.is_some_and(|o| origin_allowed(&state.config, o)) {
+    if let Some(origin) = origin.filter(|o| origin_allowed(&state.config, o)) {
+        // `*` allows reads only: POST (publish) is offered to origins listed by name.
+        let methods = if origin::is_listed(&state.config, origin) {
+            "GET, POST, OPTIONS"
+        } else {
+            "GET, OPTIONS"
+        };
         let h = resp.headers_mut();
         h.insert(
             header::ACCESS_CONTROL_ALLOW_METHODS,
-            HeaderValue::from_static("GET, POST, OPTIONS"),
+            HeaderValue::from_static(methods),
         );
         h.insert(
             header::ACCESS_CONTROL_ALLOW_HEADERS,
@@ -327,4 +419,80 @@ fn preflight(state: &AppState, origin: Option<&HeaderValue>) -> Response<Body> {
         );
     }
     resp
+}
+
+#[cfg(test)]
+mod route_table_tests {
+    use super::*;
+
+    /// Sends one request to a server state whose log never opens: every request below is
+    /// answered before a handler would wait for the log.
+    async fn send(method: &str, path: &str) -> (StatusCode, serde_json::Value, HeaderMap) {
+        let (_stop_tx, stop) = watch::channel(false);
+        let state = Arc::new(AppState::new(
+            Config::default(),
+            Hub::new(16),
+            Metrics::new(),
+            stop,
+        ));
+        let req = Request::builder()
+            .method(method)
+            .uri(path)
+            .body(Full::new(Bytes::new()))
+            .expect("request");
+        let resp = tokio::time::timeout(std::time::Duration::from_secs(5), handle(state, req))
+            .await
+            .unwrap_or_else(|_| panic!("{method} {path} waited for the log"));
+        let status = resp.status();
+        let headers = resp.headers().clone();
+        let body = resp.into_body().collect().await.expect("body").to_bytes();
+        let json = serde_json::from_slice(&body).unwrap_or(serde_json::Value::Null);
+        (status, json, headers)
+    }
+
+    /// The template filled in so that the handler answers without the log: an invalid topic
+    /// (422) and `limit=0` (400 where `limit` is read).
+    fn concrete(template: &str) -> String {
+        format!("{}?limit=0", template.replace("{topic}", "a//b"))
+    }
+
+    #[tokio::test]
+    async fn every_listed_route_reaches_its_handler() {
+        for (method, template) in ROUTES {
+            let path = concrete(template);
+            let (status, body, _) = send(method, &path).await;
+            assert_ne!(
+                status,
+                StatusCode::METHOD_NOT_ALLOWED,
+                "{method} {path}: {body}"
+            );
+            assert_ne!(
+                body["error"]["code"], "not_found",
+                "{method} {path} is listed but not routed"
+            );
+        }
+    }
+
+    #[tokio::test]
+    async fn other_methods_on_listed_paths_are_405_with_allow_and_other_paths_404() {
+        for (method, template) in ROUTES {
+            let path = concrete(template);
+            let other = if *method == "GET" { "PUT" } else { "DELETE" };
+            if ROUTES.contains(&(other, template)) {
+                continue;
+            }
+            let (status, body, headers) = send(other, &path).await;
+            assert_eq!(
+                status,
+                StatusCode::METHOD_NOT_ALLOWED,
+                "{other} {path}: {body}"
+            );
+            assert!(headers.contains_key(header::ALLOW), "{other} {path}");
+        }
+        for path in ["/", "/v1", "/v2/events", "/v1/topic", "/healthz/x"] {
+            let (status, body, _) = send("GET", path).await;
+            assert_eq!(status, StatusCode::NOT_FOUND, "{path}");
+            assert_eq!(body["error"]["code"], "not_found", "{path}");
+        }
+    }
 }

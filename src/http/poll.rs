@@ -12,6 +12,11 @@
 //! same body in MessagePack; `Accept-Encoding: gzip` gzips bodies above a small threshold.
 //! A waiting poll is one hub registration and a timer: a client that goes away is dropped
 //! with its request, and the `live_subscribers{transport="poll"}` gauge shows the waiters.
+//!
+//! With authorization on, every pattern needs a covering subscribe grant (403 otherwise), and
+//! a poll waits no longer than its token is accepted: at expiry it answers like a timeout (an
+//! ordinary 200, empty unless events arrived, `next` as usual), so nothing is lost and the
+//! client's next poll with the stale token gets the 401 that tells it to fetch a new one.
 
 use std::io::Write;
 use std::sync::Arc;
@@ -21,6 +26,7 @@ use bytes::Bytes;
 use http::{header, HeaderMap, HeaderValue, Request, Response, StatusCode};
 
 use super::{full, query_pairs, ApiError, AppState, Body};
+use crate::auth::Access;
 use crate::envelope::{write_envelope_array, EventId, Gap, SharedEvent, WireFormat};
 use crate::subscription::{Delivery, Subscription};
 use crate::topic::{parse_cursor, Pattern, PatternSet};
@@ -84,9 +90,19 @@ fn parse(state: &AppState, query: Option<&str>) -> Result<PollRequest, ApiError>
     })
 }
 
-/// Answers one poll.
-pub async fn poll<B>(state: &Arc<AppState>, req: &Request<B>) -> Result<Response<Body>, ApiError> {
-    let p = parse(state, req.uri().query())?;
+/// Answers one poll, if `access` covers every pattern; waits at most until its token expires.
+pub async fn poll<B>(
+    state: &Arc<AppState>,
+    req: &Request<B>,
+    access: &Access,
+) -> Result<Response<Body>, ApiError> {
+    let mut p = parse(state, req.uri().query())?;
+    for pattern in p.patterns.patterns() {
+        access.check_subscribe(pattern)?;
+    }
+    if let Some(left) = access.remaining() {
+        p.timeout = p.timeout.min(left);
+    }
     let format = if accepts(req.headers(), "application/msgpack") {
         WireFormat::Msgpack
     } else {

@@ -8,20 +8,25 @@ use http::{header, Request, Response, StatusCode};
 use http_body_util::{BodyExt, Limited};
 
 use super::{json_response, query_pairs, ApiError, AppState, Body};
+use crate::auth::Access;
 use crate::codec::{self, BareDefaults, BodyFormat, Limits, Target};
 use crate::topic::Topic;
 
 /// Publishes the request's body to `topic` (or, when `None`, to the topics its envelopes name).
+/// Every topic must be covered by `access`'s publish grants, else 403 and nothing is stored.
 pub async fn publish<B>(
     state: &Arc<AppState>,
     req: Request<B>,
     topic: Option<&str>,
+    access: &Access,
 ) -> Result<Response<Body>, ApiError>
 where
     B: hyper::body::Body<Data = Bytes> + Send + 'static,
     B::Error: std::error::Error + Send + Sync + 'static,
 {
     let cfg = &state.config;
+    // A browser on another origin publishes only when `allowed_origins` names it.
+    super::origin::check_publish(cfg, &req)?;
     let target = match topic {
         Some(name) => Target::Topic(
             Topic::parse_with_limit(name, cfg.max_topic_len)
@@ -29,6 +34,29 @@ where
         ),
         None => Target::PerEnvelope,
     };
+    // Refused before the body is read: a device without the grant does not upload for nothing.
+    if let Target::Topic(t) = &target {
+        access.check_publish(t)?;
+    }
+    // One request, one cell, taken before the body is read: a limited publisher uploads
+    // nothing and stores nothing.
+    let client = req
+        .extensions()
+        .get::<crate::limits::ClientAddr>()
+        .map(|c| c.0);
+    if let Err(wait) = state
+        .limits
+        .rate
+        .check(&crate::limits::RateKey::of(access, client))
+    {
+        state
+            .metrics
+            .limits()
+            .publish_rate_limited
+            .get_or_create(&crate::metrics::ReasonLabel { reason: "http" })
+            .inc();
+        return Err(ApiError::rate_limited(wait));
+    }
     let headers = req.headers();
     let content_type = headers
         .get(header::CONTENT_TYPE)
@@ -74,9 +102,21 @@ where
             _ => {}
         }
     }
-    let body = Limited::new(req.into_body(), cfg.max_body_bytes)
-        .collect()
-        .await
+    let read = Limited::new(req.into_body(), cfg.max_body_bytes).collect();
+    // A slow POST holds a connection and a buffer: the whole body gets a bounded time.
+    let collected = if cfg.body_read_timeout_secs == 0 {
+        read.await
+    } else {
+        let limit = std::time::Duration::from_secs(cfg.body_read_timeout_secs);
+        match tokio::time::timeout(limit, read).await {
+            Ok(r) => r,
+            Err(_) => {
+                state.metrics.limits().body_timeouts.inc();
+                return Err(ApiError::request_timeout(cfg.body_read_timeout_secs));
+            }
+        }
+    };
+    let body = collected
         .map_err(|e| {
             if e.is::<http_body_util::LengthLimitError>() {
                 too_large()
@@ -91,6 +131,10 @@ where
         max_topic_len: cfg.max_topic_len,
     };
     let events = codec::decode_publish(&target, format, gzip, &body, &limits, &bare)?;
+    // A batch is all or nothing: one topic outside the grants refuses the whole request.
+    for e in &events {
+        access.check_publish(&e.topic)?;
+    }
     let receipt = state.publisher().await?.publish(events).await?;
     let json = serde_json::to_vec(&receipt)
         .map_err(|e| ApiError::new(StatusCode::INTERNAL_SERVER_ERROR, "internal", e.to_string()))?;

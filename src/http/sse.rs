@@ -4,6 +4,9 @@
 //! comment when the stream has been quiet for the configured interval; `event:` only for typed
 //! events; one-line JSON `data:`; `event: gap` first when retention dropped what the client
 //! asked for. The stream ends when the server shuts down, so clients reconnect and resume.
+//! With authorization on, every pattern needs a covering subscribe grant (403 otherwise), and
+//! the stream ends when its token expires (after a `: token expired` comment): the client
+//! reconnects with a fresh token and resumes by `Last-Event-ID`.
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -23,6 +26,7 @@ use tokio::sync::watch;
 use tokio::time::{sleep, Instant, Sleep};
 
 use super::{query_pairs, ApiError, AppState, Body};
+use crate::auth::Access;
 use crate::envelope::EventId;
 use crate::subscription::{Delivery, Subscription};
 use crate::topic::{parse_cursor, Pattern, PatternSet};
@@ -40,6 +44,10 @@ struct Stream {
     /// Set when the client accepts gzip and `sse_gzip` is on: every write is compressed and
     /// sync-flushed, so each event reaches the client when it is sent, never held back.
     gzip: Option<GzEncoder<Vec<u8>>>,
+    /// When the token stops being accepted; `None` for an open server or a token without `exp`.
+    expiry: Option<std::pin::Pin<Box<Sleep>>>,
+    /// Set once the expiry comment is written: the stream ends next.
+    expired: bool,
     _gauge: SubscriberGuard,
 }
 
@@ -83,12 +91,16 @@ pub fn subscription_request<B>(
     Ok((patterns, cursor))
 }
 
-/// Opens an SSE stream for the request.
+/// Opens an SSE stream for the request, if `access` covers every pattern.
 pub async fn subscribe<B>(
     state: &Arc<AppState>,
     req: &Request<B>,
+    access: &Access,
 ) -> Result<Response<Body>, ApiError> {
     let (patterns, cursor) = subscription_request(state, req)?;
+    for p in patterns.patterns() {
+        access.check_subscribe(p)?;
+    }
     let log = state.log().await?;
     let cfg = &state.config;
     let gzip = cfg.sse_gzip && super::accepts_gzip(req.headers());
@@ -108,6 +120,10 @@ pub async fn subscribe<B>(
         preamble: Some(Bytes::from(format!("retry: {}\n\n", cfg.sse_retry_ms))),
         delivered: state.metrics.delivered("sse"),
         gzip: gzip.then(|| GzEncoder::new(Vec::new(), Compression::fast())),
+        expiry: access
+            .deadline()
+            .map(|at| Box::pin(tokio::time::sleep_until(at))),
+        expired: false,
         _gauge: state.metrics.track_subscriber("sse"),
     };
     let body = stream::unfold(st, |mut st| async move {
@@ -137,6 +153,14 @@ pub async fn subscribe<B>(
     Ok(resp)
 }
 
+/// Resolves at the deadline; never when there is none.
+async fn until(deadline: &mut Option<std::pin::Pin<Box<Sleep>>>) {
+    match deadline {
+        Some(d) => d.as_mut().await,
+        None => std::future::pending().await,
+    }
+}
+
 /// Compresses one write and sync-flushes it, so the client can decode all of it now.
 fn compress(gz: &mut GzEncoder<Vec<u8>>, chunk: &[u8]) -> Option<Bytes> {
     gz.write_all(chunk).ok()?;
@@ -144,16 +168,30 @@ fn compress(gz: &mut GzEncoder<Vec<u8>>, chunk: &[u8]) -> Option<Bytes> {
     Some(Bytes::from(std::mem::take(gz.get_mut())))
 }
 
-/// The next bytes to write, or `None` when the stream ends (shutdown, log failure).
+/// The next bytes to write, or `None` when the stream ends (shutdown, log failure, token
+/// expiry).
 async fn next_chunk(st: &mut Stream) -> Option<Bytes> {
     if let Some(p) = st.preamble.take() {
         return Some(p);
     }
-    if *st.stop.borrow() {
+    if *st.stop.borrow() || st.expired {
         return None;
+    }
+    // Checked before any delivery, so nothing is sent once the token is refused.
+    if st
+        .expiry
+        .as_ref()
+        .is_some_and(|d| Instant::now() >= d.deadline())
+    {
+        st.expired = true;
+        return Some(Bytes::from_static(b": token expired\n\n"));
     }
     let first = tokio::select! {
         _ = st.stop.changed() => return None,
+        _ = until(&mut st.expiry) => {
+            st.expired = true;
+            return Some(Bytes::from_static(b": token expired\n\n"));
+        }
         d = st.sub.next() => match d {
             Ok(d) => d,
             Err(e) => {

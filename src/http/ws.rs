@@ -19,9 +19,23 @@
 //! - **Publish**: decoded by the publish codec, stored through [`Publisher`]; the ack is sent
 //!   only once the event is durable, in request order. Errors become error frames with `ref`.
 //! - **Shutdown**: stop reading, send the acks of publishes in flight, then close with 1001.
+//! - **Authorization** (when a key is configured): the upgrade needs a valid token (401
+//!   before the 101) whose subscribe grants cover the query's patterns (403). Each later
+//!   `subscribe` and `publish` op is checked against the socket's grants and refused with a
+//!   `forbidden` error frame, the socket staying open. The socket is closed with 4001 "token
+//!   expired" when its token expires, unless an `auth` op brought a fresh one first; the new
+//!   token's grants replace the old ones, and subscriptions they no longer cover end (with a
+//!   `forbidden` error frame).
+//! - **Limits**: the handshake is refused with 403 `origin_not_allowed` for a browser origin
+//!   that may not open a socket (`origin.rs`); a socket opened from an origin allowed only by
+//!   `*` gets `origin_not_allowed` error frames for publish ops. Each `publish` op takes a cell
+//!   of its publisher's rate bucket (`rate_limited` error frame when empty); a socket holds at
+//!   most `ws_max_subscriptions` patterns (`too_many_subscriptions`), each op at most
+//!   `max_patterns` (`too_many_patterns`). Refusals leave the socket open.
 
 use std::collections::VecDeque;
 use std::future::Future;
+use std::net::IpAddr;
 use std::pin::Pin;
 use std::sync::Arc;
 use std::time::Duration;
@@ -40,11 +54,14 @@ use tokio_tungstenite::tungstenite::protocol::{CloseFrame, Role, WebSocketConfig
 use tokio_tungstenite::tungstenite::{self, Message, Utf8Bytes};
 use tokio_tungstenite::WebSocketStream;
 
+use super::origin::{self, OriginTrust};
 use super::{full, query_pairs, ApiError, AppState, Body};
+use crate::auth::{Access, AuthError};
 use crate::codec::Limits;
 use crate::envelope::{EventId, SharedEvent};
+use crate::limits::{ClientAddr, RateKey};
 use crate::log::EventLog;
-use crate::metrics::{WsErrorLabel, WsLabel};
+use crate::metrics::{ReasonLabel, WsErrorLabel, WsLabel};
 use crate::publish::Publisher;
 use crate::subscription::{Delivery, Subscription};
 use crate::topic::{parse_cursor, Pattern, PatternSet};
@@ -62,6 +79,8 @@ const MAX_CONTROL: usize = 256;
 const SHUTDOWN_ACK_WAIT: Duration = Duration::from_secs(5);
 /// How long a close frame may take to be written.
 const CLOSE_WAIT: Duration = Duration::from_secs(2);
+/// Close code when the socket's token expires (application range 4000-4999).
+pub const TOKEN_EXPIRED: u16 = 4001;
 
 type Ws = WebSocketStream<TokioIo<Upgraded>>;
 type PendingPublish = Pin<Box<dyn Future<Output = ServerFrame> + Send>>;
@@ -72,6 +91,10 @@ struct Opening {
     patterns: Vec<Pattern>,
     since: Option<EventId>,
     batch: bool,
+    /// What the handshake's `Origin` allows (a `*`-only origin may not publish).
+    origin: OriginTrust,
+    /// The peer address (for publish rate limits of tokens without `sub`).
+    client: Option<IpAddr>,
 }
 
 fn header_has_token(req_headers: &http::HeaderMap, name: header::HeaderName, token: &str) -> bool {
@@ -152,23 +175,37 @@ fn opening<B>(
     if patterns.len() > cfg.max_patterns {
         return Err(ApiError::too_many_patterns(cfg.max_patterns));
     }
+    if patterns.len() > cfg.ws_max_subscriptions {
+        return Err(ApiError::too_many_subscriptions(cfg.ws_max_subscriptions));
+    }
     Ok((
         Opening {
             enc: negotiated.unwrap_or(Encoding::Json),
             patterns,
             since,
             batch,
+            origin: OriginTrust::Absent,
+            client: req.extensions().get::<ClientAddr>().map(|c| c.0),
         },
         negotiated.map(Encoding::subprotocol),
     ))
 }
 
-/// Answers the handshake with 101 and serves the socket on the upgraded connection.
+/// Answers the handshake with 101 and serves the socket on the upgraded connection, if
+/// `access` covers the query's patterns.
 pub async fn upgrade<B>(
     state: &Arc<AppState>,
     mut req: Request<B>,
+    access: Access,
 ) -> Result<Response<Body>, ApiError> {
-    let (opening, subprotocol) = opening(state, &req)?;
+    // Cross-site WebSocket hijacking: a browser page on an origin not allowed is refused
+    // before anything else (browsers always send `Origin` on the handshake).
+    let trust = origin::check_websocket(&state.config, &req)?;
+    let (mut opening, subprotocol) = opening(state, &req)?;
+    opening.origin = trust;
+    for p in &opening.patterns {
+        access.check_subscribe(p)?;
+    }
     let log = state.log().await?;
     let key = req
         .headers()
@@ -201,7 +238,7 @@ pub async fn upgrade<B>(
                     Some(ws_config),
                 )
                 .await;
-                serve(state, log, ws, opening).await;
+                serve(state, log, ws, opening, access).await;
             }
             Err(e) => tracing::debug!(error = %e, "WebSocket upgrade failed"),
         }
@@ -288,9 +325,23 @@ struct Socket {
     frames_in: prometheus_client::metrics::counter::Counter,
     bytes_in: prometheus_client::metrics::counter::Counter,
     delivered: prometheus_client::metrics::counter::Counter,
+    /// What this socket may do: the grants of its latest token (or open).
+    access: Access,
+    /// When that token stops being accepted; `None` when it never does.
+    expiry: Option<Pin<Box<tokio::time::Sleep>>>,
+    /// What the handshake's `Origin` allows.
+    origin: OriginTrust,
+    /// The peer address.
+    client: Option<IpAddr>,
 }
 
-async fn serve(state: Arc<AppState>, log: Arc<dyn EventLog>, ws: Ws, opening: Opening) {
+async fn serve(
+    state: Arc<AppState>,
+    log: Arc<dyn EventLog>,
+    ws: Ws,
+    opening: Opening,
+    access: Access,
+) {
     let metrics = state.metrics.clone();
     let _gauge = metrics.track_subscriber("ws");
     let cfg = state.config.clone();
@@ -330,6 +381,12 @@ async fn serve(state: Arc<AppState>, log: Arc<dyn EventLog>, ws: Ws, opening: Op
         bytes_in,
         delivered: metrics.delivered("ws"),
         state: state.clone(),
+        expiry: access
+            .deadline()
+            .map(|at| Box::pin(tokio::time::sleep_until(at))),
+        access,
+        origin: opening.origin,
+        client: opening.client,
     };
     sock.subs.reopen(&state);
 
@@ -443,6 +500,8 @@ impl Socket {
                 biased;
                 // Set to true, or the server is gone: either way, stop.
                 _ = stop.changed() => Some(self.shut_down(tx).await),
+                // Before any delivery: no event is sent on an expired token.
+                _ = until(&mut self.expiry) => Some(self.expire(tx).await),
                 permit = tx.reserve(), if have_out => match permit {
                     Ok(permit) => {
                         let msg = match self.control.pop_front() {
@@ -651,6 +710,42 @@ impl Socket {
         match op {
             ClientOp::Ping { r#ref } => self.answer(ServerFrame::Pong { r#ref }),
             ClientOp::Publish { events, r#ref } => {
+                if !self.origin.may_write() {
+                    let e = ApiError::origin_not_allowed(
+                        "*",
+                        "publish over a WebSocket opened from an origin allowed only by \"*\"",
+                    );
+                    self.answer(ServerFrame::Error {
+                        code: e.code,
+                        message: e.message,
+                        r#ref,
+                    });
+                    return;
+                }
+                if let Some(e) = events
+                    .iter()
+                    .find_map(|e| self.access.check_publish(&e.topic).err())
+                {
+                    self.refuse(e, r#ref);
+                    return;
+                }
+                // One op, one cell; refused ops store nothing and the socket stays open.
+                let key = RateKey::of(&self.access, self.client);
+                if let Err(wait) = self.state.limits.rate.check(&key) {
+                    self.state
+                        .metrics
+                        .limits()
+                        .publish_rate_limited
+                        .get_or_create(&ReasonLabel { reason: "ws" })
+                        .inc();
+                    let e = ApiError::rate_limited(wait);
+                    self.answer(ServerFrame::Error {
+                        code: e.code,
+                        message: e.message,
+                        r#ref,
+                    });
+                    return;
+                }
                 let publisher = self.publisher.clone();
                 self.pending.push_back(Box::pin(async move {
                     match publisher.publish(events).await {
@@ -674,7 +769,17 @@ impl Socket {
                 topics,
                 since,
                 r#ref,
-            } => self.subscribe(topics, since, r#ref),
+            } => {
+                if let Some(e) = topics
+                    .iter()
+                    .find_map(|t| self.access.check_subscribe(t).err())
+                {
+                    self.refuse(e, r#ref);
+                    return;
+                }
+                self.subscribe(topics, since, r#ref)
+            }
+            ClientOp::Auth { token, r#ref } => self.reauthorize(&token, r#ref),
             ClientOp::Unsubscribe { topics, r#ref } => {
                 self.subs
                     .patterns
@@ -693,18 +798,25 @@ impl Socket {
 
     fn subscribe(&mut self, topics: Vec<Pattern>, since: Option<EventId>, r#ref: Option<Ref>) {
         let max = self.state.config.max_patterns;
-        let new = topics
-            .iter()
-            .filter(|t| {
-                !self
-                    .subs
-                    .patterns
-                    .iter()
-                    .any(|(p, _)| p.as_str() == t.as_str())
-            })
-            .count();
-        if self.subs.patterns.len() + new > max {
-            let e = ApiError::too_many_patterns(max);
+        let max_held = self.state.config.ws_max_subscriptions;
+        // Per request (one op) like every transport; per socket over all its ops.
+        let e = if topics.len() > max {
+            Some(ApiError::too_many_patterns(max))
+        } else {
+            let new = topics
+                .iter()
+                .filter(|t| {
+                    !self
+                        .subs
+                        .patterns
+                        .iter()
+                        .any(|(p, _)| p.as_str() == t.as_str())
+                })
+                .count();
+            (self.subs.patterns.len() + new > max_held)
+                .then(|| ApiError::too_many_subscriptions(max_held))
+        };
+        if let Some(e) = e {
             self.answer(ServerFrame::Error {
                 code: e.code,
                 message: e.message,
@@ -753,6 +865,83 @@ impl Socket {
     fn restart(&mut self) {
         let state = self.state.clone();
         self.subs.reopen(&state);
+    }
+}
+
+impl Socket {
+    /// The token expired: like a shutdown, the publishes accepted while it was valid get
+    /// their acks (so a client need not guess what was stored), then the socket is closed with
+    /// 4001.
+    async fn expire(&mut self, tx: &mpsc::Sender<Message>) -> End {
+        match self.shut_down(tx).await {
+            End::Gone => End::Gone,
+            End::Close(..) => End::Close(CloseCode::from(TOKEN_EXPIRED), "token expired"),
+        }
+    }
+
+    /// Answers a refused op with an error frame (`forbidden`, `unauthorized`); the socket
+    /// stays open.
+    fn refuse(&mut self, e: AuthError, r#ref: Option<Ref>) {
+        let e = ApiError::from(e);
+        self.answer(ServerFrame::Error {
+            code: e.code,
+            message: e.message,
+            r#ref,
+        });
+    }
+
+    /// The `auth` op: a verified token replaces the socket's grants and expiry; patterns the
+    /// new grants do not cover are dropped (and reported). A refused token changes nothing:
+    /// the socket still closes when its current token expires.
+    fn reauthorize(&mut self, token: &str, r#ref: Option<Ref>) {
+        let Some(auth) = self.state.authenticator() else {
+            self.answer(ServerFrame::Error {
+                code: "auth_not_configured",
+                message: "this server has no key configured: it is open and takes no tokens".into(),
+                r#ref,
+            });
+            return;
+        };
+        let grants = match auth.verify(token) {
+            Ok(g) => g,
+            Err(e) => return self.refuse(e, r#ref),
+        };
+        let exp = grants.exp();
+        self.access = Access::Token(grants);
+        self.expiry = self
+            .access
+            .deadline()
+            .map(|at| Box::pin(tokio::time::sleep_until(at)));
+        let before = self.subs.patterns.len();
+        let access = &self.access;
+        let mut dropped = Vec::new();
+        self.subs.patterns.retain(|(p, _)| {
+            let keep = access.check_subscribe(p).is_ok();
+            if !keep {
+                dropped.push(p.as_str().to_string());
+            }
+            keep
+        });
+        if self.subs.patterns.len() != before {
+            self.restart();
+            self.answer(ServerFrame::Error {
+                code: "forbidden",
+                message: format!(
+                    "the new token does not cover {}: unsubscribed",
+                    dropped.join(", ")
+                ),
+                r#ref: r#ref.clone(),
+            });
+        }
+        self.answer(ServerFrame::Auth { r#ref, exp });
+    }
+}
+
+/// Resolves at the deadline; never when there is none.
+async fn until(deadline: &mut Option<Pin<Box<tokio::time::Sleep>>>) {
+    match deadline {
+        Some(d) => d.as_mut().await,
+        None => std::future::pending().await,
     }
 }
 

@@ -24,7 +24,10 @@ pub mod record;
 pub mod retention;
 mod sled_log;
 
-pub use sled_log::{Compacted, DedupeOptions, LogOptions, SledLog, SpaceLimits};
+pub use sled_log::{
+    Compacted, DedupeOptions, ImportEvent, Inspection, LogOptions, SledLog, SpaceLimits,
+    Verification,
+};
 
 /// A boxed future, so the trait can be used as `dyn EventLog`.
 pub type BoxFuture<'a, T> = Pin<Box<dyn Future<Output = T> + Send + 'a>>;

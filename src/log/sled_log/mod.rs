@@ -33,6 +33,9 @@ mod compact;
 mod dedupe;
 #[cfg(test)]
 mod dedupe_tests;
+mod ops;
+#[cfg(test)]
+mod ops_tests;
 mod read;
 #[cfg(test)]
 mod retention_tests;
@@ -43,6 +46,7 @@ mod writer;
 pub use compact::Compacted;
 use dedupe::Dedupe;
 pub use dedupe::DedupeOptions;
+pub use ops::{ImportEvent, Inspection, Verification};
 use read::*;
 use writer::*;
 
@@ -134,6 +138,11 @@ enum Command {
     },
     /// Periodic work: an interval flush when due, a dedupe sweep when due.
     Tick,
+    /// Restore exported events with their ids.
+    Import {
+        events: Vec<ops::ImportEvent>,
+        reply: oneshot::Sender<Result<u64, LogError>>,
+    },
     /// One retention pass now.
     Compact {
         reply: oneshot::Sender<Result<Compacted, LogError>>,
@@ -152,6 +161,7 @@ struct Shared {
 /// The sled-backed [`EventLog`].
 pub struct SledLog {
     shared: Arc<Shared>,
+    db: sled::Db,
     queue: Mutex<Option<mpsc::Sender<Command>>>,
     done: Mutex<Option<oneshot::Receiver<()>>>,
 }
@@ -182,6 +192,30 @@ fn now_ms() -> u64 {
         .unwrap_or(0)
 }
 
+/// Refuses a directory that holds something, but not a sled database: opening it would
+/// write sled's files among someone else's.
+fn refuse_foreign_dir(dir: &std::path::Path) -> Result<(), LogError> {
+    let Ok(entries) = std::fs::read_dir(dir) else {
+        // Missing (it is created) or unreadable (sled's own error says why).
+        return Ok(());
+    };
+    let names: Vec<String> = entries
+        .filter_map(Result::ok)
+        .map(|e| e.file_name().to_string_lossy().into_owned())
+        .collect();
+    if names.is_empty() || names.iter().any(|n| n == "conf") && names.iter().any(|n| n == "db") {
+        return Ok(());
+    }
+    let mut shown: Vec<&str> = names.iter().map(String::as_str).take(5).collect();
+    shown.sort_unstable();
+    Err(LogError::Open(format!(
+        "{}: not a tidewire data directory (it holds {}); refusing to write into it: \
+         give an empty or new directory",
+        dir.display(),
+        shown.join(", ")
+    )))
+}
+
 impl SledLog {
     /// Opens (or creates) the log in `opts.dir` and starts its writer. Committed batches go
     /// to `hub`. Refuses a directory that holds something other than a tidewire log.
@@ -195,6 +229,7 @@ impl SledLog {
         metrics: Metrics,
         caps: ChunkCaps,
     ) -> Result<Arc<Self>, LogError> {
+        refuse_foreign_dir(&opts.dir)?;
         let db = sled::Config::new()
             .path(&opts.dir)
             .cache_capacity(opts.cache_bytes)
@@ -279,6 +314,7 @@ impl SledLog {
         });
         let (tx, rx) = mpsc::channel(QUEUE_DEPTH);
         let (done_tx, done_rx) = oneshot::channel();
+        let db_handle = db.clone();
         let writer = Writer {
             db,
             shared: shared.clone(),
@@ -328,6 +364,7 @@ impl SledLog {
             .map_err(|e| LogError::Open(format!("cannot start the ticker thread: {e}")))?;
         Ok(Arc::new(SledLog {
             shared,
+            db: db_handle,
             queue: Mutex::new(Some(tx)),
             done: Mutex::new(Some(done_rx)),
         }))

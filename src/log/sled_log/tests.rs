@@ -656,3 +656,21 @@ async fn a_v1_directory_is_refused_with_a_clear_message() {
         "{msg}"
     );
 }
+
+#[tokio::test]
+async fn a_directory_holding_other_files_is_refused_and_left_untouched() {
+    let tmp = tempfile::tempdir().unwrap();
+    let dir = tmp.path().join("data");
+    std::fs::create_dir_all(&dir).unwrap();
+    std::fs::write(dir.join("notes.txt"), b"someone else's").unwrap();
+    let err = SledLog::open(&opts(tmp.path()), Hub::new(4), Metrics::new())
+        .err()
+        .expect("refused");
+    assert!(matches!(err, LogError::Open(_)), "{err:?}");
+    assert!(err.to_string().contains("notes.txt"), "{err}");
+    let left: Vec<_> = std::fs::read_dir(&dir)
+        .unwrap()
+        .map(|e| e.unwrap().file_name())
+        .collect();
+    assert_eq!(left, ["notes.txt"], "sled's files were written beside it");
+}

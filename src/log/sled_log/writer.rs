@@ -93,6 +93,10 @@ impl OpenChunk {
         {
             self.close(batch);
         }
+        // A chunk holds contiguous ids: an import with a hole starts a new one.
+        if !self.builder.is_empty() && id != self.first + self.builder.len() as u64 {
+            self.close(batch);
+        }
         if self.builder.is_empty() {
             self.first = id;
         }
@@ -168,6 +172,10 @@ impl Writer {
                         let _ = reply.send(self.remove_through(through));
                     }
                     Command::Tick => self.tick(),
+                    Command::Import { events, reply } => {
+                        self.commit(std::mem::take(&mut appends));
+                        let _ = reply.send(self.import(events));
+                    }
                     Command::Compact { reply } => {
                         self.commit(std::mem::take(&mut appends));
                         let _ = reply.send(self.compact());
