@@ -6,6 +6,7 @@
 //! cargo run --release -- serve --data-dir /tmp/tw-bench &
 //! cargo bench --bench load -- publish --conns 64 --size 256 --secs 10
 //! cargo bench --bench load -- publish --conns 8 --batch 1000 --secs 10
+//! cargo bench --bench load -- publish --conns 64 --size 256 --secs 10 --token "$(tidewire token ...)"
 //! cargo bench --bench load -- fanout --subs 1000 --rate 100 --secs 10
 //! cargo bench --bench load -- idle --subs 10000 --pid <server pid>
 //! cargo bench --bench load -- resume --events 100000 --noise 1000000
@@ -34,7 +35,7 @@ use tokio::net::TcpStream;
 type Error = Box<dyn std::error::Error + Send + Sync>;
 
 const USAGE: &str = "usage: load <mode> [--addr 127.0.0.1:7700] [options]
-  publish    --conns 64 --size 256 --batch 1 --secs 10 --topics 8
+  publish    --conns 64 --size 256 --batch 1 --secs 10 --topics 8 [--token JWT]
   fanout     --subs 1000 --rate 100 --secs 10 --size 256
   idle       --subs 10000 --pid PID [--hold 5]
   resume     --events 100000 [--noise 0]
@@ -112,6 +113,8 @@ fn percentile(sorted: &[u64], p: f64) -> u64 {
 struct Conn {
     sender: http1::SendRequest<Full<Bytes>>,
     host: String,
+    /// Sent as `Authorization: Bearer <token>` on every POST when set.
+    token: Option<String>,
 }
 
 impl Conn {
@@ -123,15 +126,25 @@ impl Conn {
         Ok(Conn {
             sender,
             host: addr.to_string(),
+            token: None,
         })
+    }
+
+    /// Sends `Authorization: Bearer <token>` on every POST from now on (when given one).
+    fn bearer(mut self, token: &Option<String>) -> Conn {
+        self.token = token.clone();
+        self
     }
 
     async fn post(&mut self, path: &str, content_type: &str, body: Bytes) -> Result<u16, Error> {
         self.sender.ready().await?;
-        let req = hyper::Request::post(path)
+        let mut req = hyper::Request::post(path)
             .header("host", &self.host)
-            .header("content-type", content_type)
-            .body(Full::new(body))?;
+            .header("content-type", content_type);
+        if let Some(t) = &self.token {
+            req = req.header("authorization", format!("Bearer {t}"));
+        }
+        let req = req.body(Full::new(body))?;
         let resp = self.sender.send_request(req).await?;
         let status = resp.status().as_u16();
         resp.into_body().collect().await?;
@@ -241,15 +254,17 @@ async fn publish(addr: &str, args: &Args) -> Result<(), Error> {
     let batch: usize = args.get("batch", 1);
     let secs: u64 = args.get("secs", 10);
     let topics: usize = args.get("topics", 8);
+    let token: Option<String> = Some(args.get("token", String::new())).filter(|t| !t.is_empty());
     let deadline = Instant::now() + Duration::from_secs(secs);
     let errors = Arc::new(AtomicU64::new(0));
     let mut tasks = Vec::new();
     for c in 0..conns {
         let addr = addr.to_string();
         let errors = errors.clone();
+        let token = token.clone();
         tasks.push(tokio::spawn(async move {
             let mut lat = Vec::new();
-            let Ok(mut conn) = Conn::open(&addr).await else {
+            let Ok(mut conn) = Conn::open(&addr).await.map(|c| c.bearer(&token)) else {
                 errors.fetch_add(1, Ordering::Relaxed);
                 return lat;
             };
@@ -275,7 +290,7 @@ async fn publish(addr: &str, args: &Args) -> Result<(), Error> {
                     Ok(201) => lat.push(started.elapsed().as_micros() as u64),
                     _ => {
                         errors.fetch_add(1, Ordering::Relaxed);
-                        match Conn::open(&addr).await {
+                        match Conn::open(&addr).await.map(|c| c.bearer(&token)) {
                             Ok(c) => conn = c,
                             Err(_) => return lat,
                         }
@@ -294,14 +309,15 @@ async fn publish(addr: &str, args: &Args) -> Result<(), Error> {
     all.sort_unstable();
     let reqs = all.len() as f64;
     println!(
-        "publish conns={conns} size={size} batch={batch} secs={elapsed:.1} requests={} req_per_s={:.0} events_per_s={:.0} p50_ms={:.2} p99_ms={:.2} max_ms={:.2} errors={}",
+        "publish conns={conns} size={size} batch={batch} secs={elapsed:.1} requests={} req_per_s={:.0} events_per_s={:.0} p50_ms={:.2} p99_ms={:.2} max_ms={:.2} errors={}{}",
         all.len(),
         reqs / elapsed,
         reqs * batch as f64 / elapsed,
         percentile(&all, 0.50) as f64 / 1000.0,
         percentile(&all, 0.99) as f64 / 1000.0,
         all.last().copied().unwrap_or(0) as f64 / 1000.0,
-        errors.load(Ordering::Relaxed)
+        errors.load(Ordering::Relaxed),
+        if token.is_some() { " auth=bearer" } else { "" }
     );
     Ok(())
 }

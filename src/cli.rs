@@ -10,7 +10,6 @@ use clap::{Args, Parser, Subcommand};
 use serde::Serialize;
 
 use crate::auth::mint::{self, TokenSpec};
-use crate::auth::Authenticator;
 use crate::config::Config;
 use crate::log::FsyncPolicy;
 
@@ -111,6 +110,15 @@ pub struct ServeArgs {
     #[arg(long)]
     #[serde(skip_serializing_if = "is_false")]
     pub insecure_open: bool,
+    /// PEM certificate chain: serve HTTPS, WSS and HTTP/2 over TLS (needs --tls-key;
+    /// reloaded on SIGHUP).
+    #[arg(long)]
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub tls_cert: Option<PathBuf>,
+    /// PEM private key of the --tls-cert certificate.
+    #[arg(long)]
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub tls_key: Option<PathBuf>,
     /// When a publish is acknowledged: always (after its fsync), interval=100ms (after the
     /// write, fsync at least that often) or never (fsync left to the storage) [default: always].
     #[arg(long)]
@@ -295,12 +303,17 @@ async fn serve(args: ServeArgs) -> Result<(), String> {
         .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
         .init();
     let config = Config::load(args.config.as_deref(), &args).map_err(|e| e.to_string())?;
-    // Before binding: an unusable key must not leave a port open, even briefly.
-    let auth = Authenticator::from_config(&config).map_err(|e| e.to_string())?;
+    // Before binding: an unusable key or certificate must not leave a port open, even briefly.
+    let keys = crate::server::Keys::load(&config).map_err(|e| e.to_string())?;
+    // With TLS, SIGHUP reloads the certificate (and no longer terminates the process).
+    #[cfg(unix)]
+    if let Some(tls) = keys.tls.clone() {
+        crate::tls::reload_on_sighup(tls).map_err(|e| format!("cannot handle SIGHUP: {e}"))?;
+    }
     let listener = tokio::net::TcpListener::bind(config.listen)
         .await
         .map_err(|e| format!("cannot listen on {}: {e}", config.listen))?;
-    crate::server::run_with_auth(listener, config, auth, shutdown_signal())
+    crate::server::run_with_keys(listener, config, keys, shutdown_signal())
         .await
         .map_err(|e| e.to_string())
 }

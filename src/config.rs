@@ -27,6 +27,11 @@ pub struct Config {
     pub data_dir: PathBuf,
     /// Allow an open (token-less) server to listen on a non-loopback address.
     pub insecure_open: bool,
+    /// PEM certificate chain (leaf first) to serve HTTPS, WSS and HTTP/2 over TLS with; needs
+    /// `tls_key`. Reloaded from the same file on SIGHUP.
+    pub tls_cert: Option<PathBuf>,
+    /// PEM private key (PKCS#8, PKCS#1 RSA or SEC1 EC) of `tls_cert`'s leaf certificate.
+    pub tls_key: Option<PathBuf>,
     /// Largest request body accepted on the wire, in bytes (413 above).
     pub max_body_bytes: usize,
     /// Largest publish body after gzip inflation, in bytes (413 above).
@@ -160,6 +165,8 @@ impl Default for Config {
                 .unwrap_or_else(|_| SocketAddr::from(([127, 0, 0, 1], 7700))),
             data_dir: PathBuf::from("tidewire-data"),
             insecure_open: false,
+            tls_cert: None,
+            tls_key: None,
             max_body_bytes: 1 << 20,
             max_decompressed_bytes: 16 << 20,
             max_batch_events: 10_000,
@@ -319,6 +326,11 @@ impl Config {
                  --insecure-open to serve an open server on a trusted network",
                 self.listen
             )));
+        }
+        if self.tls_cert.is_some() != self.tls_key.is_some() {
+            return Err(ConfigError::Invalid(
+                "tls_cert and tls_key (--tls-cert, --tls-key) must be set together".into(),
+            ));
         }
         if self.max_topic_len == 0 || self.max_topic_len > crate::topic::MAX_TOPIC_LEN {
             return Err(ConfigError::Invalid(format!(

@@ -24,6 +24,7 @@
 //! - [`auth`]: JWT verification and topic-pattern grants, checked by every transport.
 //! - [`server`]: accept loop, HTTP/1.1 + HTTP/2, graceful shutdown.
 //! - [`limits`]: abuse limits: publish rate, connection caps, slow-client timeouts.
+//! - [`tls`]: HTTPS/WSS/HTTP/2 over TLS (rustls): certificate loading, ALPN, SIGHUP reload.
 //! - [`export`]: the log as NDJSON lines for backups and restores (`tidewire export`/`import`).
 //! - [`ops`]: operator commands on a data dir (`inspect`, `verify`, `export`, `import`).
 //! - [`config`], [`cli`], [`client`], [`metrics`]: configuration, the command line, the
@@ -46,5 +47,6 @@ pub mod ops;
 pub mod publish;
 pub mod server;
 pub mod subscription;
+pub mod tls;
 pub mod topic;
 pub mod ws_frame;

@@ -1,5 +1,5 @@
-//! The server: accepts connections (HTTP/1.1 and HTTP/2 cleartext on one port), opens the log,
-//! and shuts down gracefully.
+//! The server: accepts connections (HTTP/1.1 and HTTP/2 on one port, cleartext or over TLS
+//! with [`crate::tls`]), opens the log, and shuts down gracefully.
 //!
 //! [`run`] takes an already bound listener and a shutdown future, so tests bind port 0 and
 //! drive the real server. Shutdown order: readiness turns 503, the listener closes, streams
@@ -23,9 +23,10 @@ use crate::auth::{Authenticator, KeyError};
 use crate::config::Config;
 use crate::http::{self, AppState};
 use crate::hub::Hub;
-use crate::limits::{conn, ClientAddr, ConnWatch, TrackedBody, WatchedIo};
+use crate::limits::{conn, ClientAddr, ConnWatch, Expiry, TrackedBody, WatchedIo};
 use crate::log::{DedupeOptions, EventLog, LogError, LogOptions, SledLog, SpaceLimits};
 use crate::metrics::{Metrics, ReasonLabel};
+use crate::tls::{Tls, TlsError};
 
 /// Why the server stopped with an error.
 #[derive(Debug, thiserror::Error)]
@@ -39,6 +40,9 @@ pub enum ServerError {
     /// The configured JWT key cannot be used.
     #[error(transparent)]
     Key(#[from] KeyError),
+    /// The configured TLS certificate or key cannot be used.
+    #[error(transparent)]
+    Tls(#[from] TlsError),
     /// An open server (no key) was handed a non-loopback listener without `insecure_open`.
     #[error(
         "refusing to serve on {0} without authentication: configure a JWT key or set insecure_open"
@@ -48,29 +52,49 @@ pub enum ServerError {
 
 /// Serves on `listener` until `shutdown` resolves, then shuts down gracefully. The log lives
 /// in `config.data_dir`; `config.listen` is ignored (the listener is already bound). The JWT
-/// key of `config`, if any, is loaded first: an unusable one is an error before anything is
-/// served.
+/// key and TLS certificate of `config`, if any, are loaded first: an unusable one is an
+/// error before anything is served.
 pub async fn run(
     listener: TcpListener,
     config: Config,
     shutdown: impl Future<Output = ()> + Send,
 ) -> Result<(), ServerError> {
-    let auth = Authenticator::from_config(&config)?;
-    run_with_auth(listener, config, auth, shutdown).await
+    let keys = Keys::load(&config)?;
+    run_with_keys(listener, config, keys, shutdown).await
 }
 
-/// [`run`] with the authenticator already built from `config` (`None`: an open server), so a
-/// caller that checked the key before binding does not read it twice.
+/// What the server loads from files named in the configuration, checked before it binds.
+pub struct Keys {
+    /// The JWT authenticator (`None`: an open server).
+    pub auth: Option<Authenticator>,
+    /// TLS (`None`: plain HTTP). Keep a clone to reload its certificate.
+    pub tls: Option<Tls>,
+}
+
+impl Keys {
+    /// Loads the JWT key and the TLS certificate and key `config` names. Guarantees: `Ok`
+    /// only when each configured one is usable.
+    pub fn load(config: &Config) -> Result<Keys, ServerError> {
+        Ok(Keys {
+            auth: Authenticator::from_config(config)?,
+            tls: Tls::from_config(config)?,
+        })
+    }
+}
+
+/// [`run`] with the keys already loaded from `config`, so a caller that checked them before
+/// binding does not read them twice (and can keep the [`Tls`] to reload it on SIGHUP).
 ///
 /// Guarantees: an open server serves a non-loopback listener only with `insecure_open` (it
 /// returns [`ServerError::Open`] before accepting anything otherwise), and says so in a
-/// warning when it does.
-pub async fn run_with_auth(
+/// warning when it does; with TLS every connection is served over TLS only.
+pub async fn run_with_keys(
     listener: TcpListener,
     config: Config,
-    auth: Option<Authenticator>,
+    keys: Keys,
     shutdown: impl Future<Output = ()> + Send,
 ) -> Result<(), ServerError> {
+    let Keys { auth, tls } = keys;
     let bound = listener.local_addr()?;
     if auth.is_none() {
         if !bound.ip().is_loopback() && !config.insecure_open {
@@ -99,7 +123,8 @@ pub async fn run_with_auth(
         .with_authenticator(auth),
     );
     // Accept at once, so /readyz answers 503 (not a hang) while the log opens.
-    let accept = tokio::spawn(accept_loop(listener, state.clone(), stop_rx));
+    let tls_on = tls.is_some();
+    let accept = tokio::spawn(accept_loop(listener, state.clone(), tls, stop_rx));
 
     let opts = LogOptions {
         dir: config.data_dir.clone(),
@@ -135,6 +160,7 @@ pub async fn run_with_auth(
         topics = log.topic_count(),
         next_id = log.head().0 + 1,
         auth = if state.authenticator().is_some() { "jwt" } else { "open" },
+        tls = tls_on,
         "tidewire ready"
     );
     state.set_log(log.clone());
@@ -160,13 +186,19 @@ pub async fn run_with_auth(
     Ok(())
 }
 
+/// Accepts connections until `stop` changes. With `tls`, each connection's TLS handshake runs
+/// in its own task over the connection's [`WatchedIo`] (so it holds the connection's permit
+/// and feeds its timers), bounded by the header read timeout; HTTP then runs over the TLS
+/// stream. A refused connection (over a cap) gets its handshake too, so its 503/429 answer
+/// is readable.
 async fn accept_loop(
     listener: TcpListener,
     state: Arc<AppState>,
+    tls: Option<Tls>,
     mut stop: watch::Receiver<bool>,
 ) -> GracefulShutdown {
     let graceful = GracefulShutdown::new();
-    let builder = http_builder(&state.config);
+    let builder = Arc::new(http_builder(&state.config));
     let refusals = Arc::new(tokio::sync::Semaphore::new(conn::REFUSALS_IN_FLIGHT));
     let secs = |s: u64| (s > 0).then(|| Duration::from_secs(s));
     let (header_timeout, idle_timeout) = (
@@ -200,9 +232,20 @@ async fn accept_loop(
                     .inc();
                 tracing::debug!(%peer, reason, "connection refused");
                 if let Ok(slot) = refusals.clone().try_acquire_owned() {
+                    let tls = tls.clone();
                     tokio::spawn(async move {
                         let _slot = slot;
-                        conn::refuse(TokioIo::new(stream), refusal).await;
+                        match tls {
+                            None => conn::refuse(TokioIo::new(stream), refusal).await,
+                            Some(tls) => {
+                                let handshake = tls.accept(stream);
+                                if let Ok(Ok(done)) =
+                                    tokio::time::timeout(conn::REFUSAL_WAIT, handshake).await
+                                {
+                                    conn::refuse(TokioIo::new(done.stream), refusal).await;
+                                }
+                            }
+                        }
                     });
                 }
                 continue;
@@ -223,13 +266,56 @@ async fn accept_loop(
                 Ok::<_, Infallible>(resp.map(|body| TrackedBody::new(body, in_flight)))
             }
         });
-        let conn = builder.serve_connection_with_upgrades(TokioIo::new(io), service);
-        let conn = graceful.watch(conn.into_owned());
+        // Taken before the handshake, so shutdown also waits for (bounded) handshakes.
+        let watcher = graceful.watcher();
+        let builder = builder.clone();
+        let tls = tls.clone();
         tokio::spawn(async move {
-            tokio::select! {
-                ended = conn => if let Err(e) = ended {
+            let serve = async {
+                let ended = match tls {
+                    None => {
+                        let conn =
+                            builder.serve_connection_with_upgrades(TokioIo::new(io), service);
+                        watcher.watch(conn.into_owned()).await
+                    }
+                    Some(tls) => {
+                        // The whole handshake, from accept, within the header read timeout: a
+                        // client that connects and never (or too slowly) handshakes is closed.
+                        let handshake = tls.accept(io);
+                        let done = match header_timeout {
+                            Some(limit) => match tokio::time::timeout(limit, handshake).await {
+                                Ok(done) => done,
+                                Err(_) => {
+                                    let reason = Expiry::HeaderTimeout.reason();
+                                    limits
+                                        .connections_timed_out
+                                        .get_or_create(&ReasonLabel { reason })
+                                        .inc();
+                                    tracing::debug!(%peer, "TLS handshake timed out");
+                                    return;
+                                }
+                            },
+                            None => handshake.await,
+                        };
+                        let done = match done {
+                            Ok(done) => done,
+                            Err(e) => {
+                                tracing::debug!(%peer, error = %e, "TLS handshake failed");
+                                return;
+                            }
+                        };
+                        watch.tls_established(done.h2);
+                        let io = TokioIo::new(done.stream);
+                        let conn = builder.serve_connection_with_upgrades(io, service);
+                        watcher.watch(conn.into_owned()).await
+                    }
+                };
+                if let Err(e) = ended {
                     tracing::debug!(error = %e, "connection ended with an error");
-                },
+                }
+            };
+            tokio::select! {
+                _ = serve => {},
                 // Dropping the connection closes it; nothing is in flight on it.
                 why = watch.expired() => {
                     limits

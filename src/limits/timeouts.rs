@@ -127,6 +127,23 @@ impl ConnWatch {
         }
     }
 
+    /// Records that the connection's TLS handshake has completed: its bytes were no request
+    /// head, so the header timer stops until a request head's first (encrypted) byte arrives;
+    /// `h2` (ALPN chose HTTP/2) marks the reads that follow as HTTP/2 frames, not heads, as
+    /// the preface does on a cleartext connection (TLS hides the preface from this watch).
+    ///
+    /// The handshake itself is bounded by the caller (`server.rs`: the header read timeout
+    /// from accept). Bytes of a request head read together with the handshake's last flight
+    /// start no timer: such a connection is bounded by the idle timeout, like a silent one.
+    pub fn tls_established(&self, h2: bool) {
+        {
+            let mut st = self.lock();
+            st.head_started = None;
+            st.h2 |= h2;
+        }
+        self.shared.changed.notify_one();
+    }
+
     /// Marks a request (its head parsed) as in flight until the returned guard is dropped;
     /// [`TrackedBody`] keeps it until the response body is done.
     pub fn request_started(&self, version: Version) -> RequestGuard {
