@@ -71,6 +71,9 @@ pub struct ExportArgs {
     /// Export events with ids above this cursor.
     #[arg(long, default_value_t = 0)]
     pub since: u64,
+    /// Output format (MessagePack only from a data dir).
+    #[arg(long, value_enum, default_value_t = crate::export::Format::Ndjson)]
+    pub format: crate::export::Format,
     /// Bearer token for a server with authorization on.
     #[arg(long, env = "TIDEWIRE_TOKEN", hide_env_values = true)]
     pub token: Option<String>,
@@ -85,6 +88,9 @@ pub struct ImportArgs {
     /// The export file [default: stdin].
     #[arg(long)]
     pub input: Option<PathBuf>,
+    /// Input format.
+    #[arg(long, value_enum, default_value_t = crate::export::Format::Ndjson)]
+    pub format: crate::export::Format,
 }
 
 fn is_false(b: &bool) -> bool {
@@ -277,11 +283,14 @@ pub fn run(cli: Cli) -> ExitCode {
                     a.server.as_deref(),
                     &a.patterns,
                     a.since,
+                    a.format,
                     a.token.as_deref(),
                 )
                 .await
             }
-            Command::Import(a) => crate::ops::import(&a.data_dir, a.input.as_deref()).await,
+            Command::Import(a) => {
+                crate::ops::import(&a.data_dir, a.input.as_deref(), a.format).await
+            }
         }
     });
     match result {

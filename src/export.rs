@@ -1,11 +1,13 @@
-//! Export and import: the log as NDJSON, one JSON envelope per line with its `msg_id` when it
-//! had one, in id order. Used by `tidewire export` / `tidewire import` for backups, moves and
-//! restores.
+//! Export and import: the log as NDJSON (one JSON envelope per line) or as a stream of
+//! MessagePack envelope maps, each with its `msg_id` when it had one, in id order. Used by
+//! `tidewire export` / `tidewire import` for backups, moves and restores.
 //!
 //! Guarantees:
-//! - a line is the event's JSON envelope (the one every transport sends) plus `"msg_id"`:
-//!   JSON data keeps its exact text and bytes stay base64, so export → import → export is
-//!   byte-identical;
+//! - an NDJSON line is the event's JSON envelope (the one every transport sends) plus
+//!   `"msg_id"`: JSON data keeps its exact text and bytes stay base64;
+//! - a MessagePack record is the event's MessagePack envelope (bytes stay `bin`) plus
+//!   `"msg_id"`;
+//! - in either format export → import → export is byte-identical;
 //! - an export is a consistent snapshot: it ends at the head the log had when it started,
 //!   whatever is published meanwhile;
 //! - [`parse_line`] is a pure function, total on any input (an error, never a panic).
@@ -55,6 +57,88 @@ struct Line<'a> {
     msg_id: Option<String>,
 }
 
+/// The two export formats.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, clap::ValueEnum)]
+pub enum Format {
+    /// One JSON envelope per line.
+    #[default]
+    Ndjson,
+    /// MessagePack envelope maps, one after the other.
+    Msgpack,
+}
+
+/// Appends the MessagePack export record of `event` to `out`.
+pub fn export_msgpack(event: &Event, out: &mut Vec<u8>) {
+    let env = event.msgpack();
+    match (&event.body.msg_id, env.first()) {
+        // An envelope has at most six keys: a fixmap, whose header holds its length.
+        (Some(m), Some(&header @ 0x80..=0x8e)) => {
+            out.push(header + 1);
+            out.extend_from_slice(&env[1..]);
+            // Writing into a Vec cannot fail.
+            let _ = rmp::encode::write_str(out, "msg_id");
+            let _ = rmp::encode::write_str(out, m);
+        }
+        _ => out.extend_from_slice(env),
+    }
+}
+
+/// Reads the next MessagePack export record from `input`; `None` at the end of the input.
+pub fn read_msgpack(input: &mut impl std::io::Read) -> Result<Option<ImportEvent>, String> {
+    use rmpv::Value;
+    let value = match rmpv::decode::read_value(input) {
+        Ok(v) => v,
+        Err(rmpv::decode::Error::InvalidMarkerRead(e))
+            if e.kind() == std::io::ErrorKind::UnexpectedEof =>
+        {
+            return Ok(None)
+        }
+        Err(e) => return Err(format!("not a MessagePack record: {e}")),
+    };
+    let Value::Map(entries) = value else {
+        return Err("a record is a map".into());
+    };
+    let (mut id, mut topic, mut event_type, mut time, mut data, mut msg_id) =
+        (None, None, None, None, None, None);
+    for (k, v) in entries {
+        let key = k.as_str().ok_or("a record's keys are strings")?.to_string();
+        let text = || v.as_str().map(str::to_string);
+        match key.as_str() {
+            "id" => id = v.as_u64(),
+            "topic" => topic = text(),
+            "type" => event_type = Some(text().ok_or("`type` is a string")?),
+            "time" => time = v.as_u64(),
+            "msg_id" => msg_id = Some(text().ok_or("`msg_id` is a string")?),
+            "data" => data = Some(v),
+            other => return Err(format!("unknown key {other:?}")),
+        }
+    }
+    let (Some(id), Some(topic), Some(time), Some(data)) = (id, topic, time, data) else {
+        return Err("a record needs id, topic, time and data".into());
+    };
+    let data = match data {
+        Value::Binary(b) => Data::Bytes(b.into()),
+        other => {
+            let json: serde_json::Value =
+                rmpv::ext::from_value(other).map_err(|e| format!("data: {e}"))?;
+            Data::Json(json.to_string().into())
+        }
+    };
+    if id == 0 {
+        return Err("id 0 is never assigned".into());
+    }
+    Ok(Some(ImportEvent {
+        id,
+        time,
+        event: NewEvent {
+            topic: Topic::parse(&topic).map_err(|e| format!("topic {topic:?}: {e}"))?,
+            event_type: event_type.map(Into::into),
+            msg_id: msg_id.map(Into::into),
+            data,
+        },
+    }))
+}
+
 /// Parses one export line back into an event with its id and time.
 pub fn parse_line(line: &[u8]) -> Result<ImportEvent, String> {
     let l: Line<'_> =
@@ -93,6 +177,7 @@ pub async fn export(
     log: &dyn EventLog,
     patterns: PatternSet,
     since: EventId,
+    format: Format,
     out: &mut (dyn Write + Send),
 ) -> Result<u64, ExportError> {
     let snapshot = log.head();
@@ -102,7 +187,10 @@ pub async fn export(
     while cursor < snapshot {
         let page = log.read(patterns.clone(), cursor, EXPORT_PAGE).await?;
         for e in page.events.iter().take_while(|e| e.id <= snapshot) {
-            export_line(e, &mut buf);
+            match format {
+                Format::Ndjson => export_line(e, &mut buf),
+                Format::Msgpack => export_msgpack(e, &mut buf),
+            }
             written += 1;
         }
         out.write_all(&buf)?;
@@ -128,10 +216,10 @@ pub enum ExportError {
     /// Writing the export or reading the import failed.
     #[error("i/o: {0}")]
     Io(#[from] std::io::Error),
-    /// A line of the import is not an export line.
+    /// A line (NDJSON) or record (MessagePack) of the import is not one of an export.
     #[error("line {line}: {reason}")]
     Line {
-        /// 1-based line number.
+        /// 1-based line or record number.
         line: u64,
         /// What is wrong with it.
         reason: String,
@@ -174,6 +262,47 @@ mod tests {
                 &mut again,
             );
             assert_eq!(again, line);
+        }
+    }
+
+    #[test]
+    fn a_msgpack_record_reads_back_to_the_same_event_and_record() {
+        for e in [
+            event(
+                1,
+                None,
+                Data::Json(r#"{"t": 21.5, "u":"°C", "n":[1,-2,3.25e10]}"#.into()),
+            ),
+            event(2, Some("m-1"), Data::Json("null".into())),
+            event(3, Some("m"), Data::Bytes(Bytes::from_static(b"\x00\xff"))),
+        ] {
+            let mut rec = Vec::new();
+            export_msgpack(&e, &mut rec);
+            let mut input = &rec[..];
+            let back = read_msgpack(&mut input).unwrap().unwrap();
+            assert!(read_msgpack(&mut input).unwrap().is_none(), "one record");
+            assert_eq!((back.id, back.time), (e.id.0, e.time));
+            assert_eq!(back.event.msg_id, e.body.msg_id);
+            let mut again = Vec::new();
+            export_msgpack(
+                &Event::new(EventId(back.id), back.time, back.event),
+                &mut again,
+            );
+            assert_eq!(again, rec);
+        }
+    }
+
+    #[test]
+    fn garbage_msgpack_is_an_error_not_a_panic() {
+        for bad in [
+            &b"\xc1"[..],
+            b"\x91\x01",
+            b"\x81\xa2id\x00",
+            b"\x81\xa1x\x01",
+            b"\xa3abc",
+        ] {
+            let mut input = bad;
+            assert!(read_msgpack(&mut input).is_err(), "{bad:?}");
         }
     }
 

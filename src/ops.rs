@@ -8,7 +8,7 @@ use std::sync::Arc;
 
 use crate::config::Config;
 use crate::envelope::EventId;
-use crate::export::{self, ExportError};
+use crate::export::{self, ExportError, Format};
 use crate::hub::Hub;
 use crate::log::retention::RetentionPolicy;
 use crate::log::{EventLog, FsyncPolicy, ImportEvent, LogOptions, SledLog, SpaceLimits};
@@ -133,10 +133,14 @@ pub async fn export(
     server: Option<&str>,
     patterns: &[String],
     since: u64,
+    format: Format,
     token: Option<&str>,
 ) -> Result<(), String> {
     let mut out = std::io::BufWriter::new(std::io::stdout());
     if let Some(url) = server {
+        if format != Format::Ndjson {
+            return Err("an online export (--server) is NDJSON only".into());
+        }
         let (n, cursor) = crate::client::export(url, patterns, since, token, &mut out)
             .await
             .map_err(|e| e.to_string())?;
@@ -155,7 +159,7 @@ pub async fn export(
     let set = PatternSet::new(parsed).ok_or("give at least one --topic pattern")?;
     let log = open(dir, false)?;
     let head = log.head().0;
-    let written = export::export(log.as_ref(), set, EventId(since), &mut out)
+    let written = export::export(log.as_ref(), set, EventId(since), format, &mut out)
         .await
         .map_err(|e| e.to_string());
     close(log).await?;
@@ -165,7 +169,7 @@ pub async fn export(
 }
 
 /// `tidewire import`: restores an export into a data dir that holds no events.
-pub async fn import(dir: &Path, input: Option<&Path>) -> Result<(), String> {
+pub async fn import(dir: &Path, input: Option<&Path>, format: Format) -> Result<(), String> {
     let reader: Box<dyn BufRead + Send> = match input {
         Some(p) => Box::new(BufReader::new(
             std::fs::File::open(p).map_err(|e| format!("{}: {e}", p.display()))?,
@@ -180,11 +184,36 @@ pub async fn import(dir: &Path, input: Option<&Path>) -> Result<(), String> {
             dir.display()
         ));
     }
-    let result = import_lines(&log, reader).await;
+    let result = match format {
+        Format::Ndjson => import_lines(&log, reader).await,
+        Format::Msgpack => import_msgpack(&log, reader).await,
+    };
     close(log).await?;
     let n = result.map_err(|e| e.to_string())?;
     eprintln!("imported {n} events");
     Ok(())
+}
+
+async fn import_msgpack(log: &SledLog, mut reader: impl BufRead) -> Result<u64, ExportError> {
+    let mut batch: Vec<ImportEvent> = Vec::with_capacity(IMPORT_BATCH);
+    let mut imported = 0;
+    let mut record = 0u64;
+    loop {
+        record += 1;
+        let next = export::read_msgpack(&mut reader).map_err(|reason| ExportError::Line {
+            line: record,
+            reason,
+        })?;
+        let Some(e) = next else { break };
+        batch.push(e);
+        if batch.len() == IMPORT_BATCH {
+            imported += log.import(std::mem::take(&mut batch)).await?;
+        }
+    }
+    if !batch.is_empty() {
+        imported += log.import(batch).await?;
+    }
+    Ok(imported)
 }
 
 async fn import_lines(log: &SledLog, reader: impl BufRead) -> Result<u64, ExportError> {
