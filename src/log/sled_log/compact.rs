@@ -16,9 +16,9 @@ use super::*;
 use crate::log::retention::Limits;
 
 /// Most events one pass examines for per-topic trimming.
-const TRIM_STEP_EVENTS: usize = 200_000;
+const TRIM_STEP_EVENTS: usize = 20_000;
 /// Most chunks one pass examines for reclaiming.
-const RECLAIM_STEP_CHUNKS: usize = 1024;
+const RECLAIM_STEP_CHUNKS: usize = 512;
 /// Most chunks one pass walks to find the prefix the global budget removes.
 const BUDGET_STEP_CHUNKS: usize = 4096;
 
@@ -31,6 +31,9 @@ pub struct Compacted {
     pub over_budget: u64,
     /// Chunks deleted because nothing in them was retained any more.
     pub chunks_reclaimed: u64,
+    /// Whether a step stopped at its bound with work left: the next step follows the next
+    /// commit round instead of waiting for the period.
+    pub more: bool,
 }
 
 impl Writer {
@@ -44,17 +47,19 @@ impl Writer {
             ));
         }
         let now = now_ms();
-        let mut done = Compacted {
-            trimmed: self.trim_topics(now)?,
-            ..Compacted::default()
-        };
-        done.over_budget = self.enforce_budget()?;
-        done.chunks_reclaimed = self.reclaim_chunks()?;
-        Ok(done)
+        let (trimmed, trim_more) = self.trim_topics(now)?;
+        let over_budget = self.enforce_budget()?;
+        let (chunks_reclaimed, reclaim_more) = self.reclaim_chunks()?;
+        Ok(Compacted {
+            trimmed,
+            over_budget,
+            chunks_reclaimed,
+            more: trim_more || reclaim_more,
+        })
     }
 
     /// Step 1: every topic over a limit of its rule loses its oldest events.
-    fn trim_topics(&mut self, now: u64) -> Result<u64, LogError> {
+    fn trim_topics(&mut self, now: u64) -> Result<(u64, bool), LogError> {
         // When even the oldest stored chunk is younger than the shortest age limit, no age
         // limit can fire: topics within their count and bytes then need no read at all.
         let oldest = match self.shared.tree.scan_prefix([record::CHUNK_PREFIX]).next() {
@@ -65,7 +70,7 @@ impl Writer {
                     .map_err(corrupt)?
                     .time
             }
-            None => return Ok(0),
+            None => return Ok((0, false)),
         };
         let candidates: Vec<(Topic, TopicRecord, Limits)> = {
             let reg = self.shared.registry.read().map_err(|_| LogError::Closed)?;
@@ -83,7 +88,7 @@ impl Writer {
                 .collect()
         };
         if candidates.is_empty() {
-            return Ok(0);
+            return Ok((0, false));
         }
         let tree = self.shared.tree.clone();
         let mut batch = sled::Batch::default();
@@ -109,15 +114,16 @@ impl Writer {
                 break;
             }
         }
+        let more = budget == 0;
         if removed == 0 {
-            return Ok(0);
+            return Ok((0, more));
         }
         for (t, r) in &delta {
             batch.insert(record::topic_key(t.as_str()), record::encode_topic(r));
         }
         tree.apply_batch(batch).map_err(storage)?;
         self.publish(delta, Vec::new());
-        Ok(removed)
+        Ok((removed, more))
     }
 
     /// Step 2: the oldest prefix of the log goes while the retained bytes exceed the budget.
@@ -169,19 +175,22 @@ impl Writer {
         }
     }
 
-    /// Step 3: chunks whose every event is removed are deleted.
-    fn reclaim_chunks(&mut self) -> Result<u64, LogError> {
+    /// Step 3: chunks whose every event is removed are deleted. Each step goes on from where
+    /// the last one stopped, so chunks pinned by a long-kept event are passed, not rescanned.
+    fn reclaim_chunks(&mut self) -> Result<(u64, bool), LogError> {
         let tree = &self.shared.tree;
         let mut batch = sled::Batch::default();
         let mut reclaimed = 0;
+        let mut scanned = 0;
+        let from = record::chunk_key(self.reclaim_cursor);
+        let to = record::chunk_key(u64::MAX);
         {
             let reg = self.shared.registry.read().map_err(|_| LogError::Closed)?;
-            for item in tree
-                .scan_prefix([record::CHUNK_PREFIX])
-                .take(RECLAIM_STEP_CHUNKS)
-            {
+            for item in tree.range(from..=to).take(RECLAIM_STEP_CHUNKS) {
                 let (k, v) = item.map_err(storage)?;
+                scanned += 1;
                 let first = record::chunk_first_of_key(&k).map_err(corrupt)?;
+                self.reclaim_cursor = first.saturating_add(1);
                 let chunk = Chunk::parse(&v).map_err(corrupt)?;
                 let mut dead = true;
                 for i in 0..chunk.len() {
@@ -202,7 +211,12 @@ impl Writer {
         if reclaimed > 0 {
             tree.apply_batch(batch).map_err(storage)?;
         }
-        Ok(reclaimed)
+        let more = scanned == RECLAIM_STEP_CHUNKS;
+        if !more {
+            // The end: the next pass starts again from the oldest chunk.
+            self.reclaim_cursor = 0;
+        }
+        Ok((reclaimed, more))
     }
 }
 

@@ -33,6 +33,7 @@ mod compact;
 mod dedupe;
 #[cfg(test)]
 mod dedupe_tests;
+mod mark;
 mod ops;
 #[cfg(test)]
 mod ops_tests;
@@ -236,6 +237,13 @@ impl SledLog {
             .open()
             .map_err(|e| LogError::Open(format!("{}: {e}", opts.dir.display())))?;
         let tree = db.open_tree("log").map_err(storage)?;
+        let durable_mark = mark::read(&opts.dir)?;
+        if durable_mark.is_some_and(|m| m > 0)
+            && tree.get(record::FORMAT_KEY).map_err(storage)?.is_none()
+        {
+            // Never initialise a fresh log over one sled could not read back.
+            mark::check(&opts.dir, durable_mark, 0)?;
+        }
         match tree.get(record::FORMAT_KEY).map_err(storage)? {
             Some(v) if v.as_ref() == record::FORMAT_VERSION => {}
             Some(v) if v.as_ref() == record::FORMAT_V1 => {
@@ -301,6 +309,7 @@ impl SledLog {
             Some(v) => Some(record::decode_count(&v).map_err(corrupt)?),
             None => None,
         };
+        mark::check(&opts.dir, durable_mark, high_water)?;
         let next_id = high_water.max(stored_reservation.unwrap_or(0)) + 1;
         let reserved = match opts.fsync {
             FsyncPolicy::Always => None,
@@ -332,6 +341,11 @@ impl SledLog {
             reserved,
             retention: opts.retention.clone(),
             last_compact: Instant::now(),
+            durable_through: high_water,
+            compact_more: false,
+            reclaim_cursor: 0,
+            last_applied: high_water,
+            marked: durable_mark.unwrap_or(0),
             space: opts.space,
             dir: opts.dir.clone(),
             over_disk_budget: None,

@@ -377,6 +377,7 @@ impl Writer {
         }
         self.dedupe.commit_round();
         self.next_id = last + 1;
+        self.last_applied = last;
         self.flush()?;
         self.publish(delta, committed);
         Ok(count)

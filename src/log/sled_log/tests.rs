@@ -674,3 +674,31 @@ async fn a_directory_holding_other_files_is_refused_and_left_untouched() {
         .collect();
     assert_eq!(left, ["notes.txt"], "sled's files were written beside it");
 }
+
+#[tokio::test]
+async fn a_log_sled_recovers_short_of_its_durable_mark_refuses_to_open() {
+    let tmp = tempfile::tempdir().unwrap();
+    let log = open(tmp.path());
+    let mut model = Model::default();
+    for _ in 0..20 {
+        append(&log, &mut model, &names("c", 4, |i| i % 2), 20).await;
+    }
+    log.close().await.unwrap();
+    drop(log);
+    let mark =
+        std::fs::read_to_string(tmp.path().join("data").join(super::mark::MARK_FILE)).unwrap();
+    assert!(mark.trim().ends_with(" 80"), "{mark}");
+    // Damage sled's log file the way a bad disk would: sled then recovers only what precedes
+    // the damage, and would open that as a complete log.
+    let db = tmp.path().join("data").join("db");
+    let mut bytes = std::fs::read(&db).unwrap();
+    for i in (200..bytes.len().min(4000)).step_by(7) {
+        bytes[i] ^= 0x5a;
+    }
+    std::fs::write(&db, &bytes).unwrap();
+    let err = SledLog::open(&opts(tmp.path()), Hub::new(4), Metrics::new())
+        .err()
+        .expect("a damaged log must not open");
+    assert!(matches!(err, LogError::Open(_)), "{err:?}");
+    assert!(err.to_string().contains("damaged"), "{err}");
+}

@@ -25,6 +25,16 @@ pub(super) struct Writer {
     pub(super) reserved: Option<u64>,
     pub(super) retention: RetentionPolicy,
     pub(super) last_compact: Instant,
+    /// A retention step stopped at its bound: the next one follows the next commit round.
+    pub(super) compact_more: bool,
+    /// Where the next chunk-reclaim step starts (a chunk's first id).
+    pub(super) reclaim_cursor: u64,
+    /// Every event up to this id is known durable (covered by a successful flush).
+    pub(super) durable_through: u64,
+    /// The newest id written to sled (not a reserved one: those may never be used).
+    pub(super) last_applied: u64,
+    /// What the mark file says (see [`super::mark`]).
+    pub(super) marked: u64,
     pub(super) space: SpaceLimits,
     pub(super) dir: std::path::PathBuf,
     /// The data dir's size on disk when it was last found over `max_disk_bytes`.
@@ -146,13 +156,27 @@ impl Writer {
     /// Makes everything written so far durable: sled's log, then the blob files sled's
     /// flush leaves unsynced (see [`BlobSync`]).
     pub(super) fn flush(&mut self) -> Result<(), LogError> {
+        // Everything applied so far is covered by this flush.
+        let applied = self.last_applied;
         self.db.flush().map_err(storage)?;
         let synced = self
             .blobs
             .sync()
             .map_err(|e| LogError::Storage(format!("syncing the log's blob files: {e}")))?;
         self.metrics.observe_blobs_synced(synced);
+        self.durable_through = self.durable_through.max(applied);
         Ok(())
+    }
+
+    /// Brings the mark file up to what is durable (see [`super::mark`]).
+    fn update_mark(&mut self) {
+        if self.durable_through <= self.marked {
+            return;
+        }
+        match super::mark::write(&self.dir, self.durable_through) {
+            Ok(()) => self.marked = self.durable_through,
+            Err(e) => tracing::warn!(error = %e, "writing the durable mark failed"),
+        }
     }
 
     pub(super) fn run(mut self, mut rx: mpsc::Receiver<Command>) {
@@ -194,6 +218,10 @@ impl Writer {
                 // Under load ticks wait behind appends: the interval is kept here too.
                 self.flush_and_publish();
             }
+            if self.compact_more {
+                // A retention backlog goes in bounded steps between commit rounds.
+                self.compact_step();
+            }
         }
         self.flush_and_publish();
         if self.reserved.is_some() {
@@ -210,6 +238,7 @@ impl Writer {
         if let Err(e) = self.flush() {
             tracing::error!(error = %e, "final flush of the log failed");
         }
+        self.update_mark();
     }
 
     /// Refuses an append of about `bytes` when it would take the filesystem below the free
@@ -242,6 +271,7 @@ impl Writer {
 
     /// The periodic step: a due interval flush, then a due dedupe sweep.
     pub(super) fn tick(&mut self) {
+        self.update_mark();
         if self.space.max_disk_bytes > 0 {
             self.over_disk_budget = match self.db.size_on_disk() {
                 Ok(size) if size > self.space.max_disk_bytes => Some(size),
@@ -256,17 +286,28 @@ impl Writer {
             self.sweep();
         }
         if self.retention.removes_anything()
-            && self.last_compact.elapsed() >= self.retention.check_every
+            && (self.compact_more || self.last_compact.elapsed() >= self.retention.check_every)
         {
-            self.last_compact = Instant::now();
-            let started = Instant::now();
-            match self.compact() {
-                Ok(done) => self.metrics.observe_retention(
+            self.compact_step();
+        }
+    }
+
+    /// One bounded retention step (see [`Writer::compact`]), measured.
+    fn compact_step(&mut self) {
+        self.last_compact = Instant::now();
+        let started = Instant::now();
+        match self.compact() {
+            Ok(done) => {
+                self.compact_more = done.more;
+                self.metrics.observe_retention(
                     done.trimmed + done.over_budget,
                     done.chunks_reclaimed,
                     started.elapsed(),
-                ),
-                Err(e) => tracing::warn!(error = %e, "retention pass failed; retrying later"),
+                );
+            }
+            Err(e) => {
+                self.compact_more = false;
+                tracing::warn!(error = %e, "retention pass failed; retrying later");
             }
         }
     }
@@ -446,6 +487,9 @@ impl Writer {
                 let _ = p.reply.send(Err(err.clone()));
             }
             return;
+        }
+        if id > self.next_id {
+            self.last_applied = id - 1;
         }
         self.next_id = id;
         self.dedupe.commit_round();
