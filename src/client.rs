@@ -78,6 +78,19 @@ impl Server {
         sender.send_request(req).await.map_err(transport)
     }
 
+    /// Sends `req` and reads the whole answer.
+    async fn call(&self, req: Request<Full<Bytes>>) -> Result<(StatusCode, Bytes), ClientError> {
+        let resp = self.send(req).await?;
+        let status = resp.status();
+        let body = resp
+            .into_body()
+            .collect()
+            .await
+            .map_err(transport)?
+            .to_bytes();
+        Ok((status, body))
+    }
+
     fn request(&self, method: Method, path_and_query: &str) -> http::request::Builder {
         let req = Request::builder()
             .method(method)
@@ -122,14 +135,7 @@ pub async fn publish(
         .header(header::CONTENT_TYPE, "application/json")
         .body(Full::new(Bytes::from(env.to_string())))
         .map_err(transport)?;
-    let resp = server.send(req).await?;
-    let status = resp.status();
-    let body = resp
-        .into_body()
-        .collect()
-        .await
-        .map_err(transport)?
-        .to_bytes();
+    let (status, body) = server.call(req).await?;
     let body = String::from_utf8_lossy(&body).into_owned();
     if status == StatusCode::CREATED {
         Ok(body)
@@ -357,14 +363,7 @@ pub async fn export(
             )
             .body(Full::new(Bytes::new()))
             .map_err(transport)?;
-        let resp = server.send(req).await?;
-        let status = resp.status();
-        let body = resp
-            .into_body()
-            .collect()
-            .await
-            .map_err(transport)?
-            .to_bytes();
+        let (status, body) = server.call(req).await?;
         if status != StatusCode::OK {
             return Err(ClientError::Refused {
                 status,

@@ -120,36 +120,16 @@ async fn ws_subscriber(addr: String, cursor: u64, got: Arc<Mutex<Vec<(u64, Strin
     }
 }
 
-/// Every stored event as id → data, read from cursor 0 with long-poll.
+/// Every stored event as id → data, read with long-poll from cursor 0.
 async fn stored(base: &str) -> BTreeMap<u64, String> {
-    let client = reqwest::Client::new();
     let mut out = BTreeMap::new();
-    let mut since = 0;
-    loop {
-        let body: Value = client
-            .get(format!(
-                "{base}/v1/poll?topic=**&since={since}&timeout=0&limit=10000"
-            ))
-            .send()
-            .await
-            .expect("poll")
-            .json()
-            .await
-            .expect("poll body");
-        let events = body["events"].as_array().expect("events");
-        for e in events {
-            let id = e["id"].as_u64().unwrap();
-            assert!(id > since, "poll went backwards");
-            assert!(out
-                .insert(id, e["data"].as_str().unwrap().to_string())
-                .is_none());
-        }
-        let next = body["next"].as_u64().unwrap();
-        if events.is_empty() || next == since {
-            return out;
-        }
-        since = next;
+    for e in common::poll_all(&reqwest::Client::new(), base, "**").await {
+        let id = e["id"].as_u64().unwrap();
+        assert!(out
+            .insert(id, e["data"].as_str().unwrap().to_string())
+            .is_none());
     }
+    out
 }
 
 /// Checks a subscriber's deliveries: strictly increasing ids, each one stored with that data.

@@ -17,20 +17,9 @@ use tokio_tungstenite::tungstenite::Message;
 
 /// Every stored event of `topic` as (id, data), read with long-poll from cursor 0.
 async fn stored(client: &reqwest::Client, base: &str, topic: &str) -> Vec<(u64, Value)> {
-    let body: Value = client
-        .get(format!(
-            "{base}/v1/poll?topic={topic}&since=0&timeout=0&limit=10000"
-        ))
-        .send()
+    common::poll_all(client, base, topic)
         .await
-        .expect("poll")
-        .json()
-        .await
-        .expect("poll body");
-    body["events"]
-        .as_array()
-        .expect("events")
-        .iter()
+        .into_iter()
         .map(|e| (e["id"].as_u64().unwrap(), e["data"].clone()))
         .collect()
 }

@@ -67,14 +67,7 @@ async fn publish_until_refused(client: &reqwest::Client, base: &str) -> (u64, Va
 }
 
 async fn stored_count(client: &reqwest::Client, base: &str) -> u64 {
-    let stats: Value = client
-        .get(format!("{base}/v1/topics/full"))
-        .send()
-        .await
-        .unwrap()
-        .json()
-        .await
-        .unwrap();
+    let stats = common::get_json(client, &format!("{base}/v1/topics/full")).await;
     stats["count"].as_u64().unwrap()
 }
 

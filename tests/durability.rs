@@ -7,7 +7,7 @@ mod common;
 use std::collections::BTreeMap;
 
 use common::{post, BinServer};
-use serde_json::{json, Value};
+use serde_json::json;
 
 /// Publishes one event per request from several tasks until `stop_after` acks, then kills
 /// the server with SIGKILL at once, restarts it with the same flags, and checks what came
@@ -39,19 +39,8 @@ async fn kill_9_after_acks(fsync: &str, stop_after: usize) -> (usize, usize) {
     server.kill9();
 
     let server = BinServer::spawn_on(addr, &dir, &flags).await;
-    let body: Value = client
-        .get(format!(
-            "{base}/v1/poll?topic=d&since=0&timeout=0&limit=10000"
-        ))
-        .send()
+    let stored: BTreeMap<u64, u64> = common::poll_all(&client, &base, "d")
         .await
-        .unwrap()
-        .json()
-        .await
-        .unwrap();
-    let stored: BTreeMap<u64, u64> = body["events"]
-        .as_array()
-        .unwrap()
         .iter()
         .map(|e| (e["id"].as_u64().unwrap(), e["data"].as_u64().unwrap()))
         .collect();

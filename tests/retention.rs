@@ -46,16 +46,7 @@ max_events = 5
     let stats = |topic: &'static str| {
         let client = client.clone();
         let url = format!("{base}/v1/topics/{topic}");
-        async move {
-            client
-                .get(url)
-                .send()
-                .await
-                .unwrap()
-                .json::<Value>()
-                .await
-                .unwrap()
-        }
+        async move { common::get_json(&client, &url).await }
     };
     let deadline = Instant::now() + PATIENCE;
     while stats("busy/x").await["count"] != 5 {
@@ -85,16 +76,11 @@ max_events = 5
     assert_eq!(read_ids(&mut stream, 5).await, kept);
 
     // Long-poll: `"gap"` in the body beside the retained events.
-    let body: Value = client
-        .get(format!(
-            "{base}/v1/poll?topic=busy/x&since={cursor}&timeout=0"
-        ))
-        .send()
-        .await
-        .unwrap()
-        .json()
-        .await
-        .unwrap();
+    let body = common::get_json(
+        &client,
+        &format!("{base}/v1/poll?topic=busy/x&since={cursor}&timeout=0"),
+    )
+    .await;
     assert_eq!(body["gap"], gap);
     let ids: Vec<u64> = body["events"]
         .as_array()

@@ -160,6 +160,41 @@ pub async fn post(
     (status, json)
 }
 
+/// GETs `url` and returns its JSON body (panics on a transport error or a non-JSON body).
+pub async fn get_json(client: &reqwest::Client, url: &str) -> Value {
+    client
+        .get(url)
+        .timeout(PATIENCE)
+        .send()
+        .await
+        .unwrap_or_else(|e| panic!("GET {url}: {e}"))
+        .json()
+        .await
+        .unwrap_or_else(|e| panic!("GET {url}: body is not JSON: {e}"))
+}
+
+/// Every retained event matching `pattern`, read with long-poll from cursor 0 to the end, in
+/// id order (asserts the ids strictly increase).
+pub async fn poll_all(client: &reqwest::Client, base: &str, pattern: &str) -> Vec<Value> {
+    let mut out: Vec<Value> = Vec::new();
+    let mut since = 0;
+    loop {
+        let url = format!("{base}/v1/poll?topic={pattern}&since={since}&timeout=0&limit=10000");
+        let body = get_json(client, &url).await;
+        let events = body["events"].as_array().expect("events").clone();
+        for e in &events {
+            let id = e["id"].as_u64().expect("id");
+            assert!(id > since, "poll went backwards: {id} after {since}");
+            since = id;
+        }
+        if events.is_empty() {
+            return out;
+        }
+        out.extend(events);
+        since = body["next"].as_u64().expect("next");
+    }
+}
+
 /// Publishes one JSON event to `topic` and returns its id (asserts 201).
 pub async fn publish_one(client: &reqwest::Client, base: &str, topic: &str, data: Value) -> u64 {
     let (status, body) = post(
