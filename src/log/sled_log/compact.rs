@@ -49,7 +49,23 @@ impl Writer {
         let now = now_ms();
         let (trimmed, trim_more) = self.trim_topics(now)?;
         let over_budget = self.enforce_budget()?;
-        let (chunks_reclaimed, reclaim_more) = self.reclaim_chunks()?;
+        if trimmed + over_budget > 0 {
+            self.removals += 1;
+        }
+        // Chunks only die when events are removed: an idle log is not rescanned.
+        let reclaim = self.reclaim_cursor != 0 || self.removals != self.reclaimed_through;
+        let (chunks_reclaimed, reclaim_more) = if reclaim {
+            if self.reclaim_cursor == 0 {
+                self.reclaim_cycle_start = self.removals;
+            }
+            self.reclaim_chunks()?
+        } else {
+            (0, false)
+        };
+        if reclaim && !reclaim_more {
+            // A whole cycle from the oldest chunk has seen every removal made before it began.
+            self.reclaimed_through = self.reclaim_cycle_start;
+        }
         Ok(Compacted {
             trimmed,
             over_budget,

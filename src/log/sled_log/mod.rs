@@ -310,6 +310,7 @@ impl SledLog {
             None => None,
         };
         mark::check(&opts.dir, durable_mark, high_water)?;
+        let trimmed_before = registry.values().any(|r| r.removed_through > 0);
         let next_id = high_water.max(stored_reservation.unwrap_or(0)) + 1;
         let reserved = match opts.fsync {
             FsyncPolicy::Always => None,
@@ -344,6 +345,11 @@ impl SledLog {
             durable_through: high_water,
             compact_more: false,
             reclaim_cursor: 0,
+            // A reopened log that retention has trimmed may hold chunks that died before it
+            // closed: one cycle finds them.
+            removals: u64::from(trimmed_before),
+            reclaim_cycle_start: 0,
+            reclaimed_through: 0,
             last_applied: high_water,
             marked: durable_mark.unwrap_or(0),
             space: opts.space,

@@ -29,6 +29,12 @@ pub(super) struct Writer {
     pub(super) compact_more: bool,
     /// Where the next chunk-reclaim step starts (a chunk's first id).
     pub(super) reclaim_cursor: u64,
+    /// Removals so far (retention passes and prefix removals that removed something).
+    pub(super) removals: u64,
+    /// `removals` when the running reclaim cycle began.
+    pub(super) reclaim_cycle_start: u64,
+    /// Every removal up to this count has had a full reclaim cycle after it.
+    pub(super) reclaimed_through: u64,
     /// Every event up to this id is known durable (covered by a successful flush).
     pub(super) durable_through: u64,
     /// The newest id written to sled (not a reserved one: those may never be used).
@@ -671,6 +677,9 @@ impl Writer {
         tree.apply_batch(batch).map_err(storage)?;
         self.flush()?;
         self.publish(delta, Vec::new());
+        if removed > 0 {
+            self.removals += 1;
+        }
         Ok(removed)
     }
 }
