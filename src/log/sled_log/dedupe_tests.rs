@@ -6,12 +6,8 @@ use crate::envelope::Data;
 
 fn open_with(dir: &std::path::Path, dedupe: DedupeOptions) -> Arc<SledLog> {
     let opts = LogOptions {
-        dir: dir.join("data"),
-        cache_bytes: 16 << 20,
         dedupe,
-        fsync: FsyncPolicy::Always,
-        retention: RetentionPolicy::keep_everything(),
-        space: SpaceLimits::default(),
+        ..super::tests::opts(dir)
     };
     SledLog::open(&opts, Hub::new(16), Metrics::new()).expect("open")
 }
@@ -232,12 +228,8 @@ async fn beyond_the_maximum_the_oldest_msg_ids_are_forgotten_first() {
 
 fn open_policy(dir: &std::path::Path, fsync: FsyncPolicy) -> Arc<SledLog> {
     let opts = LogOptions {
-        dir: dir.join("data"),
-        cache_bytes: 16 << 20,
-        dedupe: DedupeOptions::default(),
         fsync,
-        retention: RetentionPolicy::keep_everything(),
-        space: SpaceLimits::default(),
+        ..super::tests::opts(dir)
     };
     SledLog::open(&opts, Hub::new(16), Metrics::new()).expect("open")
 }

@@ -342,22 +342,14 @@ impl Writer {
                         self.dedupe.record(&mut batch, id, time);
                     }
                 }
-                let rec = delta.entry(event.topic.clone()).or_insert_with(|| {
-                    reg.get(&event.topic).copied().unwrap_or_else(|| {
-                        let r = TopicRecord {
-                            topic_id: self.next_topic_id,
-                            ..TopicRecord::default()
-                        };
-                        self.next_topic_id += 1;
-                        r
-                    })
-                });
-                if rec.count == 0 {
-                    rec.first_id = id;
-                }
-                rec.last_id = id;
-                rec.count += 1;
-                rec.bytes += event.data.len() as u64;
+                let rec = count_event(
+                    &mut delta,
+                    &self.unpublished.topics,
+                    &reg,
+                    &mut self.next_topic_id,
+                    &event,
+                    id,
+                );
                 if let Err(e) = self.chunk.push(&mut batch, id, rec.topic_id, time, &event) {
                     self.chunk.clear();
                     self.dedupe.abort_round();

@@ -8,12 +8,8 @@ use crate::log::retention::{Limits, RetentionPolicy, RuleConfig};
 
 fn open_with(dir: &std::path::Path, retention: RetentionPolicy) -> Arc<SledLog> {
     let opts = LogOptions {
-        dir: dir.join("data"),
-        cache_bytes: 16 << 20,
-        dedupe: DedupeOptions::default(),
-        fsync: FsyncPolicy::Always,
         retention,
-        space: SpaceLimits::default(),
+        ..super::tests::opts(dir)
     };
     SledLog::open(&opts, Hub::new(16), Metrics::new()).expect("open")
 }

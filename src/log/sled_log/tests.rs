@@ -23,7 +23,8 @@ impl Model {
     }
 }
 
-fn opts(dir: &std::path::Path) -> LogOptions {
+/// Test options: a log in `dir/data`, default policies, nothing ever removed.
+pub(super) fn opts(dir: &std::path::Path) -> LogOptions {
     LogOptions {
         dir: dir.join("data"),
         cache_bytes: 16 << 20,

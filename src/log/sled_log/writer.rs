@@ -158,6 +158,38 @@ impl OpenChunk {
     }
 }
 
+/// Counts event `id` in its topic's record in `delta`, starting from the newest record the
+/// writer has (written but unpublished, else visible), or giving a new topic the next topic id.
+pub(super) fn count_event<'d>(
+    delta: &'d mut HashMap<Topic, TopicRecord>,
+    unpublished: &HashMap<Topic, TopicRecord>,
+    visible: &BTreeMap<Topic, TopicRecord>,
+    next_topic_id: &mut u64,
+    ev: &NewEvent,
+    id: u64,
+) -> &'d mut TopicRecord {
+    let rec = delta.entry(ev.topic.clone()).or_insert_with(|| {
+        let known = unpublished
+            .get(&ev.topic)
+            .or_else(|| visible.get(&ev.topic));
+        known.copied().unwrap_or_else(|| {
+            let r = TopicRecord {
+                topic_id: *next_topic_id,
+                ..TopicRecord::default()
+            };
+            *next_topic_id += 1;
+            r
+        })
+    });
+    if rec.count == 0 {
+        rec.first_id = id;
+    }
+    rec.last_id = id;
+    rec.count += 1;
+    rec.bytes += ev.data.len() as u64;
+    rec
+}
+
 impl Writer {
     /// Makes everything written so far durable: sled's log, then the blob files sled's
     /// flush leaves unsynced (see [`BlobSync`]).
@@ -428,24 +460,14 @@ impl Writer {
                     let eid = id;
                     id += 1;
                     stored += 1;
-                    let unpublished = &self.unpublished.topics;
-                    let rec = delta.entry(ev.topic.clone()).or_insert_with(|| {
-                        let known = unpublished.get(&ev.topic).or_else(|| reg.get(&ev.topic));
-                        known.copied().unwrap_or_else(|| {
-                            let r = TopicRecord {
-                                topic_id: self.next_topic_id,
-                                ..TopicRecord::default()
-                            };
-                            self.next_topic_id += 1;
-                            r
-                        })
-                    });
-                    if rec.count == 0 {
-                        rec.first_id = eid;
-                    }
-                    rec.last_id = eid;
-                    rec.count += 1;
-                    rec.bytes += ev.data.len() as u64;
+                    let rec = count_event(
+                        &mut delta,
+                        &self.unpublished.topics,
+                        &reg,
+                        &mut self.next_topic_id,
+                        &ev,
+                        eid,
+                    );
                     if let Err(e) = chunk.push(&mut batch, eid, rec.topic_id, time, &ev) {
                         let _ = reply.send(Err(e.clone()));
                         failed = Some(e);
