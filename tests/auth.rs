@@ -8,10 +8,11 @@
 
 mod common;
 
+use common::auth::{answer, client, fixture, now, says_invalid_token};
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::process::{Command, ExitStatus, Stdio};
-use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+use std::time::{Duration, Instant};
 
 use base64::engine::general_purpose::URL_SAFE_NO_PAD;
 use base64::Engine as _;
@@ -30,19 +31,6 @@ use tokio_tungstenite::{connect_async, MaybeTlsStream, WebSocketStream};
 type Ws = WebSocketStream<MaybeTlsStream<TcpStream>>;
 
 const SECRET: &str = "tidewire-auth-tests-secret-0123456789abcdef";
-
-fn fixture(name: &str) -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR"))
-        .join("tests/fixtures/auth")
-        .join(name)
-}
-
-fn now() -> u64 {
-    SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .expect("clock after 1970")
-        .as_secs()
-}
 
 fn sign(alg: Algorithm, key: &EncodingKey, claims: &Value) -> String {
     encode(&Header::new(alg), claims, key).expect("sign")
@@ -92,26 +80,6 @@ async fn keyed(tmp: &tempfile::TempDir, tune: impl FnOnce(&mut Config)) -> TestS
         tune(c);
     })
     .await
-}
-
-fn client() -> reqwest::Client {
-    reqwest::Client::builder()
-        .timeout(PATIENCE)
-        .build()
-        .expect("client")
-}
-
-/// A response's status, `WWW-Authenticate` header and JSON body.
-async fn answer(r: reqwest::RequestBuilder) -> (u16, Option<String>, Value) {
-    let resp = r.send().await.expect("request");
-    let status = resp.status().as_u16();
-    let challenge = resp
-        .headers()
-        .get("www-authenticate")
-        .map(|v| v.to_str().expect("ascii").to_string());
-    let text = resp.text().await.expect("body");
-    let body = serde_json::from_str(&text).unwrap_or(Value::String(text));
-    (status, challenge, body)
 }
 
 async fn publish(
@@ -280,11 +248,6 @@ async fn sse_ids(
 
 fn is_bearer_challenge(c: &Option<String>) -> bool {
     c.as_deref().is_some_and(|c| c.starts_with("Bearer"))
-}
-
-fn says_invalid_token(c: &Option<String>) -> bool {
-    c.as_deref()
-        .is_some_and(|c| c.starts_with("Bearer") && c.contains(r#"error="invalid_token""#))
 }
 
 // ---- 401: who are you? ---------------------------------------------------------------------

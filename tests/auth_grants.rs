@@ -7,10 +7,11 @@
 
 mod common;
 
+use common::auth::{client, now};
 use std::collections::BTreeSet;
 use std::net::SocketAddr;
 use std::sync::{Arc, Mutex};
-use std::time::{Duration, SystemTime, UNIX_EPOCH};
+use std::time::Duration;
 
 use common::{TestServer, PATIENCE};
 use eventsource_stream::Eventsource;
@@ -27,13 +28,6 @@ use tokio_tungstenite::{connect_async, MaybeTlsStream, WebSocketStream};
 type Ws = WebSocketStream<MaybeTlsStream<TcpStream>>;
 
 const SECRET: &str = "tidewire-grants-tests-secret-0123456789abcdef";
-
-fn now() -> u64 {
-    SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .expect("clock after 1970")
-        .as_secs()
-}
 
 /// An HS256 token with these grants, valid for two minutes.
 fn token(publish: &[&str], subscribe: &[&str]) -> String {
@@ -56,13 +50,6 @@ async fn keyed(tmp: &tempfile::TempDir) -> TestServer {
         c.jwt_leeway_secs = 0;
     })
     .await
-}
-
-fn client() -> reqwest::Client {
-    reqwest::Client::builder()
-        .timeout(PATIENCE)
-        .build()
-        .expect("client")
 }
 
 /// `?topic=P1&topic=P2…`

@@ -12,11 +12,12 @@
 
 mod common;
 
+use common::auth::{answer, client, fixture, now, says_invalid_token};
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::process::{Command, ExitStatus, Stdio};
 use std::sync::OnceLock;
-use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+use std::time::{Duration, Instant};
 
 use common::{TestServer, PATIENCE};
 use eventsource_stream::Eventsource;
@@ -35,21 +36,8 @@ const SECRET: &str = "tidewire-interop-tests-secret-0123456789abcdef";
 const AUDIENCE: &str = "tidewire-interop";
 const ISSUER: &str = "https://issuer.interop.example";
 
-fn fixture(name: &str) -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR"))
-        .join("tests/fixtures/auth")
-        .join(name)
-}
-
 fn fixture_str(name: &str) -> String {
     fixture(name).to_str().expect("utf-8 path").to_string()
-}
-
-fn now() -> u64 {
-    SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .expect("clock after 1970")
-        .as_secs()
 }
 
 // ---- Python and PyJWT ------------------------------------------------------------------------
@@ -223,26 +211,6 @@ impl Keyed {
 
 // ---- Clients (the style of tests/auth.rs) ----------------------------------------------------
 
-fn client() -> reqwest::Client {
-    reqwest::Client::builder()
-        .timeout(PATIENCE)
-        .build()
-        .expect("client")
-}
-
-/// A response's status, `WWW-Authenticate` header and JSON body.
-async fn answer(r: reqwest::RequestBuilder) -> (u16, Option<String>, Value) {
-    let resp = r.send().await.expect("request");
-    let status = resp.status().as_u16();
-    let challenge = resp
-        .headers()
-        .get("www-authenticate")
-        .map(|v| v.to_str().expect("ascii").to_string());
-    let text = resp.text().await.expect("body");
-    let body = serde_json::from_str(&text).unwrap_or(Value::String(text));
-    (status, challenge, body)
-}
-
 async fn publish(
     s: &TestServer,
     topic: &str,
@@ -318,11 +286,6 @@ async fn ws_frame(ws: &mut Ws) -> Value {
             _ => continue,
         }
     }
-}
-
-fn says_invalid_token(c: &Option<String>) -> bool {
-    c.as_deref()
-        .is_some_and(|c| c.starts_with("Bearer") && c.contains(r#"error="invalid_token""#))
 }
 
 /// Asserts `token` works on every transport: it publishes one event to `topic` (single and batch)

@@ -5,6 +5,8 @@
 
 pub mod browser;
 
+pub mod auth;
+
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
