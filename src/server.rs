@@ -182,6 +182,21 @@ pub async fn run_with_keys(
         tracing::warn!("connections still open after the grace period; closing anyway");
     }
     log.close().await?;
+    // Every handle to the log must be gone before the checkpoint can open its directory.
+    drop(log);
+    drop(state);
+    let dir = config.data_dir.clone();
+    let started = std::time::Instant::now();
+    match tokio::task::spawn_blocking(move || SledLog::checkpoint(&dir)).await {
+        Ok(Ok(())) => tracing::info!(
+            ms = started.elapsed().as_millis() as u64,
+            "checkpoint written: the next start skips sled's replay"
+        ),
+        Ok(Err(e)) => {
+            tracing::warn!(error = %e, "no checkpoint; the next start replays sled's log")
+        }
+        Err(e) => tracing::warn!(error = %e, "checkpoint task failed"),
+    }
     tracing::info!("stopped");
     Ok(())
 }

@@ -218,6 +218,27 @@ fn refuse_foreign_dir(dir: &std::path::Path) -> Result<(), LogError> {
 }
 
 impl SledLog {
+    /// Makes the next open of the closed log in `dir` fast: the next start reads a snapshot
+    /// instead of replaying everything written since the last open. Changes no event.
+    ///
+    /// Why: sled 0.34 records its page-table snapshot only while it opens a database, so an
+    /// open replays every log segment written since the previous open (1.7–5 s after ten
+    /// million events here). Opening and closing the directory once at a clean shutdown
+    /// moves that replay from the next start to this stop; it is the same recovery every
+    /// start runs, so a crash in the middle of it is a crash during a start.
+    ///
+    /// Call it only after the log is closed and every handle to it dropped: while this
+    /// process still holds the directory, sled's lock refuses the open and this fails
+    /// without touching anything.
+    pub fn checkpoint(dir: &std::path::Path) -> Result<(), LogError> {
+        let db = sled::Config::new()
+            .path(dir)
+            .open()
+            .map_err(|e| LogError::Open(format!("{}: {e}", dir.display())))?;
+        db.flush().map_err(storage)?;
+        Ok(())
+    }
+
     /// Opens (or creates) the log in `opts.dir` and starts its writer. Committed batches go
     /// to `hub`. Refuses a directory that holds something other than a tidewire log.
     pub fn open(opts: &LogOptions, hub: Hub, metrics: Metrics) -> Result<Arc<Self>, LogError> {

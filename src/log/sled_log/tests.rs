@@ -587,6 +587,40 @@ async fn reopen_after_close_preserves_the_next_id_and_content() {
 }
 
 #[tokio::test]
+async fn a_checkpoint_refuses_an_open_log_and_keeps_every_event_of_a_closed_one() {
+    let tmp = tempfile::tempdir().unwrap();
+    let mut model = Model::default();
+    let all = pats(&["**"]);
+    for round in 0..3u64 {
+        let log = open(tmp.path());
+        assert_eq!(log.head().0, round * 3000);
+        assert_eq!(
+            read_all(&log, &model, &all, 0, 4096).await.1.len() as u64,
+            round * 3000
+        );
+        append(&log, &mut model, &names("k", 3000, |i| i % 7), 5).await;
+        // While the log is open its directory is locked: the checkpoint must not touch it.
+        assert!(SledLog::checkpoint(&opts(tmp.path()).dir).is_err());
+        let p = pats(&["k/3"]);
+        assert_eq!(
+            read_all(&log, &model, &p, 0, 4096).await.1,
+            model.matching(&p, 0)
+        );
+        log.close().await.unwrap();
+        drop(log);
+        SledLog::checkpoint(&opts(tmp.path()).dir).expect("checkpoint of a closed log");
+    }
+    let log = open(tmp.path());
+    check_layout(&log, &model, CHUNK_CAPS);
+    check_stats(&log, &model);
+    assert_eq!(
+        read_all(&log, &model, &all, 0, 4096).await.1,
+        model.matching(&all, 0)
+    );
+    assert_eq!(log.verify().expect("verify").problems, Vec::<String>::new());
+}
+
+#[tokio::test]
 async fn chunks_of_ordinary_events_never_go_to_sleds_unsynced_blob_files() {
     let tmp = tempfile::tempdir().unwrap();
     let log = open(tmp.path());
