@@ -6,7 +6,7 @@
 #   on:  --jwt-secret-file with a random 32-byte (64 hex chars) secret, every request carrying
 #        `Authorization: Bearer` a token from `tidewire token --secret-file F --publish '**' --ttl 1h`
 #        (HS256: the server verifies the signature and checks the grant on each publish).
-# Prints each run's line, then the medians of req/s and p50/p99.
+# Prints each run's JSON report, then the medians of req/s and p50/p99.
 # Usage: bash benches/auth.sh [secs-per-run]   (the server and the load tool share the machine)
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -24,20 +24,23 @@ token=$("$bin/tidewire" token --secret-file "$secret_file" --publish '**' --ttl 
 results=$(mktemp "$secret_dir/results.XXXXXX")
 for run in 1 2 3; do
   start
-  load publish --addr "$addr" --conns 64 --size 256 --secs "$secs" | tee -a "$results"
+  bench publish --addr "$addr" --connections 64 --size 256 --duration "$secs" --json |
+    sed 's/^{/{"auth":"off",/' | tee -a "$results"
   stop
   start --jwt-secret-file "$secret_file"
-  # The token is printed by `load` below: a throwaway, for this run's random secret only.
-  load publish --addr "$addr" --conns 64 --size 256 --secs "$secs" --token "$token" | tee -a "$results"
+  # The token is printed by `bench` below: a throwaway, for this run's random secret only.
+  bench publish --addr "$addr" --connections 64 --size 256 --duration "$secs" --token "$token" --json |
+    sed 's/^{/{"auth":"on",/' | tee -a "$results"
   stop
 done
 
 # Medians over the three runs of each: req_per_s, p50_ms, p99_ms (and the errors, summed).
-median() { sort -g | sed -n 2p; }
-field() { grep -o " $1=[^ ]*" | cut -d= -f2; }
-for mode in off on; do
-  if [ "$mode" = on ]; then lines=$(grep 'auth=bearer' "$results"); else lines=$(grep -v 'auth=bearer' "$results"); fi
-  echo "median auth=$mode req_per_s=$(field req_per_s <<<"$lines" | median)" \
-    "p50_ms=$(field p50_ms <<<"$lines" | median) p99_ms=$(field p99_ms <<<"$lines" | median)" \
-    "errors=$(field errors <<<"$lines" | awk '{s += $1} END {print s}')"
-done
+python3 - "$results" <<'PY'
+import json, statistics, sys
+runs = [json.loads(l) for l in open(sys.argv[1]) if l.startswith("{")]
+for mode in ("off", "on"):
+    rs = [r for r in runs if r["auth"] == mode]
+    med = lambda k: statistics.median(r[k] for r in rs)
+    print(f"median auth={mode} req_per_s={med('req_per_s'):.0f} p50_ms={med('p50_ms')} "
+          f"p99_ms={med('p99_ms')} errors={sum(r['errors'] for r in rs)}")
+PY

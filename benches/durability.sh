@@ -15,7 +15,7 @@ addr=127.0.0.1:$port
 for run in $(seq "$runs"); do
   for policy in always interval=100ms never; do
     echo "## run $run, --fsync $policy"
-    start --fsync "$policy"; load publish --addr "$addr" --conns 64 --size 256 --secs "$secs"; stop
-    start --fsync "$policy"; load publish --addr "$addr" --conns 4 --size 256 --batch 1000 --secs "$secs"; stop
+    start --fsync "$policy"; bench publish --addr "$addr" --connections 64 --size 256 --duration "$secs"; stop
+    start --fsync "$policy"; bench publish --addr "$addr" --connections 4 --size 256 --batch 1000 --duration "$secs"; stop
   done
 done

@@ -13,8 +13,8 @@ port=${PORT:-17900}
 addr=127.0.0.1:$port
 . benches/lib.sh
 
-for run in 1 2 3; do start; load publish --addr "$addr" --conns 64 --size 256 --secs "$secs"; stop; done
-for run in 1 2 3; do start; load publish --addr "$addr" --conns 4 --size 256 --batch 1000 --secs "$secs"; stop; done
-start; load fanout --addr "$addr" --subs 1000 --rate 100 --secs "$secs"; stop
-start; load idle --addr "$addr" --subs 10000 --pid "$pid" --hold 5; stop
-start; load resume --addr "$addr" --events 100000 --noise 1000000; stop
+for run in 1 2 3; do start; bench publish --addr "$addr" --connections 64 --size 256 --duration "$secs"; stop; done
+for run in 1 2 3; do start; bench publish --addr "$addr" --connections 4 --size 256 --batch 1000 --duration "$secs"; stop; done
+start; bench fanout --addr "$addr" --subscribers 1000 --rate 100 --duration "$secs"; stop
+start; bench idle --addr "$addr" --subscribers 10000 --pid "$pid" --hold 5; stop
+start; bench resume --addr "$addr" --events 100000 --noise 1000000; stop

@@ -1,19 +1,19 @@
-# Shared by the benches/*.sh scripts (sourced, not run): builds the release server and the load
-# tool once and copies both aside, so a rebuild in the tree during the runs changes nothing
-# measured; starts and stops a fresh server per run; prints each load command before it runs.
-# Expects: cd to the repository root, and $addr (host:port of the server) set.
+# Shared by the benches/*.sh scripts (sourced, not run): builds the release binary once and
+# copies it aside, so a rebuild in the tree during the runs changes nothing measured; starts
+# and stops a fresh server per run; runs the load tool (`tidewire bench`), printing each
+# command before it runs.
+# Expects: cd to the repository root, and $addr (host:port of the server) set. Honours
+# $CARGO_TARGET_DIR.
 cargo build -q --release
 bin=$(mktemp -d /tmp/tidewire-bench-bin.XXXXXX)
-cp target/release/tidewire "$bin/tidewire"
-loadbin=$(cargo bench -q --bench load --no-run --message-format=json 2>/dev/null |
-  grep -o '"executable":"[^"]*load-[^"]*"' | tail -1 | cut -d'"' -f4)
-cp "$loadbin" "$bin/load"
+cp "${CARGO_TARGET_DIR:-target}/release/tidewire" "$bin/tidewire"
 echo "# $(date -u +%FT%TZ) $(nproc) cores, load average: $(cut -d' ' -f1-3 /proc/loadavg)"
 
-# Runs the load tool, printing the command and the load average first.
-load() {
-  echo "\$ load $*    # load average before: $(cut -d' ' -f1-3 /proc/loadavg)"
-  "$bin/load" "$@"
+# Runs the load tool (`tidewire bench MODE ...`), printing the command and the load average
+# first.
+bench() {
+  echo "\$ tidewire bench $*    # load average before: $(cut -d' ' -f1-3 /proc/loadavg)"
+  "$bin/tidewire" bench "$@"
 }
 
 pid=""

@@ -4,7 +4,7 @@
 #   long-poll delivery to 100 pollers at 1000 events/s and to 1000 pollers at 100 events/s
 #   (events/s delivered, publish-to-receive p50/p99, polls/s);
 #   RSS per idle waiting poller at 10,000 pollers;
-#   gzip ratio of a typical 1000-event poll body;
+#   gzip ratio of a 1000-event poll body of sensor readings (bytes received vs after gunzip);
 #   SSE publish-to-receive latency (1000 subscribers x 100 events/s), direct and through the
 #   real nginx configured with deploy/nginx.conf (installed with apt-get when missing).
 # Usage: bash benches/longpoll.sh [secs-per-run]   (server, nginx and load tool share the cores)
@@ -44,11 +44,16 @@ CONF
 stop_nginx() { kill -TERM "$nginx_pid"; wait "$nginx_pid" || true; nginx_pid=""; rm -rf "$ndir"; }
 on_exit() { [ -n "$nginx_pid" ] && kill -TERM "$nginx_pid" 2>/dev/null; :; }
 
-start; load poll-fanout --addr "$addr" --subs 100 --rate 1000 --secs "$secs"; stop
-start; load poll-fanout --addr "$addr" --subs 1000 --rate 100 --secs "$secs"; stop
-start; load poll-idle --addr "$addr" --subs 10000 --pid "$pid" --hold 5 --other-rate 100 --other-secs 5; stop
-start; load poll-gzip --addr "$addr" --events 1000; stop
-start; load fanout --addr "$addr" --subs 1000 --rate 100 --secs "$secs"; stop
+start; bench fanout --addr "$addr" --transport poll --subscribers 100 --rate 1000 --duration "$secs"; stop
+start; bench fanout --addr "$addr" --transport poll --subscribers 1000 --rate 100 --duration "$secs"; stop
+start; bench idle --addr "$addr" --transport poll --subscribers 10000 --pid "$pid" --hold 5 --other-rate 100 --other-duration 5; stop
+start
+bench resume --addr "$addr" --transport poll --events 1000
+bench resume --addr "$addr" --transport poll --events 1000 --gzip
+stop
+start; bench fanout --addr "$addr" --subscribers 1000 --rate 100 --duration "$secs"; stop
 start; start_nginx
-load fanout --addr "127.0.0.1:$proxy_port" --publish-addr "$addr" --subs 1000 --rate 100 --secs "$secs"
+# Subscribers through the proxy, publishers straight to the server.
+bench fanout --addr "127.0.0.1:$proxy_port" --pub-url "http://$addr/v1/topics/{topic}/events" \
+  --subscribers 1000 --rate 100 --duration "$secs"
 stop_nginx; stop

@@ -22,19 +22,19 @@ inspect() { "$bin/tidewire" inspect --data-dir "$dir/data" --json |
   python3 -c 'import json,sys; i=json.load(sys.stdin); print("events=%d disk_bytes=%d payload_bytes=%d space_amplification=%.2f chunks=%d" % (i["events"], i["disk_bytes"], i["bytes"], i["space_amplification"] or 0, i["chunks"]))'; }
 
 TIDEWIRE_RETENTION_MAX_AGE_SECS=0 serve
-load resume --addr "$addr" --events 1000 --noise 1000000 >/dev/null
+bench publish --addr "$addr" --connections 4 --size 256 --batch 1000 --topics 8 --events 1000000 --duration 600 >/dev/null
 halt
 echo "## after filling"; inspect
 
 echo "## publish without retention (baseline)"
 TIDEWIRE_RETENTION_MAX_AGE_SECS=0 serve
-load publish --addr "$addr" --conns 64 --size 256 --secs "$secs"
+bench publish --addr "$addr" --connections 64 --size 256 --duration "$secs"
 halt
 
 echo "## publish while retention trims to 1000 events per topic"
 TIDEWIRE_RETENTION_MAX_AGE_SECS=0 TIDEWIRE_RETENTION_MAX_EVENTS=1000 TIDEWIRE_RETENTION_CHECK_SECS=1 serve
 t0=$(date +%s%N)
-load publish --addr "$addr" --conns 64 --size 256 --secs "$secs"
+bench publish --addr "$addr" --connections 64 --size 256 --duration "$secs"
 curl -fs "http://$addr/metrics" | grep -E '^tidewire_retention_(removed_events_total|reclaimed_chunks_total|pass_seconds_(sum|count))'
 halt
 echo "elapsed_ms=$(( ($(date +%s%N) - t0) / 1000000 ))"

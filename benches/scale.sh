@@ -29,10 +29,12 @@ for target in "${sizes[@]}"; do
     done
     first=0
   fi
-  # Bounded: at most 200 rounds of 5 s.
-  for _ in $(seq 200); do
-    [ "$(stored)" -ge "$target" ] && break
-    "$bin/load" publish --addr "$addr" --conns 4 --size 256 --batch 1000 --secs 5 >/dev/null
+  # Bounded: at most 10 rounds of at most 600 s.
+  for _ in $(seq 10); do
+    have=$(stored)
+    [ "$have" -ge "$target" ] && break
+    "$bin/tidewire" bench publish --addr "$addr" --connections 4 --size 256 --batch 1000 \
+      --events $((target - have)) --duration 600 >/dev/null
   done
   have=$(stored)
   kill -TERM "$pid"; wait "$pid" || true; pid=""

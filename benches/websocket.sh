@@ -4,7 +4,7 @@
 #   MessagePack (published over HTTP; publish-to-receive p50/p99, delivered/expected);
 #   publish-over-socket acks/s from 64 sockets (one publish in flight per socket);
 #   replay of 100,000 events from since=0 on one socket, both encodings, without and with
-#   batch=gzip (events/s, payload and wire bytes);
+#   batch=gzip (events/s, bytes received and after gunzip);
 #   RSS per idle socket at 10,000 sockets.
 # Usage: bash benches/websocket.sh [secs-per-run]   (the server and the load tool share the cores)
 set -euo pipefail
@@ -14,11 +14,13 @@ port=${PORT:-17901}
 addr=127.0.0.1:$port
 . benches/lib.sh
 
-for proto in json msgpack; do
-  start; load ws-fanout --addr "$addr" --subs 100 --rate 1000 --secs "$secs" --proto "$proto"; stop
-  start; load ws-fanout --addr "$addr" --subs 1000 --rate 100 --secs "$secs" --proto "$proto"; stop
+for enc in json msgpack; do
+  start; bench fanout --addr "$addr" --transport ws --encoding "$enc" --subscribers 100 --rate 1000 --duration "$secs"; stop
+  start; bench fanout --addr "$addr" --transport ws --encoding "$enc" --subscribers 1000 --rate 100 --duration "$secs"; stop
 done
-start; load ws-publish --addr "$addr" --conns 64 --secs "$secs"; stop
-start; load ws-replay --addr "$addr" --events 100000; stop
-start; load ws-replay --addr "$addr" --events 100000 --gzip; stop
-start; load ws-idle --addr "$addr" --subs 10000 --pid "$pid" --hold 5; stop
+start; bench publish --addr "$addr" --transport ws --connections 64 --duration "$secs"; stop
+for enc in json msgpack; do
+  start; bench resume --addr "$addr" --transport ws --encoding "$enc" --events 100000; stop
+  start; bench resume --addr "$addr" --transport ws --encoding "$enc" --events 100000 --gzip; stop
+done
+start; bench idle --addr "$addr" --transport ws --subscribers 10000 --pid "$pid" --hold 5; stop

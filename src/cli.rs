@@ -1,5 +1,5 @@
-//! The command line: `serve`, `publish`, `tail`, `token`. Parses flags, builds the runtime,
-//! and calls the library; holds no logic of its own.
+//! The command line: `serve`, `publish`, `tail`, `token`, the operator commands and `bench`.
+//! Parses flags, builds the runtime, and calls the library; holds no logic of its own.
 
 use std::net::SocketAddr;
 use std::path::PathBuf;
@@ -42,6 +42,9 @@ pub enum Command {
     Export(ExportArgs),
     /// Restore an export (NDJSON on stdin or `--input`) into an empty data dir, keeping ids.
     Import(ImportArgs),
+    /// Load generator for a running server (tidewire, or nginx + Nchan for comparison):
+    /// publish, fanout, idle, resume.
+    Bench(crate::bench::BenchArgs),
 }
 
 /// Flags of `inspect` and `verify`.
@@ -291,6 +294,7 @@ pub fn run(cli: Cli) -> ExitCode {
             Command::Import(a) => {
                 crate::ops::import(&a.data_dir, a.input.as_deref(), a.format).await
             }
+            Command::Bench(a) => crate::bench::run(a).await,
         }
     });
     match result {

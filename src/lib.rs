@@ -29,9 +29,11 @@
 //! - [`ops`]: operator commands on a data dir (`inspect`, `verify`, `export`, `import`).
 //! - [`config`], [`cli`], [`client`], [`metrics`]: configuration, the command line, the
 //!   client behind `publish`/`tail`, Prometheus metrics.
+//! - [`bench`]: `tidewire bench`, the load generator (against tidewire or nginx + Nchan).
 #![warn(missing_docs)]
 
 pub mod auth;
+pub mod bench;
 pub mod cli;
 pub mod client;
 pub mod codec;
