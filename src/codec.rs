@@ -238,8 +238,9 @@ fn validate(env: RawEnvelope, target: &Target, limits: &Limits) -> Result<NewEve
     })
 }
 
-/// The rules for an envelope's `type` and `msg_id`, wherever they come from.
-fn validate_fields(event_type: Option<&str>, msg_id: Option<&str>) -> Result<(), String> {
+/// The rules for an envelope's `type` and `msg_id`, wherever they come from (a body, the
+/// query, an import).
+pub fn validate_fields(event_type: Option<&str>, msg_id: Option<&str>) -> Result<(), String> {
     if let Some(t) = event_type {
         if t.is_empty() || t.len() > MAX_TYPE_LEN || t.chars().any(char::is_control) {
             return Err(format!(
@@ -329,12 +330,15 @@ fn from_json_envelope(env: JsonEnvelope<'_>) -> Result<RawEnvelope, DecodeError>
     })
 }
 
-/// Returns JSON text on one line: as given when it already is, re-serialised when it
-/// spans lines (an SSE `data:` line must not break).
-fn compact_json(text: &str) -> Result<Box<str>, DecodeError> {
-    if text.contains("\\u") {
-        // The raw parse skips escapes without decoding them: a lone surrogate (`"\ud800"`)
-        // is not a character, and would come out of MessagePack and other decoders changed.
+/// Returns the JSON text of an event's data on one line: as given when it already is,
+/// re-serialised when it spans lines (an SSE `data:` line must not break). Refuses what a
+/// `serde_json::Value` cannot hold, since the MessagePack envelope is rendered from one.
+/// `text` must be one JSON value (a `RawValue`'s text).
+pub fn compact_json(text: &str) -> Result<Box<str>, DecodeError> {
+    if may_not_fit_a_value(text) {
+        // The raw parse skips escapes and numbers without decoding them: a lone surrogate
+        // (`"\ud800"`) is not a character, and a number beyond f64 (`1e400`) is no number a
+        // `Value` holds; either would come out of MessagePack and other decoders changed.
         serde_json::from_str::<serde_json::Value>(text).map_err(json_error)?;
     }
     if text.contains(['\n', '\r']) {
@@ -343,6 +347,29 @@ fn compact_json(text: &str) -> Result<Box<str>, DecodeError> {
     } else {
         Ok(text.into())
     }
+}
+
+/// Whether JSON text may hold what the raw parse lets through and a `serde_json::Value`
+/// cannot: a `\u` escape, or a number with an exponent or of 300 digits or more (beyond f64
+/// only then). Cheap, and errs towards a full parse.
+fn may_not_fit_a_value(text: &str) -> bool {
+    let mut digits = 0usize;
+    let mut prev = 0u8;
+    for &b in text.as_bytes() {
+        match b {
+            b'0'..=b'9' => {
+                digits += 1;
+                if digits >= 300 {
+                    return true;
+                }
+            }
+            b'e' | b'E' if prev.is_ascii_digit() => return true,
+            b'u' if prev == b'\\' => return true,
+            _ => digits = 0,
+        }
+        prev = b;
+    }
+    false
 }
 
 fn decode_json(body: &[u8]) -> Result<Vec<RawEnvelope>, DecodeError> {
@@ -610,6 +637,41 @@ mod tests {
         assert!(decode(BodyFormat::Json, br#"{"data":"\ud800x"}"#).is_err());
         let ok = decode(BodyFormat::Json, br#"{"data":"\ud83d\ude00"}"#).unwrap();
         assert_eq!(json_text(&ok[0]), r#""\ud83d\ude00""#);
+    }
+
+    #[test]
+    fn json_data_no_json_value_can_hold_is_refused() {
+        // Caught by the property of fuzz/fuzz_targets/publish_decode.rs (JSON data is a value
+        // `serde_json::Value` holds): the raw parse let `1e400` through, and the MessagePack
+        // envelope then carried `null` for it.
+        let digits = "9".repeat(400);
+        for body in [
+            r#"{"data":1e400}"#.to_string(),
+            r#"{"data":[1,{"a":-1E999}]}"#.to_string(),
+            format!(r#"{{"data":{digits}}}"#),
+            format!(r#"{{"data":{digits}.5}}"#),
+        ] {
+            assert!(
+                matches!(
+                    decode(BodyFormat::Json, body.as_bytes()),
+                    Err(DecodeError::Malformed(_))
+                ),
+                "{body}"
+            );
+        }
+        // Within f64, and strings that only look like numbers, are kept as they are.
+        for (body, data) in [
+            (r#"{"data":1e308}"#, "1e308"),
+            (r#"{"data":[-2.5E-3,"1e400"]}"#, r#"[-2.5E-3,"1e400"]"#),
+            (r#"{"data":1.5e-400}"#, "1.5e-400"),
+        ] {
+            let e = decode(BodyFormat::Json, body.as_bytes()).expect(body);
+            assert_eq!(json_text(&e[0]), data);
+        }
+        assert_eq!(
+            compact_json(&"7".repeat(299)).as_deref(),
+            Ok(&*"7".repeat(299))
+        );
     }
 
     #[test]

@@ -117,6 +117,20 @@ impl Pattern {
     /// Validates `s` as a pattern of at most `max_len` bytes.
     pub fn parse_with_limit(s: &str, max_len: usize) -> Result<Self, NameError> {
         check_len(s, max_len)?;
+        Self::parse_segments(s)
+    }
+
+    /// Validates `s` as a pattern of any length. Only for patterns built from validated ones:
+    /// [`crate::auth::intersect`] combines two, and the result may pass 200 bytes while still
+    /// matching topics within them (`a…/*/**` ∩ `*/b…/**` is `a…/b…/**`, which matches `a…/b…`).
+    pub(crate) fn parse_any_length(s: &str) -> Result<Self, NameError> {
+        if s.is_empty() {
+            return Err(NameError::Empty);
+        }
+        Self::parse_segments(s)
+    }
+
+    fn parse_segments(s: &str) -> Result<Self, NameError> {
         let parts: Vec<&str> = s.split('/').collect();
         let last = parts.len() - 1;
         let mut segments = Vec::with_capacity(parts.len());

@@ -10,7 +10,7 @@
 //! alphabet is infinite, so a literal never covers `*`. Property tests check both against brute
 //! force over every topic up to a depth where any counterexample must show.
 
-use crate::topic::{Pattern, MAX_TOPIC_LEN};
+use crate::topic::Pattern;
 
 /// One segment of a pattern, read from its validated text.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -75,7 +75,8 @@ pub fn covers(grant: &Pattern, requested: &Pattern) -> bool {
 /// matches both. Used to list only the topics a token may see within a requested filter.
 ///
 /// Guarantees: for every topic `t`, `intersect(a, b)` matches `t` if and only if both `a`
-/// and `b` match `t`.
+/// and `b` match `t`. The result may be longer than the 200 bytes of a topic (and then
+/// possibly match no topic at all).
 pub fn intersect(a: &Pattern, b: &Pattern) -> Option<Pattern> {
     let sa = segments(a);
     let sb = segments(b);
@@ -113,13 +114,16 @@ pub fn intersect(a: &Pattern, b: &Pattern) -> Option<Pattern> {
         })
         .collect::<Vec<_>>()
         .join("/");
-    // Never longer than the longer input, so it parses whenever the inputs did.
-    Pattern::parse_with_limit(&text, MAX_TOPIC_LEN).ok()
+    // Its segments are the inputs' (valid) segments, so it parses. It may be longer than a
+    // topic may be, yet match topics that are not: `a…/*/**` ∩ `*/b…/**` is `a…/b…/**`, three
+    // bytes longer than `a…/b…`, which both match. So no length limit here.
+    Pattern::parse_any_length(&text).ok()
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::topic::MAX_TOPIC_LEN;
     use proptest::prelude::*;
 
     fn p(s: &str) -> Pattern {
@@ -164,6 +168,23 @@ mod tests {
         assert!(!c("a/*/c", "a/b"));
         assert!(c("*/*", "a/b"));
         assert!(!c("*", "a/b"));
+    }
+
+    #[test]
+    fn an_intersection_longer_than_a_topic_still_matches_the_topics_within_the_limit() {
+        // Found by fuzz/fuzz_targets/auth_coverage.rs: the 203-byte intersection was refused
+        // by the 200-byte limit, so `intersect` said no topic matches both, but the 200-byte
+        // topic `x…/y…` does.
+        let (x, y) = ("x".repeat(100), "y".repeat(99));
+        let (a, b) = (p(&format!("{x}/*/**")), p(&format!("*/{y}/**")));
+        let topic = format!("{x}/{y}");
+        assert_eq!(topic.len(), MAX_TOPIC_LEN);
+        assert!(a.matches_str(&topic) && b.matches_str(&topic));
+        for both in [intersect(&a, &b), intersect(&b, &a)] {
+            let both = both.expect("a topic matches both");
+            assert_eq!(both.as_str(), format!("{topic}/**"));
+            assert!(both.matches_str(&topic));
+        }
     }
 
     #[test]

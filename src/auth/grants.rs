@@ -60,6 +60,11 @@ impl Grants {
         &self.subscribe
     }
 
+    /// The publish grants, as written in the token.
+    pub fn publish_grants(&self) -> &[Pattern] {
+        &self.publish
+    }
+
     /// The token's `sub` claim, when it has one.
     pub fn subject(&self) -> Option<&str> {
         self.subject.as_deref()

@@ -207,7 +207,13 @@ impl Authenticator {
         let exp = match claims.exp {
             None => None,
             Some(e) if e.is_finite() && e >= 0.0 => {
-                let expires = UNIX_EPOCH + Duration::from_secs_f64(e) + self.leeway;
+                // An `exp` (plus leeway) past what the clock can represent is not a time:
+                // refused, as the plain arithmetic would panic.
+                let expires = Duration::try_from_secs_f64(e)
+                    .ok()
+                    .and_then(|d| UNIX_EPOCH.checked_add(d))
+                    .and_then(|t| t.checked_add(self.leeway))
+                    .ok_or_else(|| AuthError::Rejected("exp is not a valid time".into()))?;
                 if SystemTime::now() >= expires {
                     return Err(AuthError::Expired);
                 }
@@ -371,6 +377,39 @@ mod tests {
             &json!({"exp": now() + 60, "tidewire": {"subscribe": "a"}}),
         );
         assert!(matches!(a.verify(&t), Err(AuthError::Rejected(_))));
+    }
+
+    #[test]
+    fn an_exp_beyond_any_representable_time_is_refused_not_panicked_on() {
+        // Found by fuzz/fuzz_targets/jwt.rs: `Duration::from_secs_f64` panicked on an `exp`
+        // of u64::MAX (past a Duration as an f64), and `UNIX_EPOCH + exp` overflows past
+        // i64::MAX seconds (1e19).
+        let a = auth(&config());
+        for exp in [
+            json!(u64::MAX),
+            json!(1e300),
+            json!(10_000_000_000_000_000_000u64),
+        ] {
+            let t = sign(Algorithm::HS256, &json!({ "exp": exp }));
+            assert!(
+                matches!(a.verify(&t), Err(AuthError::Rejected(_))),
+                "exp {exp}"
+            );
+        }
+        let lenient = Config {
+            jwt_require_exp: false,
+            ..config()
+        };
+        let t = sign(Algorithm::HS256, &json!({ "exp": 1.8446744073709552e19 }));
+        assert!(matches!(
+            auth(&lenient).verify(&t),
+            Err(AuthError::Rejected(_))
+        ));
+        // A far but representable expiry is still a valid one.
+        let t = sign(Algorithm::HS256, &json!({ "exp": 4_102_444_800u64 }));
+        let g = a.verify(&t).expect("valid until 2100");
+        assert_eq!(g.exp(), Some(4_102_444_800));
+        assert!(g.expires_at().is_some());
     }
 
     #[test]
