@@ -1,4 +1,5 @@
-//! What several targets check of an event, and the envelopes they re-encode events into.
+//! What several targets check of an event, the envelopes they re-encode events into, and the
+//! reader that turns a fuzz input into a stream of choices.
 //! Included by each target with `#[path = "../common/mod.rs"] mod common;`.
 #![allow(dead_code)]
 
@@ -190,3 +191,47 @@ pub fn normalised(
 
 /// The HMAC secret of the `jwt` target; its seed tokens are signed with it.
 pub const JWT_SECRET: &str = "fuzz-secret-0123456789abcdef-0123456789";
+
+/// Reads a fuzz input as a stream of choices; past its end every choice reads as zero, so any
+/// input, however short, builds something.
+pub struct Input<'a>(pub &'a [u8]);
+
+impl Input<'_> {
+    /// The next byte.
+    pub fn byte(&mut self) -> u8 {
+        match self.0.split_first() {
+            Some((b, rest)) => {
+                self.0 = rest;
+                *b
+            }
+            None => 0,
+        }
+    }
+
+    /// The next eight bytes, little-endian.
+    pub fn u64(&mut self) -> u64 {
+        let mut b = [0u8; 8];
+        for x in &mut b {
+            *x = self.byte();
+        }
+        u64::from_le_bytes(b)
+    }
+
+    /// A length byte (taken modulo `bound`), then that many bytes (fewer at the end).
+    pub fn bytes(&mut self, bound: usize) -> &[u8] {
+        let n = (usize::from(self.byte()) % bound).min(self.0.len());
+        let (t, rest) = self.0.split_at(n);
+        self.0 = rest;
+        t
+    }
+
+    /// [`Input::bytes`] as text, invalid UTF-8 replaced.
+    pub fn text(&mut self, bound: usize) -> String {
+        String::from_utf8_lossy(self.bytes(bound)).into_owned()
+    }
+
+    /// Whether the input is used up.
+    pub fn is_empty(&self) -> bool {
+        self.0.is_empty()
+    }
+}

@@ -17,26 +17,16 @@
 //!   matches exactly what `r` matches.
 #![no_main]
 
+#[path = "../common/mod.rs"]
+mod common;
+
+use common::Input;
 use libfuzzer_sys::fuzz_target;
 use tidewire::auth::coverage::{covers, intersect};
 use tidewire::topic::{Pattern, MAX_TOPIC_LEN};
 
 /// A literal that no built pattern holds: it stands for every other segment.
 const FRESH: &str = "z";
-
-struct Input<'a>(&'a [u8]);
-
-impl Input<'_> {
-    fn byte(&mut self) -> u8 {
-        match self.0.split_first() {
-            Some((b, rest)) => {
-                self.0 = rest;
-                *b
-            }
-            None => 0,
-        }
-    }
-}
 
 fn build(input: &mut Input<'_>, long_x: &str, long_y: &str) -> String {
     let n = usize::from(input.byte() % 4) + 1;

@@ -33,6 +33,7 @@ use tidewire::auth::{Authenticator, Grants};
 use tidewire::config::{Config, Secret};
 use tidewire::topic::Pattern;
 
+use common::Input;
 use common::JWT_SECRET as SECRET;
 const ALGS: [Algorithm; 3] = [Algorithm::HS256, Algorithm::HS384, Algorithm::HS512];
 
@@ -111,26 +112,6 @@ fn sign(claims: &Value, alg: Algorithm) -> Option<String> {
 }
 
 /// Reads the input as a little stream of choices.
-struct Input<'a>(&'a [u8]);
-
-impl Input<'_> {
-    fn byte(&mut self) -> u8 {
-        match self.0.split_first() {
-            Some((b, rest)) => {
-                self.0 = rest;
-                *b
-            }
-            None => 0,
-        }
-    }
-    fn text(&mut self) -> String {
-        let n = usize::from(self.byte() % 24).min(self.0.len());
-        let (t, rest) = self.0.split_at(n);
-        self.0 = rest;
-        String::from_utf8_lossy(t).into_owned()
-    }
-}
-
 fn time_value(input: &mut Input<'_>) -> Option<Value> {
     let now = now() as i64;
     Some(match input.byte() % 16 {
@@ -169,13 +150,13 @@ fn built_claims(input: &mut Input<'_>) -> Value {
         claims.insert("iss".into(), json!("auth.example"));
     }
     if flags & 4 != 0 {
-        claims.insert("sub".into(), json!(input.text()));
+        claims.insert("sub".into(), json!(input.text(24)));
     }
     if flags & 8 != 0 {
         let mut grants = serde_json::Map::new();
         for key in ["publish", "subscribe"] {
             let n = input.byte() % 4;
-            let list: Vec<Value> = (0..n).map(|_| json!(input.text())).collect();
+            let list: Vec<Value> = (0..n).map(|_| json!(input.text(24))).collect();
             grants.insert(key.into(), Value::Array(list));
         }
         claims.insert("tidewire".into(), Value::Object(grants));

@@ -15,6 +15,10 @@
 //!   each event alone, and every encoder's output decodes to its input.
 #![no_main]
 
+#[path = "../common/mod.rs"]
+mod common;
+
+use common::Input;
 use libfuzzer_sys::fuzz_target;
 use tidewire::envelope::{Data, NewEvent};
 use tidewire::log::record::{self, Chunk, ChunkBuilder, DedupeEntry, TopicRecord};
@@ -103,40 +107,6 @@ fn raw(bytes: &[u8]) {
     }
 }
 
-/// Reads the input as a stream of choices.
-struct Input<'a>(&'a [u8]);
-
-impl Input<'_> {
-    fn byte(&mut self) -> u8 {
-        match self.0.split_first() {
-            Some((b, rest)) => {
-                self.0 = rest;
-                *b
-            }
-            None => 0,
-        }
-    }
-    fn u64(&mut self) -> u64 {
-        let mut b = [0u8; 8];
-        for x in &mut b {
-            *x = self.byte();
-        }
-        u64::from_le_bytes(b)
-    }
-    fn bytes(&mut self) -> &[u8] {
-        let n = usize::from(self.byte()).min(self.0.len());
-        let (t, rest) = self.0.split_at(n);
-        self.0 = rest;
-        t
-    }
-    fn text(&mut self) -> String {
-        String::from_utf8_lossy(self.bytes()).into_owned()
-    }
-    fn is_empty(&self) -> bool {
-        self.0.is_empty()
-    }
-}
-
 const TOPICS: [&str; 5] = ["a", "a/b", "sensors/room-12/temperature", "x.y~z_-", "t/0"];
 
 fn built_event(input: &mut Input<'_>) -> NewEvent {
@@ -144,12 +114,12 @@ fn built_event(input: &mut Input<'_>) -> NewEvent {
     // Stored records are not re-validated: any strings survive the trip.
     NewEvent {
         topic: Topic::parse(TOPICS[usize::from(flags) % TOPICS.len()]).expect("topic"),
-        event_type: (flags & 0x08 != 0).then(|| input.text().into()),
-        msg_id: (flags & 0x10 != 0).then(|| input.text().into()),
+        event_type: (flags & 0x08 != 0).then(|| input.text(256).into()),
+        msg_id: (flags & 0x10 != 0).then(|| input.text(256).into()),
         data: if flags & 0x20 != 0 {
-            Data::Bytes(bytes::Bytes::copy_from_slice(input.bytes()))
+            Data::Bytes(bytes::Bytes::copy_from_slice(input.bytes(256)))
         } else {
-            Data::Json(input.text().into())
+            Data::Json(input.text(256).into())
         },
     }
 }
@@ -227,7 +197,7 @@ fn built_numbers(seed: &[u8]) {
     for _ in 0..input.byte() % 4 {
         let id = input.u64();
         let mut key = Vec::new();
-        record::dedupe_key_into(&mut key, "a/b", &input.text());
+        record::dedupe_key_into(&mut key, "a/b", &input.text(256));
         record::push_expiry_item(&mut bucket, id, &key);
         items.push((id, key));
     }
