@@ -21,6 +21,7 @@ use tokio::sync::watch;
 
 use crate::auth::{Authenticator, KeyError};
 use crate::config::Config;
+use crate::http::h1_stream::{self, Sniffed};
 use crate::http::{self, AppState};
 use crate::hub::Hub;
 use crate::limits::{conn, ClientAddr, ConnWatch, Expiry, TrackedBody, WatchedIo};
@@ -214,6 +215,7 @@ async fn accept_loop(
 ) -> GracefulShutdown {
     let graceful = GracefulShutdown::new();
     let builder = Arc::new(http_builder(&state.config));
+    let head_limit = parser_cap(&state.config);
     let refusals = Arc::new(tokio::sync::Semaphore::new(conn::REFUSALS_IN_FLIGHT));
     let secs = |s: u64| (s > 0).then(|| Duration::from_secs(s));
     let (header_timeout, idle_timeout) = (
@@ -270,6 +272,7 @@ async fn accept_loop(
         let watch = ConnWatch::new(header_timeout, idle_timeout);
         let io = WatchedIo::new(stream, watch.clone(), permit);
         let client = ClientAddr(peer.ip());
+        let stream_state = state.clone();
         let state = state.clone();
         let requests = watch.clone();
         let service = service_fn(move |mut req: hyper::Request<hyper::body::Incoming>| {
@@ -289,9 +292,27 @@ async fn accept_loop(
             let serve = async {
                 let ended = match tls {
                     None => {
-                        let conn =
-                            builder.serve_connection_with_upgrades(TokioIo::new(io), service);
-                        watcher.watch(conn.into_owned()).await
+                        let mut io = io;
+                        // An event stream's first request is served without hyper's
+                        // per-connection buffers (`http::h1_stream`); the rest goes to hyper.
+                        let prefix = match h1_stream::sniff(&mut io, head_limit).await {
+                            Ok(Sniffed::Other(prefix)) => prefix,
+                            Ok(Sniffed::Stream(req)) => {
+                                let in_flight = watch.request_started(req.version());
+                                h1_stream::serve(stream_state, io, req, client, in_flight).await;
+                                drop(watcher);
+                                return;
+                            }
+                            Err(e) => {
+                                tracing::debug!(error = %e, "connection ended before a request");
+                                return;
+                            }
+                        };
+                        let io = TokioIo::new(h1_stream::Prefixed::new(prefix, io));
+                        let conn = builder.serve_connection_with_upgrades(io, service);
+                        // Boxed, like the TLS branch: an idle event stream's task then holds
+                        // only the small state of `h1_stream::serve`, not hyper's.
+                        Box::pin(watcher.watch(conn.into_owned())).await
                     }
                     Some(tls) => {
                         // The whole handshake, from accept, within the header read timeout: a
@@ -322,7 +343,7 @@ async fn accept_loop(
                         watch.tls_established(done.h2);
                         let io = TokioIo::new(done.stream);
                         let conn = builder.serve_connection_with_upgrades(io, service);
-                        watcher.watch(conn.into_owned()).await
+                        Box::pin(watcher.watch(conn.into_owned())).await
                     }
                 };
                 if let Err(e) = ended {
@@ -345,6 +366,13 @@ async fn accept_loop(
     graceful
 }
 
+/// The most bytes of a request head the HTTP/1 parsers read (hyper's, and
+/// `http::h1_stream`'s, which hands a longer head to hyper): twice `max_header_bytes`, and at
+/// least the 8 KiB hyper requires of its read buffer.
+fn parser_cap(config: &Config) -> usize {
+    config.max_header_bytes.saturating_mul(2).max(8192)
+}
+
 /// The HTTP/1.1 + HTTP/2 connection builder. The request-head parsers stop at twice
 /// `max_header_bytes` (a bare 431 from hyper or h2); below that the router answers an
 /// oversized head with the contract's 431 body (`limits::check_header_size`). hyper's own
@@ -352,11 +380,10 @@ async fn accept_loop(
 /// connections without cutting keep-alive short.
 fn http_builder(config: &Config) -> auto::Builder<TokioExecutor> {
     let mut builder = auto::Builder::new(TokioExecutor::new());
-    let parser_cap = config.max_header_bytes.saturating_mul(2);
-    // hyper requires at least 8 KiB of read buffer.
-    builder.http1().max_buf_size(parser_cap.max(8192));
+    builder.http1().max_buf_size(parser_cap(config));
+    let h2_cap = config.max_header_bytes.saturating_mul(2);
     builder
         .http2()
-        .max_header_list_size(u32::try_from(parser_cap).unwrap_or(u32::MAX));
+        .max_header_list_size(u32::try_from(h2_cap).unwrap_or(u32::MAX));
     builder
 }

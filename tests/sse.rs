@@ -979,3 +979,226 @@ async fn gzip_stream_flushes_each_event_to_the_client_as_it_is_sent() {
     plain.stop().await;
     server.stop().await;
 }
+
+// ---------------------------------------------------------------------------------------------
+// The connection an event stream runs on (src/http/h1_stream.rs: a fresh cleartext connection
+// whose first request is `GET /v1/sse` over HTTP/1.1 is served without hyper's buffers).
+// ---------------------------------------------------------------------------------------------
+
+/// Reads from `sock` until `done` holds for everything read (or PATIENCE runs out).
+async fn read_socket_until(sock: &mut TcpStream, done: impl Fn(&str) -> bool) -> String {
+    let mut got = Vec::new();
+    let mut buf = [0u8; 4096];
+    let deadline = Instant::now() + PATIENCE;
+    while !done(&String::from_utf8_lossy(&got)) {
+        let left = deadline.saturating_duration_since(Instant::now());
+        let n = tokio::time::timeout(left, sock.read(&mut buf))
+            .await
+            .unwrap_or_else(|_| panic!("timed out; read so far: {}", String::from_utf8_lossy(&got)))
+            .expect("read");
+        if n == 0 {
+            break;
+        }
+        got.extend_from_slice(&buf[..n]);
+    }
+    String::from_utf8_lossy(&got).into_owned()
+}
+
+/// The body of a chunked HTTP/1.1 message, its chunk framing removed (`None` if malformed).
+fn dechunk(mut body: &str) -> Option<String> {
+    let mut out = String::new();
+    loop {
+        let (size, rest) = body.split_once("\r\n")?;
+        let n = usize::from_str_radix(size, 16).ok()?;
+        if n == 0 {
+            return Some(out);
+        }
+        out.push_str(rest.get(..n)?);
+        body = rest.get(n..)?.strip_prefix("\r\n")?;
+    }
+}
+
+#[tokio::test]
+async fn an_sse_head_sent_byte_by_byte_gets_a_chunked_stream_that_delivers_events() {
+    let tmp = tempfile::tempdir().unwrap();
+    let server = TestServer::start(&tmp).await;
+    let base = server.url("");
+    let client = reqwest::Client::new();
+    let first = publish_one(&client, &base, "lean/a", json!({"n": 1})).await;
+
+    let mut sock = TcpStream::connect(server.addr).await.unwrap();
+    let head = format!(
+        "GET /v1/sse?topic=lean/a&last_event_id=0 HTTP/1.1\r\nHost: {}\r\nAccept: text/event-stream\r\n\r\n",
+        server.addr
+    );
+    for b in head.as_bytes() {
+        sock.write_all(&[*b]).await.unwrap();
+        tokio::time::sleep(Duration::from_millis(2)).await;
+    }
+    let got = read_socket_until(&mut sock, |s| s.contains(&format!("id: {first}\n"))).await;
+    let (resp_head, body) = got.split_once("\r\n\r\n").expect("a response head");
+    let lines: Vec<&str> = resp_head.split("\r\n").collect();
+    assert_eq!(lines[0], "HTTP/1.1 200 OK", "{resp_head}");
+    for want in [
+        "content-type: text/event-stream",
+        "cache-control: no-cache",
+        "x-accel-buffering: no",
+        "transfer-encoding: chunked",
+        "connection: close",
+    ] {
+        assert!(lines.contains(&want), "{want:?} missing from {resp_head}");
+    }
+    assert!(lines.iter().any(|l| l.starts_with("date: ")), "{resp_head}");
+    // The chunk framing is well formed around the event: the first chunk is the retry line.
+    let (size, rest) = body.split_once("\r\n").unwrap();
+    let n = usize::from_str_radix(size, 16).expect("a chunk size");
+    assert!(rest[..n].starts_with("retry: "), "{body:?}");
+    assert_eq!(&rest[n..n + 2], "\r\n");
+
+    // A live event arrives on the same connection.
+    let second = publish_one(&client, &base, "lean/a", json!({"n": 2})).await;
+    let live = read_socket_until(&mut sock, |s| s.contains(&format!("id: {second}\n"))).await;
+    assert!(live.contains(r#""data":{"n":2}"#), "{live}");
+
+    // A graceful shutdown ends the stream with the last chunk, then closes the connection:
+    // everything sent is one well-formed chunked body.
+    let stopping = tokio::spawn(server.stop());
+    let rest = read_socket_until(&mut sock, |_| false).await;
+    stopping.await.unwrap();
+    let all = format!("{body}{live}{rest}");
+    let stream = dechunk(&all).unwrap_or_else(|| panic!("not a chunked body: {all:?}"));
+    assert!(stream.starts_with("retry: "), "{stream:?}");
+    let ids: Vec<&str> = stream.lines().filter(|l| l.starts_with("id: ")).collect();
+    assert_eq!(ids, [format!("id: {first}"), format!("id: {second}")]);
+}
+
+#[tokio::test]
+async fn an_sse_error_answer_has_its_length_and_closes_the_connection() {
+    let tmp = tempfile::tempdir().unwrap();
+    let server = TestServer::start(&tmp).await;
+    let mut sock = TcpStream::connect(server.addr).await.unwrap();
+    sock.write_all(b"GET /v1/sse HTTP/1.1\r\nHost: x\r\n\r\n")
+        .await
+        .unwrap();
+    // The server closes after the answer, so reading to the end terminates.
+    let got = read_socket_until(&mut sock, |_| false).await;
+    let (head, body) = got.split_once("\r\n\r\n").expect("a response head");
+    assert!(head.starts_with("HTTP/1.1 400 Bad Request\r\n"), "{head}");
+    let length: usize = head
+        .lines()
+        .find_map(|l| l.strip_prefix("content-length: "))
+        .expect("content-length")
+        .parse()
+        .unwrap();
+    assert_eq!(body.len(), length, "{got}");
+    let err: Value = serde_json::from_str(body).expect("a JSON error body");
+    assert_error_body(&err, "bad_request");
+    server.stop().await;
+}
+
+#[tokio::test]
+async fn requests_other_than_an_event_stream_keep_their_connection_alive() {
+    let tmp = tempfile::tempdir().unwrap();
+    let server = TestServer::start(&tmp).await;
+    let mut sock = TcpStream::connect(server.addr).await.unwrap();
+    // Two requests on one connection, the second sent after the first is answered.
+    sock.write_all(b"GET /healthz HTTP/1.1\r\nHost: x\r\n\r\n")
+        .await
+        .unwrap();
+    let first = read_socket_until(&mut sock, |s| s.contains("\r\n\r\n") && s.ends_with('}')).await;
+    assert!(first.starts_with("HTTP/1.1 200 OK\r\n"), "{first}");
+    let body = r#"{"data":{"n":1}}"#;
+    sock.write_all(
+        format!(
+            "POST /v1/topics/lean/b/events HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\nContent-Length: {}\r\n\r\n{body}",
+            body.len()
+        )
+        .as_bytes(),
+    )
+    .await
+    .unwrap();
+    let second =
+        read_socket_until(&mut sock, |s| s.contains("\"last_id\"") && s.ends_with('}')).await;
+    assert!(second.starts_with("HTTP/1.1 201 Created\r\n"), "{second}");
+    assert!(!second.contains("connection: close"), "{second}");
+    // An event stream requested after another request on the same connection still works.
+    sock.write_all(b"GET /v1/sse?topic=lean/b&last_event_id=0 HTTP/1.1\r\nHost: x\r\n\r\n")
+        .await
+        .unwrap();
+    let third = read_socket_until(&mut sock, |s| s.contains("\"data\":{\"n\":1}")).await;
+    assert!(third.starts_with("HTTP/1.1 200 OK\r\n"), "{third}");
+    server.stop().await;
+}
+
+#[tokio::test]
+async fn an_http_1_0_event_stream_is_served_and_ends_with_the_connection() {
+    let tmp = tempfile::tempdir().unwrap();
+    let server = TestServer::start(&tmp).await;
+    let base = server.url("");
+    let client = reqwest::Client::new();
+    let id = publish_one(&client, &base, "lean/c", json!({"n": 1})).await;
+    let mut sock = TcpStream::connect(server.addr).await.unwrap();
+    sock.write_all(b"GET /v1/sse?topic=lean/c&last_event_id=0 HTTP/1.0\r\n\r\n")
+        .await
+        .unwrap();
+    let got = read_socket_until(&mut sock, |s| s.contains(&format!("id: {id}\n"))).await;
+    let (head, body) = got.split_once("\r\n\r\n").unwrap();
+    assert!(head.starts_with("HTTP/1.0 200 OK\r\n"), "{head}");
+    // No chunked coding for HTTP/1.0: the body is the stream itself.
+    assert!(body.starts_with("retry: "), "{body:?}");
+    server.stop().await;
+}
+
+#[tokio::test]
+async fn an_sse_head_over_the_limit_gets_431_with_the_error_body() {
+    let tmp = tempfile::tempdir().unwrap();
+    let server = TestServer::start_with(tmp.path(), |c| c.max_header_bytes = 4096).await;
+    let resp = reqwest::Client::new()
+        .get(server.url("/v1/sse?topic=lean/d"))
+        .header("x-padding", "p".repeat(5000))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(resp.status(), 431);
+    let err: Value = resp.json().await.unwrap();
+    assert_error_body(&err, "headers_too_large");
+    server.stop().await;
+}
+
+#[tokio::test]
+async fn a_subscriber_that_closes_its_connection_is_gone_from_the_live_count() {
+    let tmp = tempfile::tempdir().unwrap();
+    let server = TestServer::start(&tmp).await;
+    let base = server.url("");
+    let gauge = r#"tidewire_live_subscribers{transport="sse"}"#;
+    let mut socks = Vec::new();
+    for _ in 0..3 {
+        let mut sock = TcpStream::connect(server.addr).await.unwrap();
+        sock.write_all(b"GET /v1/sse?topic=lean/e HTTP/1.1\r\nHost: x\r\n\r\n")
+            .await
+            .unwrap();
+        read_socket_until(&mut sock, |s| s.contains("retry: ")).await;
+        socks.push(sock);
+    }
+    assert_eq!(metric(&base, gauge).await, 3.0);
+    // Closed while the stream is quiet: nothing is being written to notice it with.
+    drop(socks.pop());
+    let deadline = Instant::now() + PATIENCE;
+    while metric(&base, gauge).await != 2.0 {
+        assert!(
+            Instant::now() < deadline,
+            "the closed subscriber is still counted"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    drop(socks);
+    let deadline = Instant::now() + PATIENCE;
+    while metric(&base, gauge).await != 0.0 {
+        assert!(
+            Instant::now() < deadline,
+            "closed subscribers are still counted"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    server.stop().await;
+}

@@ -21,6 +21,7 @@ use crate::metrics::Metrics;
 use crate::publish::Publisher;
 
 pub mod error;
+pub mod h1_stream;
 mod health;
 pub mod origin;
 mod poll;

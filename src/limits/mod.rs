@@ -31,7 +31,7 @@ pub mod timeouts;
 pub use client::ClientAddr;
 pub use conn::{ConnPermit, ConnectionLimiter, Refusal};
 pub use rate::{PublishRateLimiter, RateKey};
-pub use timeouts::{ConnWatch, Expiry, TrackedBody, WatchedIo};
+pub use timeouts::{ConnWatch, Expiry, RequestGuard, TrackedBody, WatchedIo};
 
 /// The server-wide limiters, built once from the configuration.
 pub struct Limits {
