@@ -299,7 +299,16 @@ async fn accept_loop(
                             Ok(Sniffed::Other(prefix)) => prefix,
                             Ok(Sniffed::Stream(req)) => {
                                 let in_flight = watch.request_started(req.version());
-                                h1_stream::serve(stream_state, io, req, client, in_flight).await;
+                                // Boxed, so the task holds the stream's state only while
+                                // it runs (not in every connection's task).
+                                Box::pin(h1_stream::serve(
+                                    stream_state,
+                                    io,
+                                    req,
+                                    client,
+                                    in_flight,
+                                ))
+                                .await;
                                 drop(watcher);
                                 return;
                             }
@@ -310,40 +319,48 @@ async fn accept_loop(
                         };
                         let io = TokioIo::new(h1_stream::Prefixed::new(prefix, io));
                         let conn = builder.serve_connection_with_upgrades(io, service);
-                        // Boxed, like the TLS branch: an idle event stream's task then holds
-                        // only the small state of `h1_stream::serve`, not hyper's.
+                        // Boxed, like the other branches: the task's own state stays small.
                         Box::pin(watcher.watch(conn.into_owned())).await
                     }
                     Some(tls) => {
-                        // The whole handshake, from accept, within the header read timeout: a
-                        // client that connects and never (or too slowly) handshakes is closed.
-                        let handshake = tls.accept(io);
-                        let done = match header_timeout {
-                            Some(limit) => match tokio::time::timeout(limit, handshake).await {
+                        // All of it boxed: a handshake's state is large and short-lived, and
+                        // would otherwise size every connection's task, cleartext ones too.
+                        let served = Box::pin(async {
+                            // The whole handshake, from accept, within the header read timeout: a
+                            // client that connects and never (or too slowly) handshakes is closed.
+                            let handshake = tls.accept(io);
+                            let done = match header_timeout {
+                                Some(limit) => match tokio::time::timeout(limit, handshake).await {
+                                    Ok(done) => done,
+                                    Err(_) => {
+                                        let reason = Expiry::HeaderTimeout.reason();
+                                        limits
+                                            .connections_timed_out
+                                            .get_or_create(&ReasonLabel { reason })
+                                            .inc();
+                                        tracing::debug!(%peer, "TLS handshake timed out");
+                                        return None;
+                                    }
+                                },
+                                None => handshake.await,
+                            };
+                            let done = match done {
                                 Ok(done) => done,
-                                Err(_) => {
-                                    let reason = Expiry::HeaderTimeout.reason();
-                                    limits
-                                        .connections_timed_out
-                                        .get_or_create(&ReasonLabel { reason })
-                                        .inc();
-                                    tracing::debug!(%peer, "TLS handshake timed out");
-                                    return;
+                                Err(e) => {
+                                    tracing::debug!(%peer, error = %e, "TLS handshake failed");
+                                    return None;
                                 }
-                            },
-                            None => handshake.await,
-                        };
-                        let done = match done {
-                            Ok(done) => done,
-                            Err(e) => {
-                                tracing::debug!(%peer, error = %e, "TLS handshake failed");
-                                return;
-                            }
-                        };
-                        watch.tls_established(done.h2);
-                        let io = TokioIo::new(done.stream);
-                        let conn = builder.serve_connection_with_upgrades(io, service);
-                        Box::pin(watcher.watch(conn.into_owned())).await
+                            };
+                            watch.tls_established(done.h2);
+                            let io = TokioIo::new(done.stream);
+                            let conn = builder.serve_connection_with_upgrades(io, service);
+                            Some(watcher.watch(conn.into_owned()).await)
+                        })
+                        .await;
+                        match served {
+                            Some(ended) => ended,
+                            None => return,
+                        }
                     }
                 };
                 if let Err(e) = ended {

@@ -225,8 +225,10 @@ pub async fn upgrade<B>(
             Ok(upgraded) => {
                 let cfg = &state.config;
                 let ws_config = WebSocketConfig::default()
-                    // Small eager read buffer: idle sockets must be cheap.
-                    .read_buffer_size(4 * 1024)
+                    // Small eager read buffer (tungstenite fills it with zeros, so all of it
+                    // is resident): idle sockets must be cheap. Client frames are small; a
+                    // bigger one is read into a buffer of its own size.
+                    .read_buffer_size(1024)
                     .write_buffer_size(32 * 1024)
                     // Frames up to 4x the configured limit are read and refused with an error
                     // frame; anything larger is a protocol-level refusal (1009).
@@ -335,16 +337,19 @@ struct Socket {
     client: Option<IpAddr>,
 }
 
-async fn serve(
+/// Sets the socket up, then returns the future that runs it. Not an `async fn`: its setup
+/// (arguments, configuration, metric handles) would stay in the future for the socket's whole
+/// life, and an idle socket must be cheap; the future holds only what the socket uses.
+fn serve(
     state: Arc<AppState>,
     log: Arc<dyn EventLog>,
     ws: Ws,
     opening: Opening,
     access: Access,
-) {
-    let metrics = state.metrics.clone();
-    let _gauge = metrics.track_subscriber("ws");
-    let cfg = state.config.clone();
+) -> impl std::future::Future<Output = ()> + Send {
+    let metrics = &state.metrics;
+    let gauge = metrics.track_subscriber("ws");
+    let cfg = &state.config;
     let enc = opening.enc;
     let label = |direction| WsLabel {
         direction,
@@ -391,44 +396,51 @@ async fn serve(
     sock.subs.reopen(&state);
 
     let (sink, mut stream) = ws.split();
-    let (tx, rx) = mpsc::channel::<Message>(cfg.ws_send_queue);
+    let (tx, rx) = mpsc::channel::<Queued>(cfg.ws_send_queue);
     let unresponsive = Duration::from_secs(cfg.ws_unresponsive_secs);
     let writer = tokio::spawn(writer(sink, rx, unresponsive, state.clone()));
-    let end = sock.run(&mut stream, &tx, unresponsive).await;
-    if let End::Close(code, reason) = end {
-        tracing::debug!(code = u16::from(code), reason, "closing WebSocket");
-        // Best effort: a socket that does not read may never take it.
-        let _ = timeout(
-            CLOSE_WAIT,
-            tx.send(Message::Close(Some(CloseFrame {
-                code,
-                reason: Utf8Bytes::from_static(reason),
-            }))),
-        )
-        .await;
+    async move {
+        let _gauge = gauge;
+        let end = sock.run(&mut stream, &tx, unresponsive).await;
+        if let End::Close(code, reason) = end {
+            tracing::debug!(code = u16::from(code), reason, "closing WebSocket");
+            // Best effort: a socket that does not read may never take it.
+            let _ = timeout(
+                CLOSE_WAIT,
+                tx.send(Box::new(Message::Close(Some(CloseFrame {
+                    code,
+                    reason: Utf8Bytes::from_static(reason),
+                })))),
+            )
+            .await;
+        }
+        drop(tx);
+        let bound = unresponsive + CLOSE_WAIT;
+        let _ = timeout(bound, writer).await;
     }
-    drop(tx);
-    let bound = unresponsive + CLOSE_WAIT;
-    let _ = timeout(bound, writer).await;
 }
+
+/// A frame queued for the writer task. Boxed: the queue allocates its slots 32 at a time
+/// when it is created, and 32 pointers (not 32 messages) keep an idle socket small.
+type Queued = Box<Message>;
 
 /// Writes queued frames; gives up on a socket whose writes make no progress for `limit`.
 async fn writer(
     mut sink: SplitSink<Ws, Message>,
-    mut rx: mpsc::Receiver<Message>,
+    mut rx: mpsc::Receiver<Queued>,
     limit: Duration,
     state: Arc<AppState>,
 ) {
     let mut closing = false;
     while let Some(msg) = rx.recv().await {
-        closing |= matches!(msg, Message::Close(_));
-        let mut res = timeout(limit, sink.feed(msg)).await;
+        closing |= matches!(*msg, Message::Close(_));
+        let mut res = timeout(limit, sink.feed(*msg)).await;
         // Write what else is queued, then flush once.
         while res.as_ref().is_ok_and(|r| r.is_ok()) && !closing {
             match rx.try_recv() {
                 Ok(m) => {
-                    closing |= matches!(m, Message::Close(_));
-                    res = timeout(limit, sink.feed(m)).await;
+                    closing |= matches!(*m, Message::Close(_));
+                    res = timeout(limit, sink.feed(*m)).await;
                 }
                 Err(_) => break,
             }
@@ -467,22 +479,19 @@ impl Socket {
     async fn run(
         &mut self,
         stream: &mut SplitStream<Ws>,
-        tx: &mpsc::Sender<Message>,
+        tx: &mpsc::Sender<Queued>,
         unresponsive: Duration,
     ) -> End {
-        let cfg = self.state.config.clone();
+        let ping_every = Duration::from_secs(self.state.config.ws_ping_secs);
         let mut stop: watch::Receiver<bool> = self.state.stop_signal();
-        let mut ping = tokio::time::interval_at(
-            Instant::now() + Duration::from_secs(cfg.ws_ping_secs),
-            Duration::from_secs(cfg.ws_ping_secs),
-        );
+        let mut ping = tokio::time::interval_at(Instant::now() + ping_every, ping_every);
         ping.set_missed_tick_behavior(MissedTickBehavior::Delay);
         let mut heard = Instant::now();
         let lagging = self.state.metrics.ws().lagging.clone();
         let mut is_lagging = false;
         loop {
             if *stop.borrow() {
-                return self.shut_down(tx).await;
+                return Box::pin(self.shut_down(tx)).await;
             }
             let full = tx.capacity() == 0;
             if full != is_lagging {
@@ -499,9 +508,10 @@ impl Socket {
             let end = tokio::select! {
                 biased;
                 // Set to true, or the server is gone: either way, stop.
-                _ = stop.changed() => Some(self.shut_down(tx).await),
+                // Boxed (here and below): rare paths stay out of every socket's state.
+                _ = stop.changed() => Some(Box::pin(self.shut_down(tx)).await),
                 // Before any delivery: no event is sent on an expired token.
-                _ = until(&mut self.expiry) => Some(self.expire(tx).await),
+                _ = until(&mut self.expiry) => Some(Box::pin(self.expire(tx)).await),
                 permit = tx.reserve(), if have_out => match permit {
                     Ok(permit) => {
                         let msg = match self.control.pop_front() {
@@ -510,7 +520,7 @@ impl Socket {
                         };
                         self.frames_out.inc();
                         self.bytes_out.inc_by(msg.len() as u64);
-                        permit.send(msg);
+                        permit.send(Box::new(msg));
                         None
                     }
                     // The writer gave up on the socket.
@@ -558,13 +568,13 @@ impl Socket {
     }
 
     /// Graceful shutdown: no more reading; answer publishes in flight, then close with 1001.
-    async fn shut_down(&mut self, tx: &mpsc::Sender<Message>) -> End {
+    async fn shut_down(&mut self, tx: &mpsc::Sender<Queued>) -> End {
         let deadline = Instant::now() + SHUTDOWN_ACK_WAIT;
         while let Ok(Some(answer)) = tokio::time::timeout_at(deadline, self.pending.next()).await {
             self.answer(answer);
         }
         while let Some(m) = self.control.pop_front() {
-            if !matches!(timeout(CLOSE_WAIT, tx.send(m)).await, Ok(Ok(()))) {
+            if !matches!(timeout(CLOSE_WAIT, tx.send(Box::new(m))).await, Ok(Ok(()))) {
                 return End::Gone;
             }
         }
@@ -872,7 +882,7 @@ impl Socket {
     /// The token expired: like a shutdown, the publishes accepted while it was valid get
     /// their acks (so a client need not guess what was stored), then the socket is closed with
     /// 4001.
-    async fn expire(&mut self, tx: &mpsc::Sender<Message>) -> End {
+    async fn expire(&mut self, tx: &mpsc::Sender<Queued>) -> End {
         match self.shut_down(tx).await {
             End::Gone => End::Gone,
             End::Close(..) => End::Close(CloseCode::from(TOKEN_EXPIRED), "token expired"),
