@@ -317,7 +317,8 @@ async fn accept_loop(
                                 return;
                             }
                         };
-                        let io = TokioIo::new(h1_stream::Prefixed::new(prefix, io));
+                        io.replay(prefix);
+                        let io = TokioIo::new(io);
                         let conn = builder.serve_connection_with_upgrades(io, service);
                         // Boxed, like the other branches: the task's own state stays small.
                         Box::pin(watcher.watch(conn.into_owned())).await

@@ -1004,6 +1004,13 @@ async fn read_socket_until(sock: &mut TcpStream, done: impl Fn(&str) -> bool) ->
     String::from_utf8_lossy(&got).into_owned()
 }
 
+/// Connects to the server and sends `request` (raw bytes: a head, perhaps a body).
+async fn send_raw(addr: SocketAddr, request: &[u8]) -> TcpStream {
+    let mut sock = TcpStream::connect(addr).await.unwrap();
+    sock.write_all(request).await.unwrap();
+    sock
+}
+
 /// The body of a chunked HTTP/1.1 message, its chunk framing removed (`None` if malformed).
 fn dechunk(mut body: &str) -> Option<String> {
     let mut out = String::new();
@@ -1076,10 +1083,7 @@ async fn an_sse_head_sent_byte_by_byte_gets_a_chunked_stream_that_delivers_event
 async fn an_sse_error_answer_has_its_length_and_closes_the_connection() {
     let tmp = tempfile::tempdir().unwrap();
     let server = TestServer::start(&tmp).await;
-    let mut sock = TcpStream::connect(server.addr).await.unwrap();
-    sock.write_all(b"GET /v1/sse HTTP/1.1\r\nHost: x\r\n\r\n")
-        .await
-        .unwrap();
+    let mut sock = send_raw(server.addr, b"GET /v1/sse HTTP/1.1\r\nHost: x\r\n\r\n").await;
     // The server closes after the answer, so reading to the end terminates.
     let got = read_socket_until(&mut sock, |_| false).await;
     let (head, body) = got.split_once("\r\n\r\n").expect("a response head");
@@ -1137,10 +1141,11 @@ async fn an_http_1_0_event_stream_is_served_and_ends_with_the_connection() {
     let base = server.url("");
     let client = reqwest::Client::new();
     let id = publish_one(&client, &base, "lean/c", json!({"n": 1})).await;
-    let mut sock = TcpStream::connect(server.addr).await.unwrap();
-    sock.write_all(b"GET /v1/sse?topic=lean/c&last_event_id=0 HTTP/1.0\r\n\r\n")
-        .await
-        .unwrap();
+    let mut sock = send_raw(
+        server.addr,
+        b"GET /v1/sse?topic=lean/c&last_event_id=0 HTTP/1.0\r\n\r\n",
+    )
+    .await;
     let got = read_socket_until(&mut sock, |s| s.contains(&format!("id: {id}\n"))).await;
     let (head, body) = got.split_once("\r\n\r\n").unwrap();
     assert!(head.starts_with("HTTP/1.0 200 OK\r\n"), "{head}");
@@ -1173,10 +1178,11 @@ async fn a_subscriber_that_closes_its_connection_is_gone_from_the_live_count() {
     let gauge = r#"tidewire_live_subscribers{transport="sse"}"#;
     let mut socks = Vec::new();
     for _ in 0..3 {
-        let mut sock = TcpStream::connect(server.addr).await.unwrap();
-        sock.write_all(b"GET /v1/sse?topic=lean/e HTTP/1.1\r\nHost: x\r\n\r\n")
-            .await
-            .unwrap();
+        let mut sock = send_raw(
+            server.addr,
+            b"GET /v1/sse?topic=lean/e HTTP/1.1\r\nHost: x\r\n\r\n",
+        )
+        .await;
         read_socket_until(&mut sock, |s| s.contains("retry: ")).await;
         socks.push(sock);
     }

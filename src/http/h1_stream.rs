@@ -9,7 +9,7 @@
 //!   with no body, no upgrade and no `Expect` becomes a [`Request`] ([`parse_head`], a pure
 //!   function); anything else (another path or method, HTTP/1.0 or HTTP/2, a head over the
 //!   limit, bytes that do not parse) goes to hyper unchanged, with the bytes already read
-//!   replayed by [`Prefixed`], so hyper answers exactly as it did before.
+//!   replayed (`limits::WatchedIo::replay`), so hyper answers exactly as it did before.
 //! - [`serve`] answers the request with the same router as every other request
 //!   (`http::handle`: auth, CORS, limits, errors), writes the status line, the headers, a
 //!   `date` and `connection: close`, then the body (chunked, or with `content-length` when
@@ -20,17 +20,15 @@
 //! TLS connections and HTTP/2 keep hyper's path.
 
 use std::io::{self, IoSlice};
-use std::pin::Pin;
 use std::sync::Arc;
-use std::task::{Context, Poll};
 use std::time::SystemTime;
 
-use bytes::{Buf, Bytes};
+use bytes::Bytes;
 use http::header::{self, HeaderName, HeaderValue};
 use http::{Method, Request, Version};
 use http_body_util::{BodyExt, Empty};
 use hyper::body::Body as _;
-use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt, ReadBuf};
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 
 use super::AppState;
 use crate::limits::{ClientAddr, RequestGuard};
@@ -257,71 +255,6 @@ async fn write_all_vectored<W: AsyncWrite + Unpin>(
     Ok(())
 }
 
-/// A connection whose first bytes were already read: they are read again first, then the
-/// socket. Writes go straight to the socket.
-pub struct Prefixed<I> {
-    prefix: Bytes,
-    io: I,
-}
-
-impl<I> Prefixed<I> {
-    /// `io`, with `prefix` to be read before anything else.
-    pub fn new(prefix: Bytes, io: I) -> Self {
-        Prefixed { prefix, io }
-    }
-}
-
-impl<I: AsyncRead + Unpin> AsyncRead for Prefixed<I> {
-    fn poll_read(
-        self: Pin<&mut Self>,
-        cx: &mut Context<'_>,
-        buf: &mut ReadBuf<'_>,
-    ) -> Poll<io::Result<()>> {
-        let this = self.get_mut();
-        if this.prefix.is_empty() {
-            return Pin::new(&mut this.io).poll_read(cx, buf);
-        }
-        let n = this.prefix.len().min(buf.remaining());
-        buf.put_slice(&this.prefix[..n]);
-        this.prefix.advance(n);
-        if this.prefix.is_empty() {
-            // Frees the head buffer once it has been read again.
-            this.prefix = Bytes::new();
-        }
-        Poll::Ready(Ok(()))
-    }
-}
-
-impl<I: AsyncWrite + Unpin> AsyncWrite for Prefixed<I> {
-    fn poll_write(
-        self: Pin<&mut Self>,
-        cx: &mut Context<'_>,
-        buf: &[u8],
-    ) -> Poll<io::Result<usize>> {
-        Pin::new(&mut self.get_mut().io).poll_write(cx, buf)
-    }
-
-    fn poll_write_vectored(
-        self: Pin<&mut Self>,
-        cx: &mut Context<'_>,
-        bufs: &[IoSlice<'_>],
-    ) -> Poll<io::Result<usize>> {
-        Pin::new(&mut self.get_mut().io).poll_write_vectored(cx, bufs)
-    }
-
-    fn is_write_vectored(&self) -> bool {
-        self.io.is_write_vectored()
-    }
-
-    fn poll_flush(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
-        Pin::new(&mut self.get_mut().io).poll_flush(cx)
-    }
-
-    fn poll_shutdown(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
-        Pin::new(&mut self.get_mut().io).poll_shutdown(cx)
-    }
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -417,16 +350,5 @@ mod tests {
             head.ends_with("connection: close\r\ncontent-length: 12\r\n\r\n"),
             "{head}"
         );
-    }
-
-    #[tokio::test]
-    async fn a_prefixed_connection_reads_its_prefix_then_the_socket() {
-        let (mut client, server) = tokio::io::duplex(64);
-        client.write_all(b" world").await.unwrap();
-        drop(client);
-        let mut io = Prefixed::new(Bytes::from_static(b"hello"), server);
-        let mut out = String::new();
-        io.read_to_string(&mut out).await.unwrap();
-        assert_eq!(out, "hello world");
     }
 }

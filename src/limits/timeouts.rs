@@ -244,10 +244,12 @@ where
 }
 
 /// A connection's socket: reports reads to its [`ConnWatch`] and holds the connection's
-/// [`ConnPermit`] for as long as the socket lives (also after a WebSocket upgrade).
+/// [`ConnPermit`] for as long as the socket lives (also after a WebSocket upgrade). Bytes
+/// given back with [`WatchedIo::replay`] are read again before the socket.
 pub struct WatchedIo<T> {
     io: T,
     watch: ConnWatch,
+    replay: Bytes,
     _permit: ConnPermit,
 }
 
@@ -257,8 +259,16 @@ impl<T> WatchedIo<T> {
         WatchedIo {
             io,
             watch,
+            replay: Bytes::new(),
             _permit: permit,
         }
+    }
+
+    /// Gives back `bytes`, already read from this socket (and seen by the watch), to be read
+    /// again before anything else: how `http::h1_stream::sniff` hands a connection whose
+    /// first bytes it looked at to hyper.
+    pub fn replay(&mut self, bytes: Bytes) {
+        self.replay = bytes;
     }
 
     /// The wrapped socket.
@@ -274,6 +284,15 @@ impl<T: AsyncRead + Unpin> AsyncRead for WatchedIo<T> {
         buf: &mut ReadBuf<'_>,
     ) -> Poll<io::Result<()>> {
         let this = self.get_mut();
+        if !this.replay.is_empty() {
+            let n = this.replay.len().min(buf.remaining());
+            buf.put_slice(&this.replay.split_to(n));
+            if this.replay.is_empty() {
+                // Frees the buffer the bytes were read into.
+                this.replay = Bytes::new();
+            }
+            return Poll::Ready(Ok(()));
+        }
         let before = buf.filled().len();
         let res = Pin::new(&mut this.io).poll_read(cx, buf);
         if let Poll::Ready(Ok(())) = res {
@@ -319,6 +338,26 @@ impl<T: AsyncWrite + Unpin> AsyncWrite for WatchedIo<T> {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::limits::ConnectionLimiter;
+    use crate::metrics::Metrics;
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+
+    #[tokio::test]
+    async fn replayed_bytes_are_read_again_before_the_socket() {
+        let limiter = ConnectionLimiter::new(1, 1, &Metrics::new());
+        let permit = limiter.try_acquire([127, 0, 0, 1].into()).unwrap();
+        let (mut client, server) = tokio::io::duplex(64);
+        let mut io = WatchedIo::new(server, ConnWatch::new(None, None), permit);
+        client.write_all(b" world").await.unwrap();
+        drop(client);
+        io.replay(Bytes::from_static(b"hello"));
+        let mut first = [0u8; 3];
+        io.read_exact(&mut first).await.unwrap();
+        assert_eq!(&first, b"hel");
+        let mut rest = String::new();
+        io.read_to_string(&mut rest).await.unwrap();
+        assert_eq!(rest, "lo world");
+    }
 
     const SHORT: Duration = Duration::from_millis(50);
 
