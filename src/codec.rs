@@ -350,10 +350,12 @@ pub fn compact_json(text: &str) -> Result<Box<str>, DecodeError> {
 }
 
 /// Whether JSON text may hold what the raw parse lets through and a `serde_json::Value`
-/// cannot: a `\u` escape, or a number with an exponent or of 300 digits or more (beyond f64
-/// only then). Cheap, and errs towards a full parse.
+/// cannot: a `\u` escape, a number with an exponent or of 300 digits or more (beyond f64
+/// only then), or more than [`MAX_DATA_DEPTH`] opening brackets (perhaps nested deeper than
+/// serde_json reads; the raw parse has no depth limit). Cheap, and errs towards a full parse.
 fn may_not_fit_a_value(text: &str) -> bool {
     let mut digits = 0usize;
+    let mut opens = 0usize;
     let mut prev = 0u8;
     for &b in text.as_bytes() {
         match b {
@@ -362,6 +364,13 @@ fn may_not_fit_a_value(text: &str) -> bool {
                 if digits >= 300 {
                     return true;
                 }
+            }
+            b'[' | b'{' => {
+                opens += 1;
+                if opens > MAX_DATA_DEPTH {
+                    return true;
+                }
+                digits = 0;
             }
             b'e' | b'E' if prev.is_ascii_digit() => return true,
             b'u' if prev == b'\\' => return true,
@@ -426,9 +435,38 @@ impl<'de> Deserialize<'de> for MsgpackData {
 
 struct MsgpackDataVisitor;
 
-/// Builds the JSON text of a non-`bin` value; nested `bin` is refused (JSON has no bytes).
+/// Builds the JSON text of a non-`bin` value; nested `bin` is refused (JSON has no bytes), and
+/// so is data nested deeper than [`MAX_DATA_DEPTH`].
 fn json_data<E: de::Error>(v: serde_json::Value) -> Result<MsgpackData, E> {
+    check_data_depth(&v).map_err(E::custom)?;
     Ok(MsgpackData(Data::Json(v.to_string().into())))
+}
+
+/// The deepest nesting of arrays and objects event data may have, in every publish format:
+/// the most serde_json parses back (its recursion limit). Stored JSON text is parsed again to
+/// build the event's MessagePack envelope, so deeper data would reach MessagePack subscribers
+/// as nothing; JSON bodies (read without that limit for the raw data) and MessagePack bodies
+/// (whose reader allows 1024 levels) both refuse it.
+pub const MAX_DATA_DEPTH: usize = 127;
+
+/// Refuses data nested deeper than [`MAX_DATA_DEPTH`].
+pub fn check_data_depth(v: &serde_json::Value) -> Result<(), String> {
+    // Depth-first with an explicit stack: no recursion on outside input.
+    let mut stack = vec![(v, 0usize)];
+    while let Some((v, depth)) = stack.pop() {
+        let children: Box<dyn Iterator<Item = &serde_json::Value>> = match v {
+            serde_json::Value::Array(a) => Box::new(a.iter()),
+            serde_json::Value::Object(o) => Box::new(o.values()),
+            _ => continue,
+        };
+        if depth + 1 > MAX_DATA_DEPTH {
+            return Err(format!(
+                "data nests deeper than {MAX_DATA_DEPTH} arrays and objects"
+            ));
+        }
+        stack.extend(children.map(|c| (c, depth + 1)));
+    }
+    Ok(())
 }
 
 impl<'de> Visitor<'de> for MsgpackDataVisitor {
@@ -637,6 +675,61 @@ mod tests {
         assert!(decode(BodyFormat::Json, br#"{"data":"\ud800x"}"#).is_err());
         let ok = decode(BodyFormat::Json, br#"{"data":"\ud83d\ude00"}"#).unwrap();
         assert_eq!(json_text(&ok[0]), r#""\ud83d\ude00""#);
+    }
+
+    #[test]
+    fn data_nested_deeper_than_a_json_body_can_carry_is_refused_in_every_format() {
+        // Caught by fuzz/fuzz_targets/export_parse.rs (JSON data is a value serde_json reads
+        // back): MessagePack data 129 arrays deep was stored as JSON text that serde_json
+        // refuses to parse, so the event's MessagePack envelope would have lost it. JSON
+        // bodies had the same hole: the raw data is read without a depth limit.
+        let nested = |depth: usize| format!("{}0{}", "[".repeat(depth), "]".repeat(depth));
+        let msgpack = |depth: usize| {
+            let v: serde_json::Value = serde_json::from_str(&nested(depth.min(100))).unwrap();
+            let mut v = v;
+            for _ in 100..depth {
+                v = serde_json::Value::Array(vec![v]);
+            }
+            let mut out = Vec::new();
+            rmp_serde::encode::write_named(&mut out, &serde_json::json!({ "data": v })).unwrap();
+            out
+        };
+        // The deepest data a JSON body carries is the deepest accepted, in both formats.
+        let json_ok = format!(r#"{{"data":{}}}"#, nested(MAX_DATA_DEPTH));
+        let e = decode(BodyFormat::Json, json_ok.as_bytes()).expect("deepest JSON data");
+        assert_eq!(json_text(&e[0]), nested(MAX_DATA_DEPTH));
+        for depth in [MAX_DATA_DEPTH + 1, 500] {
+            let deep = format!(r#"{{"data":{}}}"#, nested(depth));
+            assert!(
+                matches!(
+                    decode(BodyFormat::Json, deep.as_bytes()),
+                    Err(DecodeError::Malformed(_))
+                ),
+                "JSON data {depth} deep"
+            );
+        }
+        // Many brackets that are not nested deep, or that are text, are no reason to refuse.
+        let wide = format!(
+            r#"{{"data":[{}"{}"]}}"#,
+            "[0],".repeat(300),
+            "[".repeat(300)
+        );
+        decode(BodyFormat::Json, wide.as_bytes()).expect("wide JSON data");
+        let e = decode(BodyFormat::Msgpack, &msgpack(MAX_DATA_DEPTH))
+            .expect("deepest MessagePack data");
+        assert_eq!(json_text(&e[0]), nested(MAX_DATA_DEPTH));
+        // Refused like MessagePack's other values with no JSON form (a non-finite float).
+        for depth in [MAX_DATA_DEPTH + 1, 129, 500] {
+            assert!(
+                matches!(
+                    decode(BodyFormat::Msgpack, &msgpack(depth)),
+                    Err(DecodeError::Invalid(m)) if m.contains("nests deeper")
+                ),
+                "MessagePack data {depth} deep"
+            );
+        }
+        // What is accepted parses back alone, as the MessagePack envelope parses it.
+        serde_json::from_str::<serde_json::Value>(&nested(MAX_DATA_DEPTH)).unwrap();
     }
 
     #[test]

@@ -124,6 +124,7 @@ pub fn read_msgpack(input: &mut impl std::io::Read) -> Result<Option<ImportEvent
         other => {
             let json: serde_json::Value =
                 rmpv::ext::from_value(other).map_err(|e| format!("data: {e}"))?;
+            codec::check_data_depth(&json)?;
             Data::Json(json.to_string().into())
         }
     };
@@ -333,6 +334,34 @@ mod tests {
         assert!(read_msgpack(&mut &ok[..])
             .expect("a typed record")
             .is_some());
+    }
+
+    #[test]
+    fn an_import_of_data_nested_deeper_than_a_publish_takes_is_refused() {
+        // Found by fuzz/fuzz_targets/export_parse.rs: a MessagePack record whose data was 129
+        // arrays deep was imported as JSON text that serde_json cannot parse back, so the
+        // event's MessagePack envelope would have carried nothing.
+        let depth = codec::MAX_DATA_DEPTH;
+        // {"id":1,"topic":"a","time":1,"data":[[…0…]]}: fixarray of one element, nested.
+        let record = |depth: usize| {
+            let mut rec = b"\x84\xa2id\x01\xa5topic\xa1a\xa4time\x01\xa4data".to_vec();
+            rec.extend(std::iter::repeat_n(0x91u8, depth));
+            rec.push(0);
+            rec
+        };
+        let ok = read_msgpack(&mut &record(depth)[..]).expect("the deepest data a publish takes");
+        let nested = format!("{}0{}", "[".repeat(depth), "]".repeat(depth));
+        assert_eq!(
+            ok.map(|e| e.event.data),
+            Some(Data::Json(nested.clone().into()))
+        );
+        assert!(read_msgpack(&mut &record(depth + 1)[..]).is_err());
+        assert!(read_msgpack(&mut &record(129)[..]).is_err());
+        // The same for an NDJSON line.
+        let line = |d: &str| format!(r#"{{"id":1,"topic":"a","time":1,"data":{d}}}"#);
+        parse_line(line(&nested).as_bytes()).expect("the deepest data a publish takes");
+        let deeper = format!("[{nested}]");
+        assert!(parse_line(line(&deeper).as_bytes()).is_err());
     }
 
     #[test]
