@@ -332,14 +332,17 @@ fn from_json_envelope(env: JsonEnvelope<'_>) -> Result<RawEnvelope, DecodeError>
 
 /// Returns the JSON text of an event's data on one line: as given when it already is,
 /// re-serialised when it spans lines (an SSE `data:` line must not break). Refuses what a
-/// `serde_json::Value` cannot hold, since the MessagePack envelope is rendered from one.
+/// `serde_json::Value` cannot hold, since the MessagePack envelope is rendered from one, and
+/// data nested deeper than [`MAX_DATA_DEPTH`].
 /// `text` must be one JSON value (a `RawValue`'s text).
 pub fn compact_json(text: &str) -> Result<Box<str>, DecodeError> {
     if may_not_fit_a_value(text) {
         // The raw parse skips escapes and numbers without decoding them: a lone surrogate
         // (`"\ud800"`) is not a character, and a number beyond f64 (`1e400`) is no number a
         // `Value` holds; either would come out of MessagePack and other decoders changed.
-        serde_json::from_str::<serde_json::Value>(text).map_err(json_error)?;
+        // serde_json stops at 127 levels; the data may have one less.
+        let v = serde_json::from_str::<serde_json::Value>(text).map_err(json_error)?;
+        check_data_depth(&v).map_err(DecodeError::Invalid)?;
     }
     if text.contains(['\n', '\r']) {
         let v: serde_json::Value = serde_json::from_str(text).map_err(json_error)?;
@@ -443,11 +446,11 @@ fn json_data<E: de::Error>(v: serde_json::Value) -> Result<MsgpackData, E> {
 }
 
 /// The deepest nesting of arrays and objects event data may have, in every publish format:
-/// the most serde_json parses back (its recursion limit). Stored JSON text is parsed again to
-/// build the event's MessagePack envelope, so deeper data would reach MessagePack subscribers
-/// as nothing; JSON bodies (read without that limit for the raw data) and MessagePack bodies
-/// (whose reader allows 1024 levels) both refuse it.
-pub const MAX_DATA_DEPTH: usize = 127;
+/// one level less than serde_json reads (its recursion limit, 127), so that an event's data
+/// parses back alone (the MessagePack envelope is built that way) and inside its JSON envelope
+/// (an export line, which `tidewire import` reads). JSON bodies (whose raw data is read without
+/// that limit) and MessagePack bodies (whose reader allows 1024 levels) both refuse deeper data.
+pub const MAX_DATA_DEPTH: usize = 126;
 
 /// Refuses data nested deeper than [`MAX_DATA_DEPTH`].
 pub fn check_data_depth(v: &serde_json::Value) -> Result<(), String> {
@@ -698,12 +701,13 @@ mod tests {
         let json_ok = format!(r#"{{"data":{}}}"#, nested(MAX_DATA_DEPTH));
         let e = decode(BodyFormat::Json, json_ok.as_bytes()).expect("deepest JSON data");
         assert_eq!(json_text(&e[0]), nested(MAX_DATA_DEPTH));
+        // 422 when serde_json reads it, 400 beyond its limit.
         for depth in [MAX_DATA_DEPTH + 1, 500] {
             let deep = format!(r#"{{"data":{}}}"#, nested(depth));
             assert!(
                 matches!(
                     decode(BodyFormat::Json, deep.as_bytes()),
-                    Err(DecodeError::Malformed(_))
+                    Err(DecodeError::Invalid(_) | DecodeError::Malformed(_))
                 ),
                 "JSON data {depth} deep"
             );
@@ -728,8 +732,11 @@ mod tests {
                 "MessagePack data {depth} deep"
             );
         }
-        // What is accepted parses back alone, as the MessagePack envelope parses it.
+        // What is accepted parses back alone (as the MessagePack envelope is built) and inside
+        // its JSON envelope (as an export line is imported).
         serde_json::from_str::<serde_json::Value>(&nested(MAX_DATA_DEPTH)).unwrap();
+        let envelope = format!(r#"{{"id":1,"data":{}}}"#, nested(MAX_DATA_DEPTH));
+        serde_json::from_str::<serde_json::Value>(&envelope).unwrap();
     }
 
     #[test]
