@@ -156,6 +156,9 @@ pub async fn serve<I: AsyncRead + AsyncWrite + Unpin>(
     let (parts, mut body) = resp.into_parts();
     let length = body.size_hint().exact();
     let head = encode_head(&parts, length, SystemTime::now());
+    // Only the body is needed from here on: the headers' memory goes back now, not when the
+    // stream ends.
+    drop(parts);
     if io.write_all(&head).await.is_err() {
         return;
     }
