@@ -336,16 +336,22 @@ fn from_json_envelope(env: JsonEnvelope<'_>) -> Result<RawEnvelope, DecodeError>
 /// data nested deeper than [`MAX_DATA_DEPTH`].
 /// `text` must be one JSON value (a `RawValue`'s text).
 pub fn compact_json(text: &str) -> Result<Box<str>, DecodeError> {
-    if may_not_fit_a_value(text) {
+    let parsed = if may_not_fit_a_value(text) {
         // The raw parse skips escapes and numbers without decoding them: a lone surrogate
         // (`"\ud800"`) is not a character, and a number beyond f64 (`1e400`) is no number a
         // `Value` holds; either would come out of MessagePack and other decoders changed.
         // serde_json stops at 127 levels; the data may have one less.
-        let v = serde_json::from_str::<serde_json::Value>(text).map_err(json_error)?;
-        check_data_depth(&v).map_err(DecodeError::Invalid)?;
-    }
-    if text.contains(['\n', '\r']) {
         let v: serde_json::Value = serde_json::from_str(text).map_err(json_error)?;
+        check_data_depth(&v).map_err(DecodeError::Invalid)?;
+        Some(v)
+    } else {
+        None
+    };
+    if text.contains(['\n', '\r']) {
+        let v = match parsed {
+            Some(v) => v,
+            None => serde_json::from_str::<serde_json::Value>(text).map_err(json_error)?,
+        };
         Ok(v.to_string().into())
     } else {
         Ok(text.into())
@@ -454,15 +460,17 @@ pub const MAX_DATA_DEPTH: usize = 126;
 
 /// Refuses data nested deeper than [`MAX_DATA_DEPTH`].
 pub fn check_data_depth(v: &serde_json::Value) -> Result<(), String> {
-    // Depth-first with an explicit stack: no recursion on outside input.
-    let mut stack = vec![(v, 0usize)];
-    while let Some((v, depth)) = stack.pop() {
-        let children: Box<dyn Iterator<Item = &serde_json::Value>> = match v {
-            serde_json::Value::Array(a) => Box::new(a.iter()),
-            serde_json::Value::Object(o) => Box::new(o.values()),
+    // Depth-first with an explicit stack (no recursion on outside input), which only
+    // containers enter: a scalar costs nothing.
+    let mut stack: Vec<(&serde_json::Value, usize)> = Vec::new();
+    let mut next = Some((v, 0usize));
+    while let Some((v, depth)) = next.take().or_else(|| stack.pop()) {
+        let children: &mut dyn Iterator<Item = &serde_json::Value> = match v {
+            serde_json::Value::Array(a) => &mut a.iter(),
+            serde_json::Value::Object(o) => &mut o.values(),
             _ => continue,
         };
-        if depth + 1 > MAX_DATA_DEPTH {
+        if depth == MAX_DATA_DEPTH {
             return Err(format!(
                 "data nests deeper than {MAX_DATA_DEPTH} arrays and objects"
             ));
