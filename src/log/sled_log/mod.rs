@@ -58,6 +58,13 @@ const MAX_ROUND_EVENTS: usize = 50_000;
 const MAX_MERGED_TOPICS: usize = 64;
 /// Publishes waiting for the writer before publishers are made to wait.
 const QUEUE_DEPTH: usize = 4096;
+/// How long an open waits for a directory whose sled lock is still held.
+///
+/// Why: sled 0.34 releases its file lock from its own background threads a moment after the
+/// last handle drops (spacejam/sled#1234, #1289), so a close followed at once by an open of
+/// the same directory (a restart inside one process, or a checkpoint) can find it still
+/// locked. A directory held by a live log stays locked past this wait, and the open fails.
+const LOCK_WAIT: Duration = Duration::from_secs(2);
 /// How often the writer forgets expired `(topic, msg_id)` pairs.
 const SWEEP_EVERY: Duration = Duration::from_secs(1);
 /// Ids reserved at a time under the fsync policies that acknowledge before a flush: one
@@ -227,20 +234,19 @@ impl SledLog {
     /// moves that replay from the next start to this stop; it is the same recovery every
     /// start runs, so a crash in the middle of it is a crash during a start.
     ///
-    /// Call it only after the log is closed and every handle to it dropped: while this
-    /// process still holds the directory, sled's lock refuses the open and this fails
-    /// without touching anything.
+    /// Call it only after the log is closed and every handle to it dropped: while a log
+    /// still holds the directory, sled's lock refuses the open and this fails (after
+    /// waiting [`LOCK_WAIT`] for the lock) without touching anything.
     pub fn checkpoint(dir: &std::path::Path) -> Result<(), LogError> {
-        let db = sled::Config::new()
-            .path(dir)
-            .open()
+        let db = open_db(&sled::Config::new().path(dir), LOCK_WAIT)
             .map_err(|e| LogError::Open(format!("{}: {e}", dir.display())))?;
         db.flush().map_err(storage)?;
         Ok(())
     }
 
     /// Opens (or creates) the log in `opts.dir` and starts its writer. Committed batches go
-    /// to `hub`. Refuses a directory that holds something other than a tidewire log.
+    /// to `hub`. Refuses a directory that holds something other than a tidewire log, and
+    /// one another open log holds (after waiting [`LOCK_WAIT`] for its lock).
     pub fn open(opts: &LogOptions, hub: Hub, metrics: Metrics) -> Result<Arc<Self>, LogError> {
         Self::open_with_caps(opts, hub, metrics, CHUNK_CAPS)
     }
@@ -252,10 +258,10 @@ impl SledLog {
         caps: ChunkCaps,
     ) -> Result<Arc<Self>, LogError> {
         refuse_foreign_dir(&opts.dir)?;
-        let db = sled::Config::new()
+        let config = sled::Config::new()
             .path(&opts.dir)
-            .cache_capacity(opts.cache_bytes)
-            .open()
+            .cache_capacity(opts.cache_bytes);
+        let db = open_db(&config, LOCK_WAIT)
             .map_err(|e| LogError::Open(format!("{}: {e}", opts.dir.display())))?;
         let tree = db.open_tree("log").map_err(storage)?;
         let durable_mark = mark::read(&opts.dir)?;
@@ -522,6 +528,24 @@ impl EventLog for SledLog {
             }
             Ok(())
         })
+    }
+}
+
+/// Opens sled with `config`, waiting up to `wait` while another handle still holds the
+/// directory's lock; any other error is returned at once.
+fn open_db(config: &sled::Config, wait: Duration) -> sled::Result<sled::Db> {
+    let deadline = Instant::now() + wait;
+    loop {
+        match config.open() {
+            // sled reports a held lock only in its message (an `Other` I/O error).
+            Err(sled::Error::Io(e))
+                if e.to_string().contains("could not acquire lock")
+                    && Instant::now() < deadline =>
+            {
+                std::thread::sleep(Duration::from_millis(10));
+            }
+            other => return other,
+        }
     }
 }
 
