@@ -705,6 +705,80 @@ async fn a_peer_that_stops_answering_pings_is_closed_and_an_answering_one_is_not
     server.stop().await;
 }
 
+#[tokio::test]
+async fn a_peer_that_sends_but_never_reads_is_closed_once_writes_stall() {
+    let tmp = tempfile::tempdir().unwrap();
+    let server = TestServer::start_with(tmp.path(), |c| {
+        // Pings far apart: only the stalled writes can end this socket.
+        c.ws_ping_secs = 600;
+        c.ws_unresponsive_secs = 2;
+        c.ws_send_queue = 8;
+    })
+    .await;
+    let mut deaf = connect(server.addr, "?topic=s/**", None).await;
+    sync(&mut deaf, Enc::Json).await;
+    let http = reqwest::Client::new();
+    let base = server.url("");
+    let metrics = || async {
+        http.get(server.url("/metrics"))
+            .send()
+            .await
+            .unwrap()
+            .text()
+            .await
+            .unwrap()
+    };
+    // ~400 KB per request until the kernel buffers fill and writes make no progress for 2 s.
+    let pad = "z".repeat(4000);
+    let body: Vec<Value> = (0..100)
+        .map(|i| json!({"data": {"i": i, "pad": pad}}))
+        .collect();
+    let body = Value::Array(body).to_string();
+    let deadline = Instant::now() + Duration::from_secs(60);
+    let mut closed = false;
+    for r in 0..400 {
+        let (status, _) = post(
+            &http,
+            &format!("{base}/v1/topics/s/x/events"),
+            "application/json",
+            body.clone(),
+        )
+        .await;
+        assert_eq!(status, 201);
+        // The client keeps talking (a pong the server did not ask for), so it is not silent.
+        deaf.send(Message::Pong(Vec::new().into())).await.ok();
+        if r % 10 == 9 {
+            tokio::time::sleep(Duration::from_millis(500)).await;
+            if metrics()
+                .await
+                .contains("tidewire_ws_unresponsive_closed_total 1")
+            {
+                closed = true;
+                break;
+            }
+        }
+        assert!(Instant::now() < deadline, "no close within 60 s");
+    }
+    assert!(
+        closed,
+        "the deaf socket was never closed: {}",
+        metrics().await
+    );
+    // Its task ended: the live WebSocket gauge is back to zero, and the server serves on.
+    let until = Instant::now() + PATIENCE;
+    loop {
+        let m = metrics().await;
+        if m.contains("tidewire_live_subscribers{transport=\"ws\"} 0") {
+            break;
+        }
+        assert!(Instant::now() < until, "the socket's task never ended: {m}");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let mut fresh = connect(server.addr, "?topic=s/**", None).await;
+    sync(&mut fresh, Enc::Json).await;
+    server.stop().await;
+}
+
 fn rss_kib(pid: u32) -> u64 {
     let status = std::fs::read_to_string(format!("/proc/{pid}/status")).expect("proc status");
     status

@@ -4,18 +4,19 @@
 //! tungstenite's `derive_accept_key` and the negotiated subprotocol); the upgraded connection
 //! is framed by tokio-tungstenite. Ops and frames are encoded by [`crate::ws_frame`].
 //!
-//! One socket is one task plus a writer task:
+//! One socket is one task, which reads, delivers and writes:
 //! - **Subscriptions**: the socket holds patterns, each with its own start (its `since`, or the
 //!   head when it was added live), and one [`Subscription`] over their union. Whenever the set
 //!   changes the subscription is re-opened from the last id sent, so overlapping patterns
 //!   deliver an event once and ids on the socket stay strictly increasing. A `subscribe` whose
 //!   `since` is below what the socket already sent cannot be replayed in order: it is answered
 //!   with a gap frame (`requested`: the since, `oldest`: last sent + 1) and continues from there.
-//! - **Backpressure**: frames go through a bounded queue to the writer. When it is full the
-//!   socket stops taking deliveries; the subscription falls behind the hub ring and later
-//!   reads from the log, so memory stays bounded and nothing is skipped. A socket whose writes
-//!   make no progress, or that answers nothing (not even protocol pings), for
-//!   `ws_unresponsive_secs` is closed with 1008.
+//! - **Backpressure**: built frames wait in a queue of at most `ws_send_queue` event frames
+//!   while the socket writes them. When it is full the socket stops taking deliveries; the
+//!   subscription falls behind the hub ring and later reads from the log, so memory stays
+//!   bounded and nothing is skipped. Writing never stops reading: pongs, publishes and acks
+//!   go on while a write waits. A socket whose writes make no progress, or that answers
+//!   nothing (not even protocol pings), for `ws_unresponsive_secs` is closed with 1008.
 //! - **Publish**: decoded by the publish codec, stored through [`Publisher`]; the ack is sent
 //!   only once the event is durable, in request order. Errors become error frames with `ref`.
 //! - **Shutdown**: stop reading, send the acks of publishes in flight, then close with 1001.
@@ -38,15 +39,16 @@ use std::future::Future;
 use std::net::IpAddr;
 use std::pin::Pin;
 use std::sync::Arc;
+use std::task::{ready, Context, Poll};
 use std::time::Duration;
 
 use bytes::Bytes;
 use futures_util::stream::{FuturesOrdered, SplitSink, SplitStream};
-use futures_util::{SinkExt, StreamExt};
+use futures_util::{Sink, SinkExt, StreamExt};
 use http::{header, HeaderValue, Request, Response, StatusCode};
 use hyper::upgrade::Upgraded;
 use hyper_util::rt::TokioIo;
-use tokio::sync::{mpsc, watch};
+use tokio::sync::watch;
 use tokio::time::{timeout, Instant, MissedTickBehavior};
 use tokio_tungstenite::tungstenite::handshake::derive_accept_key;
 use tokio_tungstenite::tungstenite::protocol::frame::coding::CloseCode;
@@ -317,13 +319,11 @@ struct Socket {
     subs: Subs,
     publisher: Publisher,
     limits: Limits,
-    /// Answers waiting for room in the send queue; they go before events.
-    control: VecDeque<Message>,
-    /// Event frames built from one burst, waiting for room in the send queue.
-    outbox: VecDeque<Message>,
+    /// Frames built and not yet written.
+    queued: Queues,
+    /// Event frames queued before the socket stops taking deliveries (`ws_send_queue`).
+    send_queue: usize,
     pending: FuturesOrdered<PendingPublish>,
-    frames_out: prometheus_client::metrics::counter::Counter,
-    bytes_out: prometheus_client::metrics::counter::Counter,
     frames_in: prometheus_client::metrics::counter::Counter,
     bytes_in: prometheus_client::metrics::counter::Counter,
     delivered: prometheus_client::metrics::counter::Counter,
@@ -340,6 +340,17 @@ struct Socket {
 /// Sets the socket up, then returns the future that runs it. Not an `async fn`: its setup
 /// (arguments, configuration, metric handles) would stay in the future for the socket's whole
 /// life, and an idle socket must be cheap; the future holds only what the socket uses.
+/// The frames a socket has built and not yet handed to its connection, with the counters of
+/// what it sends.
+struct Queues {
+    /// Answers, errors and pings (at most [`MAX_CONTROL`]); they go before events.
+    control: VecDeque<Message>,
+    /// Event and gap frames, in id order.
+    outbox: VecDeque<Message>,
+    frames_out: prometheus_client::metrics::counter::Counter,
+    bytes_out: prometheus_client::metrics::counter::Counter,
+}
+
 fn serve(
     state: Arc<AppState>,
     log: Arc<dyn EventLog>,
@@ -377,11 +388,14 @@ fn serve(
             max_events: 1,
             max_topic_len: cfg.max_topic_len,
         },
-        control: VecDeque::new(),
-        outbox: VecDeque::new(),
+        queued: Queues {
+            control: VecDeque::new(),
+            outbox: VecDeque::new(),
+            frames_out,
+            bytes_out,
+        },
+        send_queue: cfg.ws_send_queue.max(1),
         pending: FuturesOrdered::new(),
-        frames_out,
-        bytes_out,
         frames_in,
         bytes_in,
         delivered: metrics.delivered("ws"),
@@ -396,90 +410,131 @@ fn serve(
     sock.subs.reopen(&state);
 
     let (sink, mut stream) = ws.split();
-    let (tx, rx) = mpsc::channel::<Queued>(cfg.ws_send_queue);
     let unresponsive = Duration::from_secs(cfg.ws_unresponsive_secs);
-    let writer = tokio::spawn(writer(sink, rx, unresponsive, state.clone()));
+    let mut out = Outgoing {
+        sink,
+        unflushed: false,
+        stall_limit: unresponsive,
+        stall: None,
+    };
     async move {
         let _gauge = gauge;
-        let end = sock.run(&mut stream, &tx, unresponsive).await;
+        let end = sock.run(&mut stream, &mut out, unresponsive).await;
         if let End::Close(code, reason) = end {
             tracing::debug!(code = u16::from(code), reason, "closing WebSocket");
             // Best effort: a socket that does not read may never take it.
-            let _ = timeout(
-                CLOSE_WAIT,
-                tx.send(Box::new(Message::Close(Some(CloseFrame {
-                    code,
-                    reason: Utf8Bytes::from_static(reason),
-                })))),
-            )
-            .await;
+            let close = Message::Close(Some(CloseFrame {
+                code,
+                reason: Utf8Bytes::from_static(reason),
+            }));
+            if matches!(timeout(CLOSE_WAIT, out.sink.send(close)).await, Ok(Ok(()))) {
+                // The closing handshake: read (and drop) what the peer still sends until its
+                // Close. Closing with unread data in the receive buffer makes the kernel reset
+                // the connection, and a reset can destroy the frames still on their way to
+                // the peer, our acks and Close among them.
+                let _ = timeout(CLOSE_WAIT, async {
+                    while let Some(Ok(_)) = stream.next().await {}
+                })
+                .await;
+            }
         }
-        drop(tx);
-        let bound = unresponsive + CLOSE_WAIT;
-        let _ = timeout(bound, writer).await;
+        let _ = timeout(CLOSE_WAIT, out.sink.close()).await;
     }
 }
 
-/// A frame queued for the writer task. Boxed: the queue allocates its slots 32 at a time
-/// when it is created, and 32 pointers (not 32 messages) keep an idle socket small.
-type Queued = Box<Message>;
+/// The writing half of a socket: frames go from the socket's queues into tungstenite's write
+/// buffer and out, driven by the socket's own task (no writer task, no channel: one wake-up
+/// per delivery).
+struct Outgoing {
+    sink: SplitSink<Ws, Message>,
+    /// Frames were handed to the sink since its last flush.
+    unflushed: bool,
+    /// How long writes may make no progress before the socket is given up.
+    stall_limit: Duration,
+    /// Set while a write waits on the peer: when it fires, the peer is unresponsive.
+    stall: Option<Pin<Box<tokio::time::Sleep>>>,
+}
 
-/// Writes queued frames; gives up on a socket whose writes make no progress for `limit`.
-async fn writer(
-    mut sink: SplitSink<Ws, Message>,
-    mut rx: mpsc::Receiver<Queued>,
-    limit: Duration,
-    state: Arc<AppState>,
-) {
-    let mut closing = false;
-    while let Some(msg) = rx.recv().await {
-        closing |= matches!(*msg, Message::Close(_));
-        let mut res = timeout(limit, sink.feed(*msg)).await;
-        // Write what else is queued, then flush once.
-        while res.as_ref().is_ok_and(|r| r.is_ok()) && !closing {
-            match rx.try_recv() {
-                Ok(m) => {
-                    closing |= matches!(*m, Message::Close(_));
-                    res = timeout(limit, sink.feed(*m)).await;
-                }
-                Err(_) => break,
-            }
-        }
-        if res.as_ref().is_ok_and(|r| r.is_ok()) {
-            res = timeout(limit, sink.flush()).await;
-        }
-        match res {
-            Ok(Ok(())) => {}
-            Ok(Err(e)) => {
-                tracing::debug!(error = %e, "WebSocket write failed");
-                return;
-            }
-            Err(_) => {
-                state.metrics.ws().unresponsive_closed.inc();
-                tracing::debug!("WebSocket makes no write progress; closing it");
-                let _ = timeout(
-                    CLOSE_WAIT,
-                    sink.send(Message::Close(Some(CloseFrame {
-                        code: CloseCode::Policy,
-                        reason: Utf8Bytes::from_static("unresponsive: did not read"),
-                    }))),
-                )
-                .await;
-                return;
-            }
-        }
-        if closing {
-            break;
-        }
+/// Why writing ended early.
+enum WriteEnd {
+    /// The connection failed.
+    Failed(tungstenite::Error),
+    /// No write progress for the stall limit: the peer does not read.
+    Unresponsive,
+}
+
+impl Outgoing {
+    /// True while there is something to write or to flush.
+    fn busy(&self, queued: &Queues) -> bool {
+        self.unflushed || !queued.control.is_empty() || !queued.outbox.is_empty()
     }
-    let _ = timeout(CLOSE_WAIT, sink.close()).await;
+
+    /// Writes queued frames (control frames first) and flushes them. Ready once everything
+    /// queued is written; pending while the peer is not taking more, until the stall limit.
+    fn poll_write(
+        &mut self,
+        queued: &mut Queues,
+        cx: &mut Context<'_>,
+    ) -> Poll<Result<(), WriteEnd>> {
+        let mut progressed = false;
+        let result = self.poll_write_inner(queued, &mut progressed, cx);
+        if result.is_ready() || progressed {
+            self.stall = None;
+        }
+        if result.is_pending() {
+            let limit = self.stall_limit;
+            let stall = self
+                .stall
+                .get_or_insert_with(|| Box::pin(tokio::time::sleep(limit)));
+            if stall.as_mut().poll(cx).is_ready() {
+                return Poll::Ready(Err(WriteEnd::Unresponsive));
+            }
+        }
+        result
+    }
+
+    fn poll_write_inner(
+        &mut self,
+        queued: &mut Queues,
+        progressed: &mut bool,
+        cx: &mut Context<'_>,
+    ) -> Poll<Result<(), WriteEnd>> {
+        let mut sink = Pin::new(&mut self.sink);
+        while !queued.control.is_empty() || !queued.outbox.is_empty() {
+            ready!(sink.as_mut().poll_ready(cx)).map_err(WriteEnd::Failed)?;
+            let msg = match queued.control.pop_front() {
+                Some(m) => m,
+                None => match queued.outbox.pop_front() {
+                    Some(m) => m,
+                    None => break,
+                },
+            };
+            queued.frames_out.inc();
+            queued.bytes_out.inc_by(msg.len() as u64);
+            sink.as_mut().start_send(msg).map_err(WriteEnd::Failed)?;
+            self.unflushed = true;
+            *progressed = true;
+        }
+        if self.unflushed {
+            ready!(sink.as_mut().poll_flush(cx)).map_err(WriteEnd::Failed)?;
+            self.unflushed = false;
+            *progressed = true;
+        }
+        Poll::Ready(Ok(()))
+    }
+
+    /// Writes everything queued, within [`CLOSE_WAIT`]; false when it could not.
+    async fn drain(&mut self, queued: &mut Queues) -> bool {
+        let write = std::future::poll_fn(|cx| self.poll_write(queued, cx));
+        matches!(timeout(CLOSE_WAIT, write).await, Ok(Ok(())))
+    }
 }
 
 impl Socket {
     async fn run(
         &mut self,
         stream: &mut SplitStream<Ws>,
-        tx: &mpsc::Sender<Queued>,
+        out: &mut Outgoing,
         unresponsive: Duration,
     ) -> End {
         let ping_every = Duration::from_secs(self.state.config.ws_ping_secs);
@@ -491,41 +546,42 @@ impl Socket {
         let mut is_lagging = false;
         loop {
             if *stop.borrow() {
-                return Box::pin(self.shut_down(tx)).await;
+                return Box::pin(self.shut_down(out)).await;
             }
-            let full = tx.capacity() == 0;
-            if full != is_lagging {
-                is_lagging = full;
-                if full {
+            let room = self.queued.outbox.len() < self.send_queue;
+            if room == is_lagging {
+                is_lagging = !room;
+                if is_lagging {
                     lagging.inc();
                 } else {
                     lagging.dec();
                 }
             }
-            let have_out = !self.control.is_empty() || !self.outbox.is_empty();
-            let can_read =
-                self.control.len() < MAX_CONTROL && self.pending.len() < MAX_PENDING_PUBLISHES;
+            let writing = out.busy(&self.queued);
+            let can_read = self.queued.control.len() < MAX_CONTROL
+                && self.pending.len() < MAX_PENDING_PUBLISHES;
+            let queued = &mut self.queued;
             let end = tokio::select! {
                 biased;
                 // Set to true, or the server is gone: either way, stop.
                 // Boxed (here and below): rare paths stay out of every socket's state.
-                _ = stop.changed() => Some(Box::pin(self.shut_down(tx)).await),
+                _ = stop.changed() => Some(Box::pin(self.shut_down(out)).await),
                 // Before any delivery: no event is sent on an expired token.
-                _ = until(&mut self.expiry) => Some(Box::pin(self.expire(tx)).await),
-                permit = tx.reserve(), if have_out => match permit {
-                    Ok(permit) => {
-                        let msg = match self.control.pop_front() {
-                            Some(m) => m,
-                            None => self.outbox.pop_front().unwrap_or(Message::Pong(Bytes::new())),
-                        };
-                        self.frames_out.inc();
-                        self.bytes_out.inc_by(msg.len() as u64);
-                        permit.send(Box::new(msg));
-                        None
+                _ = until(&mut self.expiry) => Some(Box::pin(self.expire(out)).await),
+                written = std::future::poll_fn(|cx| out.poll_write(queued, cx)), if writing => {
+                    match written {
+                        Ok(()) => None,
+                        Err(WriteEnd::Failed(e)) => {
+                            tracing::debug!(error = %e, "WebSocket write failed");
+                            Some(End::Gone)
+                        }
+                        Err(WriteEnd::Unresponsive) => {
+                            self.state.metrics.ws().unresponsive_closed.inc();
+                            tracing::debug!("WebSocket makes no write progress; closing it");
+                            Some(End::Close(CloseCode::Policy, "unresponsive: did not read"))
+                        }
                     }
-                    // The writer gave up on the socket.
-                    Err(_) => Some(End::Gone),
-                },
+                }
                 Some(answer) = self.pending.next(), if !self.pending.is_empty() => {
                     self.answer(answer);
                     None
@@ -534,7 +590,7 @@ impl Socket {
                     heard = Instant::now();
                     self.on_message(msg)
                 }
-                d = next_delivery(&mut self.subs.sub), if self.outbox.is_empty() && self.subs.sub.is_some() => {
+                d = next_delivery(&mut self.subs.sub), if room && self.subs.sub.is_some() => {
                     match d {
                         Ok(d) => {
                             self.burst(d);
@@ -551,8 +607,8 @@ impl Socket {
                         self.state.metrics.ws().unresponsive_closed.inc();
                         Some(End::Close(CloseCode::Policy, "unresponsive: no pong"))
                     } else {
-                        if self.control.len() < MAX_CONTROL {
-                            self.control.push_back(Message::Ping(Bytes::new()));
+                        if self.queued.control.len() < MAX_CONTROL {
+                            self.queued.control.push_back(Message::Ping(Bytes::new()));
                         }
                         None
                     }
@@ -567,16 +623,15 @@ impl Socket {
         }
     }
 
-    /// Graceful shutdown: no more reading; answer publishes in flight, then close with 1001.
-    async fn shut_down(&mut self, tx: &mpsc::Sender<Queued>) -> End {
+    /// Graceful shutdown: no more reading; answer publishes in flight, write what is queued,
+    /// then close with 1001.
+    async fn shut_down(&mut self, out: &mut Outgoing) -> End {
         let deadline = Instant::now() + SHUTDOWN_ACK_WAIT;
         while let Ok(Some(answer)) = tokio::time::timeout_at(deadline, self.pending.next()).await {
             self.answer(answer);
         }
-        while let Some(m) = self.control.pop_front() {
-            if !matches!(timeout(CLOSE_WAIT, tx.send(Box::new(m))).await, Ok(Ok(()))) {
-                return End::Gone;
-            }
+        if !out.drain(&mut self.queued).await {
+            return End::Gone;
         }
         End::Close(CloseCode::Away, "server shutting down")
     }
@@ -609,17 +664,24 @@ impl Socket {
         }
         let bytes = ws_frame::encode_server(self.enc, &frame);
         let msg = self.frame(bytes);
-        self.control.push_back(msg);
+        self.queued.control.push_back(msg);
     }
 
     fn error(&mut self, e: FrameError) {
         self.answer(e.into());
     }
 
-    /// Turns one delivery and whatever else is ready into frames in `outbox`.
+    /// Turns one delivery and whatever else is ready into frames in `outbox`: at most the
+    /// room left in the send queue, one frame per event (a batch socket's burst is one frame).
     fn burst(&mut self, first: Delivery) {
         let mut events: Vec<SharedEvent> = Vec::new();
         let mut bytes = 0usize;
+        let room = self.send_queue.saturating_sub(self.queued.outbox.len());
+        let max_events = if self.batch {
+            MAX_BURST_EVENTS
+        } else {
+            room.clamp(1, MAX_BURST_EVENTS)
+        };
         let mut next = Some(first);
         while let Some(d) = next.take() {
             match d {
@@ -627,7 +689,7 @@ impl Socket {
                     self.flush_events(&mut events);
                     let f = ws_frame::encode_server(self.enc, &g.into());
                     let m = self.frame(f);
-                    self.outbox.push_back(m);
+                    self.queued.outbox.push_back(m);
                 }
                 Delivery::Event(e) => {
                     if self.subs.wants(&e) {
@@ -637,7 +699,7 @@ impl Socket {
                     }
                 }
             }
-            if events.len() < MAX_BURST_EVENTS && bytes < MAX_BURST_BYTES {
+            if events.len() < max_events && bytes < MAX_BURST_BYTES {
                 next = self.subs.sub.as_mut().and_then(Subscription::next_ready);
             }
         }
@@ -651,11 +713,11 @@ impl Socket {
         self.delivered.inc_by(events.len() as u64);
         if self.batch && events.len() > 1 {
             let gz = ws_frame::encode_batch(self.enc, events);
-            self.outbox.push_back(Message::Binary(gz));
+            self.queued.outbox.push_back(Message::Binary(gz));
         } else {
             for e in events.iter() {
                 let m = self.frame(ws_frame::encode_event(self.enc, e));
-                self.outbox.push_back(m);
+                self.queued.outbox.push_back(m);
             }
         }
         events.clear();
@@ -843,7 +905,7 @@ impl Socket {
                     oldest: sent.0 + 1,
                 };
                 let m = self.frame(ws_frame::encode_server(self.enc, &gap));
-                self.outbox.push_back(m);
+                self.queued.outbox.push_back(m);
                 sent
             }
             Some(c) => c,
@@ -882,8 +944,8 @@ impl Socket {
     /// The token expired: like a shutdown, the publishes accepted while it was valid get
     /// their acks (so a client need not guess what was stored), then the socket is closed with
     /// 4001.
-    async fn expire(&mut self, tx: &mpsc::Sender<Queued>) -> End {
-        match self.shut_down(tx).await {
+    async fn expire(&mut self, out: &mut Outgoing) -> End {
+        match self.shut_down(out).await {
             End::Gone => End::Gone,
             End::Close(..) => End::Close(CloseCode::from(TOKEN_EXPIRED), "token expired"),
         }
