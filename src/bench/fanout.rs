@@ -15,9 +15,9 @@ use super::payload::MIN_SIZE;
 use super::procfs::CpuMeter;
 use super::publish::{publish_at_rate, RatePlan};
 use super::report::{Latencies, Progress, Recorder, Report};
-use super::target::{Encoding, PublishTransport, Target, Transport, UrlTemplate};
+use super::target::{Encoding, PublishTransport, Target, Transport, UrlTemplate, Via};
 use super::wire::{self, open_ws, LineScanner, Poller, SseStream, Ws};
-use super::{fail, now_us, parse_duration, run_topic, Common, Error, MAX_CONNECTIONS, MAX_RATE};
+use super::{now_us, parse_duration, run_topic, Common, Error, MAX_CONNECTIONS, MAX_RATE};
 
 /// Flags of `bench fanout`.
 #[derive(Debug, Args)]
@@ -26,12 +26,9 @@ pub struct FanoutArgs {
     #[arg(long, short = 'n', default_value_t = 1000,
           value_parser = clap::value_parser!(u64).range(1..=MAX_CONNECTIONS))]
     pub subscribers: u64,
-    /// How subscribers receive.
-    #[arg(long, value_enum, default_value_t = Transport::Sse)]
-    pub transport: Transport,
-    /// WebSocket frame encoding (msgpack: tidewire only).
-    #[arg(long, value_enum, default_value_t = Encoding::Json)]
-    pub encoding: Encoding,
+    /// How the subscriptions receive.
+    #[command(flatten)]
+    pub via: Via,
     /// Events per second offered by the publishers.
     #[arg(long, default_value_t = 100, value_parser = clap::value_parser!(u64).range(1..=MAX_RATE))]
     pub rate: u64,
@@ -216,12 +213,9 @@ async fn read(
 /// Runs `bench fanout`.
 pub(crate) async fn run(a: FanoutArgs) -> Result<(), Error> {
     let c = &a.common;
-    c.tidewire_only(a.encoding == Encoding::Msgpack, "--encoding msgpack")?;
-    if a.encoding == Encoding::Msgpack && a.transport != Transport::Ws {
-        return Err(fail("--encoding msgpack is for --transport ws"));
-    }
+    a.via.check(c)?;
     let topic = run_topic("fanout");
-    let sub_url = c.subscribe_url(a.transport)?;
+    let sub_url = c.subscribe_url(a.via.transport)?;
     let pub_url = c.publish_url(PublishTransport::Http)?;
     let total = ((a.rate as f64) * a.duration.as_secs_f64())
         .round()
@@ -236,8 +230,8 @@ pub(crate) async fn run(a: FanoutArgs) -> Result<(), Error> {
                 c,
                 &sub_url,
                 &topic,
-                a.transport,
-                a.encoding,
+                a.via.transport,
+                a.via.encoding,
                 wire_bytes.clone(),
             )
         })
@@ -255,7 +249,7 @@ pub(crate) async fn run(a: FanoutArgs) -> Result<(), Error> {
         .map(|s| {
             tokio::spawn(read(
                 s,
-                a.encoding,
+                a.via.encoding,
                 stop.clone(),
                 delivered.clone(),
                 latencies.recorder(),
@@ -325,10 +319,7 @@ pub(crate) async fn run(a: FanoutArgs) -> Result<(), Error> {
 
     let mut r = Report::new("fanout");
     r.put("target", "target", c.target.name());
-    r.put("transport", "transport", a.transport.name());
-    if a.transport == Transport::Ws {
-        r.put("encoding", "encoding", a.encoding.name());
-    }
+    a.via.report(&mut r);
     r.put("subscribers", "subscribers", a.subscribers);
     r.put("rate", "offered events/s", a.rate);
     r.put_f(
@@ -379,11 +370,11 @@ pub(crate) async fn run(a: FanoutArgs) -> Result<(), Error> {
         0,
     );
     latencies.with(|h| r.put_latency(h, "delivery"));
-    if a.transport == Transport::Poll {
+    if a.via.transport == Transport::Poll {
         r.put("polls", "polls answered", polls);
         r.put_f("polls_per_s", "polls/s", polls as f64 / window, 0);
     }
-    if a.transport == Transport::Ws {
+    if a.via.transport == Transport::Ws {
         r.put_f(
             "wire_mb",
             "bytes received on the sockets (MB)",

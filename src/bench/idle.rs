@@ -13,7 +13,7 @@ use tokio::net::TcpStream;
 use super::procfs::{CpuMeter, Memory};
 use super::publish::{publish_at_rate, RatePlan};
 use super::report::Report;
-use super::target::{Encoding, PublishTransport, Target, Transport, UrlTemplate};
+use super::target::{Encoding, PublishTransport, Target, Transport, UrlTemplate, Via};
 use super::wire::{open_ws, SseStream, Ws, CONNECT_TIMEOUT};
 use super::{fail, parse_duration, run_topic, Common, Error, MAX_CONNECTIONS, MAX_RATE};
 
@@ -24,12 +24,9 @@ pub struct IdleArgs {
     #[arg(long, short = 'n', default_value_t = 10_000,
           value_parser = clap::value_parser!(u64).range(1..=MAX_CONNECTIONS))]
     pub subscribers: u64,
-    /// How they subscribe.
-    #[arg(long, value_enum, default_value_t = Transport::Sse)]
-    pub transport: Transport,
-    /// WebSocket frame encoding (msgpack: tidewire only).
-    #[arg(long, value_enum, default_value_t = Encoding::Json)]
-    pub encoding: Encoding,
+    /// How the subscriptions receive.
+    #[command(flatten)]
+    pub via: Via,
     /// How long to hold them open before reading the server's memory (at most 600 s).
     #[arg(long, default_value = "5s", value_parser = parse_duration)]
     pub hold: Duration,
@@ -102,13 +99,13 @@ async fn hold_one(
 /// Runs `bench idle`.
 pub(crate) async fn run(a: IdleArgs) -> Result<(), Error> {
     let c = &a.common;
-    c.tidewire_only(a.encoding == Encoding::Msgpack, "--encoding msgpack")?;
+    a.via.check(c)?;
     if a.other_rate > 0 && c.pids.is_empty() {
         return Err(fail(
             "--other-rate measures the server's CPU: give its --pid",
         ));
     }
-    let url = c.subscribe_url(a.transport)?;
+    let url = c.subscribe_url(a.via.transport)?;
     let base = run_topic("idle");
     let cpu = CpuMeter::start(&c.pids)?;
     let before = if c.pids.is_empty() {
@@ -121,7 +118,7 @@ pub(crate) async fn run(a: IdleArgs) -> Result<(), Error> {
         .map(|i| {
             let topic = format!("{base}/{}", i % a.topics);
             let url = &url;
-            async move { hold_one(c, url, &topic, a.transport, a.encoding).await }
+            async move { hold_one(c, url, &topic, a.via.transport, a.via.encoding).await }
         })
         .buffer_unordered(64)
         .collect()
@@ -138,10 +135,7 @@ pub(crate) async fn run(a: IdleArgs) -> Result<(), Error> {
     let n = a.subscribers as f64;
     let mut r = Report::new("idle");
     r.put("target", "target", c.target.name());
-    r.put("transport", "transport", a.transport.name());
-    if a.transport == Transport::Ws {
-        r.put("encoding", "encoding", a.encoding.name());
-    }
+    a.via.report(&mut r);
     r.put("subscribers", "idle subscriptions", a.subscribers);
     r.put("topics", "topics", a.topics);
     r.put_f("open_s", "time to open them (s)", open_secs, 2);

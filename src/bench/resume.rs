@@ -13,7 +13,7 @@ use tokio_tungstenite::tungstenite::Message;
 use super::payload::{self, Rng};
 use super::procfs::CpuMeter;
 use super::report::{Progress, Report};
-use super::target::{Encoding, Format, PublishTransport, Target, Transport};
+use super::target::{Format, PublishTransport, Target, Transport, Via};
 use super::wire::{self, open_ws, HttpConn, LineScanner, Poller, SseStream};
 use super::{fail, now_us, parse_duration, run_topic, Common, Error, MAX_EVENTS};
 
@@ -28,12 +28,9 @@ pub struct ResumeArgs {
     /// would pay for them.
     #[arg(long, default_value_t = 0, value_parser = clap::value_parser!(u64).range(0..=MAX_EVENTS))]
     pub noise: u64,
-    /// How the replaying subscriber reads.
-    #[arg(long, value_enum, default_value_t = Transport::Sse)]
-    pub transport: Transport,
-    /// WebSocket frame encoding (msgpack: tidewire only).
-    #[arg(long, value_enum, default_value_t = Encoding::Json)]
-    pub encoding: Encoding,
+    /// How the subscriptions receive.
+    #[command(flatten)]
+    pub via: Via,
     /// Ask for compressed delivery: WebSocket `batch=gzip`, long-poll `Accept-Encoding: gzip`
     /// (tidewire only).
     #[arg(long)]
@@ -144,11 +141,11 @@ async fn replay(
     got: &AtomicU64,
 ) -> Result<Replay, Error> {
     let c = &a.common;
-    let url = c.replay_url(a.transport)?;
+    let url = c.replay_url(a.via.transport)?;
     let quiet = Duration::from_secs(10);
     let mut r = Replay::default();
     let wait = |d: Instant| d.min(Instant::now() + quiet);
-    match a.transport {
+    match a.via.transport {
         Transport::Sse => {
             let mut s =
                 SseStream::open(url.authority(), &url.path(topic), c.token.as_deref()).await?;
@@ -181,7 +178,7 @@ async fn replay(
                 path.push(if path.contains('?') { '&' } else { '?' });
                 path.push_str("batch=gzip");
             }
-            let proto = (c.target == Target::Tidewire).then(|| a.encoding.subprotocol());
+            let proto = (c.target == Target::Tidewire).then(|| a.via.encoding.subprotocol());
             let wire_bytes = Arc::new(AtomicU64::new(0));
             let mut ws = open_ws(
                 url.authority(),
@@ -223,11 +220,11 @@ async fn replay(
                         wire::json_ts_all(ts_in, |_| n += 1);
                     }
                 };
-                let msgpack = matches!(msg, Message::Binary(_)) && a.encoding == Encoding::Msgpack;
+                let msgpack = matches!(msg, Message::Binary(_)) && a.via.msgpack();
                 if bytes.starts_with(&[0x1f, 0x8b]) {
                     let raw = wire::gunzip(bytes)?;
                     r.decoded_bytes += raw.len() as u64;
-                    count(&raw, a.encoding == Encoding::Msgpack);
+                    count(&raw, a.via.msgpack());
                 } else {
                     r.decoded_bytes += bytes.len() as u64;
                     count(bytes, msgpack);
@@ -272,13 +269,10 @@ async fn replay(
 /// Runs `bench resume`.
 pub(crate) async fn run(a: ResumeArgs) -> Result<(), Error> {
     let c = &a.common;
-    c.tidewire_only(a.encoding == Encoding::Msgpack, "--encoding msgpack")?;
+    a.via.check(c)?;
     c.tidewire_only(a.gzip, "--gzip")?;
-    if a.gzip && a.transport == Transport::Sse {
+    if a.gzip && a.via.transport == Transport::Sse {
         return Err(fail("--gzip is for --transport ws (batch=gzip) or poll"));
-    }
-    if a.encoding == Encoding::Msgpack && a.transport != Transport::Ws {
-        return Err(fail("--encoding msgpack is for --transport ws"));
     }
     let topic = run_topic("resume");
     let cpu = CpuMeter::start(&c.pids)?;
@@ -330,10 +324,7 @@ pub(crate) async fn run(a: ResumeArgs) -> Result<(), Error> {
 
     let mut r = Report::new("resume");
     r.put("target", "target", c.target.name());
-    r.put("transport", "transport", a.transport.name());
-    if a.transport == Transport::Ws {
-        r.put("encoding", "encoding", a.encoding.name());
-    }
+    a.via.report(&mut r);
     r.put("gzip", "compressed delivery", a.gzip);
     r.put("events", "events of the topic", a.events);
     r.put("noise", "events of other topics after them", a.noise);

@@ -10,6 +10,7 @@
 //! | long-poll | `/v1/poll?topic={topic}` (+ `since`, `timeout`, `limit`) | `/lp?id={topic}` (+ `If-Modified-Since`, `If-None-Match`) |
 //! | replay from the start | `…&last_event_id=0` (SSE), `…&since=0` (WebSocket, poll) | `/replay?id={topic}` (SSE, WebSocket), `/lp?id={topic}` (poll) |
 
+use super::report::Report;
 use super::{fail, Common, Error};
 
 /// Which server the bench talks to: decides the default URLs and the wire format.
@@ -49,6 +50,42 @@ impl Transport {
             Transport::Sse => "sse",
             Transport::Ws => "ws",
             Transport::Poll => "poll",
+        }
+    }
+}
+
+/// How a subscribing mode's subscriptions receive: `--transport` and `--encoding`, shared by
+/// `fanout`, `idle` and `resume`.
+#[derive(Debug, Clone, Copy, clap::Args)]
+pub struct Via {
+    /// How the subscriptions receive events.
+    #[arg(long, value_enum, default_value_t = Transport::Sse)]
+    pub transport: Transport,
+    /// WebSocket frame encoding (msgpack: tidewire only, with --transport ws).
+    #[arg(long, value_enum, default_value_t = Encoding::Json)]
+    pub encoding: Encoding,
+}
+
+impl Via {
+    /// True for MessagePack frames.
+    pub fn msgpack(self) -> bool {
+        self.encoding == Encoding::Msgpack
+    }
+
+    /// Refuses what no server serves: MessagePack frames outside a tidewire WebSocket.
+    pub fn check(self, common: &Common) -> Result<(), Error> {
+        common.tidewire_only(self.msgpack(), "--encoding msgpack")?;
+        if self.msgpack() && self.transport != Transport::Ws {
+            return Err(fail("--encoding msgpack is for --transport ws"));
+        }
+        Ok(())
+    }
+
+    /// Names the transport in a report, and the encoding when it is a WebSocket.
+    pub(crate) fn report(self, r: &mut Report) {
+        r.put("transport", "transport", self.transport.name());
+        if self.transport == Transport::Ws {
+            r.put("encoding", "encoding", self.encoding.name());
         }
     }
 }
@@ -268,5 +305,43 @@ mod tests {
         assert!(UrlTemplate::parse("https://h/x", "x").is_err());
         assert!(UrlTemplate::parse("pub?id={topic}", "x").is_err());
         assert!(UrlTemplate::parse("http:///x", "x").is_err());
+    }
+
+    #[test]
+    fn messagepack_frames_are_refused_off_a_tidewire_websocket_in_every_subscribing_mode() {
+        use clap::Parser;
+        #[derive(Parser)]
+        struct Cli {
+            #[command(subcommand)]
+            mode: super::super::Mode,
+        }
+        let via_of = |args: &[&str]| -> (Via, Common) {
+            let cli = Cli::try_parse_from(args).expect("flags parse");
+            match cli.mode {
+                super::super::Mode::Fanout(a) => (a.via, a.common),
+                super::super::Mode::Idle(a) => (a.via, a.common),
+                super::super::Mode::Resume(a) => (a.via, a.common),
+                super::super::Mode::Publish(_) => unreachable!("not a subscribing mode"),
+            }
+        };
+        for mode in ["fanout", "idle", "resume"] {
+            let (via, c) = via_of(&["b", mode, "--transport", "ws", "--encoding", "msgpack"]);
+            assert!(via.check(&c).is_ok(), "{mode}");
+            let (via, c) = via_of(&["b", mode, "--transport", "sse", "--encoding", "msgpack"]);
+            assert!(via.check(&c).is_err(), "{mode}: msgpack over SSE");
+            let (via, c) = via_of(&[
+                "b",
+                mode,
+                "--transport",
+                "ws",
+                "--encoding",
+                "msgpack",
+                "--target",
+                "nchan",
+            ]);
+            assert!(via.check(&c).is_err(), "{mode}: msgpack on Nchan");
+            let (via, c) = via_of(&["b", mode, "--transport", "poll", "--target", "nchan"]);
+            assert!(via.check(&c).is_ok(), "{mode}: JSON long-poll on Nchan");
+        }
     }
 }
