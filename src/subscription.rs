@@ -68,9 +68,13 @@ impl Subscription {
     ) -> Self {
         // Register before looking at the head: nothing committed after this can be missed.
         let registration = hub.subscribe(&patterns);
+        let head = log.head();
         let (last, replaying) = match cursor {
-            Some(c) => (c, true),
-            None => (log.head(), false),
+            // The log makes an event readable and moves its head before the hub sees it, so
+            // every id above a head read after registering arrives live: a cursor at or past
+            // the head (a poll or a reconnect that is caught up) has no history to read.
+            Some(c) => (c, c < head),
+            None => (head, false),
         };
         Subscription {
             log,

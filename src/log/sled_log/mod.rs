@@ -56,6 +56,8 @@ const MAX_ROUND_EVENTS: usize = 50_000;
 /// When a read matches more topics than this, it walks the log from the cursor instead of
 /// merging that many per-topic index ranges.
 const MAX_MERGED_TOPICS: usize = 64;
+/// Reads at most this many events behind the head run on the caller's task (see `read`).
+const INLINE_READ_EVENTS: u64 = 256;
 /// Publishes waiting for the writer before publishers are made to wait.
 const QUEUE_DEPTH: usize = 4096;
 /// How long an open waits for a directory whose sled lock is still held.
@@ -486,6 +488,19 @@ impl EventLog for SledLog {
     ) -> BoxFuture<'_, Result<Page, LogError>> {
         let shared = self.shared.clone();
         Box::pin(async move {
+            // A reader close behind the head (a long-poll or a stream catching up) reads the
+            // chunks the writer just wrote, from sled's cache: in place that costs microseconds,
+            // less than the two thread switches of a trip through the blocking pool. The work
+            // is bounded by the events behind the head; anything else goes to the pool.
+            let behind = shared.head.load(Ordering::Acquire).saturating_sub(after.0);
+            if behind <= INLINE_READ_EVENTS {
+                match read_once(&shared, &patterns, after, limit, &mut ReadCost::default()) {
+                    Ok(page) => return Ok(page),
+                    Err(ReadFail::Log(e)) => return Err(e),
+                    // Retention raced the read: its retries wait, so they go to the pool.
+                    Err(ReadFail::ChunkGone(_)) => {}
+                }
+            }
             tokio::task::spawn_blocking(move || read_page(&shared, &patterns, after, limit))
                 .await
                 .map_err(|e| LogError::Storage(format!("read task failed: {e}")))?

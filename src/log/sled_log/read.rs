@@ -93,7 +93,7 @@ pub(super) fn read_page_costed(
     )))
 }
 
-fn read_once(
+pub(super) fn read_once(
     shared: &Shared,
     patterns: &PatternSet,
     after: EventId,

@@ -797,3 +797,90 @@ async fn a_log_closed_and_reopened_at_once_many_times_keeps_every_event() {
     );
     log.close().await.unwrap();
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn readers_chasing_the_head_get_every_event_once_in_order_while_commits_land() {
+    // Readers close behind the head read in place; far behind, through the blocking pool.
+    // Both, while a writer commits: every matching event once, in order, with its own data.
+    let tmp = tempfile::tempdir().unwrap();
+    let log = open(tmp.path());
+    let topic_of = |id: u64| format!("c/{}", id % 3);
+    const COMMITS: u64 = 600;
+    let total: u64 = (0..COMMITS).map(|i| 1 + i % 7).sum();
+    let writer = {
+        let log = log.clone();
+        tokio::spawn(async move {
+            let mut next = 1u64;
+            for i in 0..COMMITS {
+                let n = 1 + i % 7;
+                let events = (next..next + n)
+                    .map(|id| NewEvent {
+                        topic: Topic::parse(&topic_of(id)).unwrap(),
+                        event_type: None,
+                        msg_id: None,
+                        data: Data::Json(payload(id, 8).into()),
+                    })
+                    .collect();
+                let done = log.append(events).await.expect("append");
+                assert_eq!(done.first.0, next);
+                next += n;
+                if i % 50 == 0 {
+                    tokio::task::yield_now().await;
+                }
+            }
+        })
+    };
+    let mut readers = Vec::new();
+    for (r, (pattern, limit, start_after)) in [
+        ("c/**", 5, 0u64),
+        ("c/1", 3, 0),
+        ("c/**", 1000, 0),
+        ("c/2", 64, 0),
+    ]
+    .into_iter()
+    .enumerate()
+    {
+        let log = log.clone();
+        readers.push(tokio::spawn(async move {
+            // Two readers start late, far behind the head: their first pages go to the pool.
+            if r % 2 == 1 {
+                let until = Instant::now() + Duration::from_secs(60);
+                while log.head().0 < 1000 {
+                    assert!(Instant::now() < until, "the writer stalled");
+                    tokio::time::sleep(Duration::from_millis(1)).await;
+                }
+            }
+            let p = pats(&[pattern]);
+            let mut cursor = EventId(start_after);
+            let mut ids = Vec::new();
+            let deadline = Instant::now() + Duration::from_secs(60);
+            loop {
+                let page = log.read(p.clone(), cursor, limit).await.expect("read");
+                assert!(page.gap.is_none());
+                for e in &page.events {
+                    assert_eq!(e.body.topic.as_str(), topic_of(e.id.0));
+                    assert_eq!(e.body.data, Data::Json(payload(e.id.0, 8).into()));
+                    ids.push(e.id.0);
+                }
+                cursor = page.through;
+                if page.complete && cursor.0 == total {
+                    return (pattern, ids);
+                }
+                assert!(Instant::now() < deadline, "reader {r} stuck at {cursor}");
+                if page.complete {
+                    tokio::task::yield_now().await;
+                }
+            }
+        }));
+    }
+    writer.await.unwrap();
+    for reader in readers {
+        let (pattern, ids) = reader.await.unwrap();
+        let p = pats(&[pattern]);
+        let want: Vec<u64> = (1..=total)
+            .filter(|id| p.matches(&Topic::parse(&topic_of(*id)).unwrap()))
+            .collect();
+        assert_eq!(ids, want, "{pattern}");
+    }
+    log.close().await.unwrap();
+}
