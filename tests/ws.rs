@@ -8,7 +8,7 @@ use std::io::Read as _;
 use std::net::SocketAddr;
 use std::time::{Duration, Instant};
 
-use common::{post, publish_one, BinServer, TestServer, PATIENCE};
+use common::{metric, post, publish_one, BinServer, TestServer, PATIENCE};
 use futures_util::{SinkExt, StreamExt};
 use serde_json::{json, Value};
 use tokio::net::TcpStream;
@@ -719,15 +719,6 @@ async fn a_peer_that_sends_but_never_reads_is_closed_once_writes_stall() {
     sync(&mut deaf, Enc::Json).await;
     let http = reqwest::Client::new();
     let base = server.url("");
-    let metrics = || async {
-        http.get(server.url("/metrics"))
-            .send()
-            .await
-            .unwrap()
-            .text()
-            .await
-            .unwrap()
-    };
     // ~400 KB per request until the kernel buffers fill and writes make no progress for 2 s.
     let pad = "z".repeat(4000);
     let body: Vec<Value> = (0..100)
@@ -749,29 +740,18 @@ async fn a_peer_that_sends_but_never_reads_is_closed_once_writes_stall() {
         deaf.send(Message::Pong(Vec::new().into())).await.ok();
         if r % 10 == 9 {
             tokio::time::sleep(Duration::from_millis(500)).await;
-            if metrics()
-                .await
-                .contains("tidewire_ws_unresponsive_closed_total 1")
-            {
+            if metric(&base, "tidewire_ws_unresponsive_closed_total").await == 1.0 {
                 closed = true;
                 break;
             }
         }
         assert!(Instant::now() < deadline, "no close within 60 s");
     }
-    assert!(
-        closed,
-        "the deaf socket was never closed: {}",
-        metrics().await
-    );
+    assert!(closed, "the deaf socket was never closed");
     // Its task ended: the live WebSocket gauge is back to zero, and the server serves on.
     let until = Instant::now() + PATIENCE;
-    loop {
-        let m = metrics().await;
-        if m.contains("tidewire_live_subscribers{transport=\"ws\"} 0") {
-            break;
-        }
-        assert!(Instant::now() < until, "the socket's task never ended: {m}");
+    while metric(&base, "tidewire_live_subscribers{transport=\"ws\"}").await != 0.0 {
+        assert!(Instant::now() < until, "the socket's task never ended");
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
     let mut fresh = connect(server.addr, "?topic=s/**", None).await;
