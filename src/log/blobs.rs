@@ -2,7 +2,8 @@
 //!
 //! sled 0.34 writes a page too large for its log segments (a leaf holding a few events of
 //! several KiB each) to its own file under `<data dir>/blobs/`, named by its log sequence
-//! number, and `flush()` never fsyncs those files: it syncs the main log only. An event in
+//! number, and `flush()` never fsyncs those files (its main log it only writes back with
+//! sync_file_range, which the writer follows with an fdatasync). An event in
 //! such a page would be acknowledged and then lost on power failure. The writer therefore
 //! calls [`BlobSync::sync`] after every flush and before acknowledging, so "ack = durable"
 //! holds for events of any size.

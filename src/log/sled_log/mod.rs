@@ -266,6 +266,10 @@ impl SledLog {
         let db = open_db(&config, LOCK_WAIT)
             .map_err(|e| LogError::Open(format!("{}: {e}", opts.dir.display())))?;
         let tree = db.open_tree("log").map_err(storage)?;
+        // Synced by every flush, and named durably: the directory is synced once here.
+        let log_file = std::fs::File::open(opts.dir.join("db"))
+            .and_then(|f| std::fs::File::open(&opts.dir)?.sync_all().map(|()| f))
+            .map_err(|e| LogError::Open(format!("{}: sled's log file: {e}", opts.dir.display())))?;
         let durable_mark = mark::read(&opts.dir)?;
         if durable_mark.is_some_and(|m| m > 0)
             && tree.get(record::FORMAT_KEY).map_err(storage)?.is_none()
@@ -363,6 +367,7 @@ impl SledLog {
             next_topic_id,
             chunk: OpenChunk::new(caps),
             blobs: BlobSync::new(opts.dir.clone()),
+            log_file,
             dedupe: Dedupe::new(opts.dedupe, dedupe_count),
             fsync: opts.fsync,
             unpublished: Unpublished::default(),
