@@ -288,6 +288,7 @@ async fn accept_loop(
         let watcher = graceful.watcher();
         let builder = builder.clone();
         let tls = tls.clone();
+        let conn_stop = stop.clone();
         tokio::spawn(async move {
             let serve = async {
                 let ended = match tls {
@@ -368,20 +369,37 @@ async fn accept_loop(
                     tracing::debug!(error = %e, "connection ended with an error");
                 }
             };
+            let expiry = async {
+                tokio::select! {
+                    why = watch.expired() => why,
+                    _ = stopping(conn_stop) => {
+                        watch.shutting_down();
+                        watch.expired().await
+                    }
+                }
+            };
             tokio::select! {
                 _ = serve => {},
                 // Dropping the connection closes it; nothing is in flight on it.
-                why = watch.expired() => {
-                    limits
-                        .connections_timed_out
-                        .get_or_create(&ReasonLabel { reason: why.reason() })
-                        .inc();
+                why = expiry => {
+                    if why.is_timeout() {
+                        limits
+                            .connections_timed_out
+                            .get_or_create(&ReasonLabel { reason: why.reason() })
+                            .inc();
+                    }
                     tracing::debug!(%peer, reason = why.reason(), "closing connection");
                 }
             }
         });
     }
     graceful
+}
+
+/// Resolves once the server is stopping: at once if it already is, or when `stop` becomes
+/// true or its sender is gone.
+async fn stopping(mut stop: watch::Receiver<bool>) {
+    let _ = stop.wait_for(|stopped| *stopped).await;
 }
 
 /// The most bytes of a request head the HTTP/1 parsers read (hyper's, and

@@ -960,3 +960,53 @@ fn the_default_limits_are_the_documented_ones() {
     assert_eq!(c.idle_timeout_secs, 90);
     assert_eq!(c.max_header_bytes, 32 * 1024);
 }
+
+#[tokio::test]
+async fn shutdown_closes_connections_without_a_whole_request_at_once_not_after_their_timeouts() {
+    let tmp = tempfile::tempdir().unwrap();
+    // Timeouts and a grace period far beyond PATIENCE: the stop only finishes in time if
+    // these connections are closed at once.
+    let s = TestServer::start_with(tmp.path(), |c| {
+        c.header_read_timeout_secs = 300;
+        c.idle_timeout_secs = 300;
+        c.shutdown_grace_secs = 300;
+    })
+    .await;
+    let mut conns = Vec::new();
+    for (what, bytes) in [
+        ("silent (a preconnect)", ""),
+        (
+            "half an event stream head",
+            "GET /v1/sse?topic=a HTTP/1.1\r\nHost: x\r\n",
+        ),
+        (
+            "half a publish head",
+            "POST /v1/topics/a/events HTTP/1.1\r\n",
+        ),
+    ] {
+        let mut c = TcpStream::connect(s.addr).await.unwrap();
+        c.write_all(bytes.as_bytes()).await.unwrap();
+        conns.push((what, c));
+    }
+    conns.push((
+        "kept alive after a request",
+        admitted(s.addr).await.expect("admitted"),
+    ));
+    // Every one of them accepted (the metrics request is one more).
+    let base = s.url("");
+    let deadline = Instant::now() + PATIENCE;
+    while metric(&base, "tidewire_connections_open").await < 5.0 {
+        assert!(Instant::now() < deadline, "connections never accepted");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    let started = Instant::now();
+    s.stop().await;
+    let took = started.elapsed();
+    eprintln!("stopped in {took:?} with {} open connections", conns.len());
+    for (what, mut c) in conns {
+        assert!(
+            closed_within(&mut c, Duration::from_secs(5)).await,
+            "{what}: still open after the server stopped"
+        );
+    }
+}

@@ -1032,3 +1032,54 @@ fn pkcs8_pkcs1_rsa_and_sec1_ec_keys_load_and_a_mismatched_pair_does_not() {
             .unwrap_or_else(|e| panic!("{block}: {e}"));
     }
 }
+
+#[tokio::test]
+async fn shutdown_does_not_wait_for_a_tls_handshake_that_never_completes() {
+    let tmp = tempfile::tempdir().expect("tempdir");
+    // Timeouts and a grace period far beyond PATIENCE, which bounds the stop.
+    let server = InProcess::start(tmp.path(), |c| {
+        c.header_read_timeout_secs = 300;
+        c.idle_timeout_secs = 300;
+        c.shutdown_grace_secs = 300;
+    })
+    .await;
+    let mut conns = Vec::new();
+    for bytes in [&b""[..], &[0x16, 0x03, 0x01, 0x02, 0x00, 0x01][..]] {
+        let mut s = TcpStream::connect(server.addr).await.expect("connect");
+        s.write_all(bytes).await.expect("write");
+        conns.push(s);
+    }
+    // Both accepted before the stop (the metrics request is one more connection).
+    let client = https_client(&server.ca_pem, true);
+    let deadline = Instant::now() + PATIENCE;
+    loop {
+        let metrics = client
+            .get(server.url("/metrics"))
+            .send()
+            .await
+            .expect("metrics")
+            .text()
+            .await
+            .expect("metrics body");
+        let open: f64 = metrics
+            .lines()
+            .find_map(|l| l.strip_prefix("tidewire_connections_open "))
+            .map(|v| v.trim().parse().expect("metric value"))
+            .unwrap_or(0.0);
+        if open >= 3.0 {
+            break;
+        }
+        assert!(Instant::now() < deadline, "connections never accepted");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    drop(client);
+    server.stop().await;
+    for mut s in conns {
+        assert!(
+            read_until_closed(&mut s, Duration::from_secs(5))
+                .await
+                .is_some(),
+            "a handshaking connection outlived the server"
+        );
+    }
+}

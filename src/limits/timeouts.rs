@@ -7,6 +7,12 @@
 //! - **idle timeout**: a connection with no request in flight (a keep-alive connection between
 //!   requests, or one that connected and sent nothing) is closed after `idle_timeout_secs`.
 //!
+//! - **shutdown**: once the server stops, an HTTP/1 connection with no request in flight is
+//!   closed at once. hyper's graceful shutdown closes such a connection only if it has not
+//!   read a byte of the next request head; a half-sent head (or a silent connection still
+//!   being sniffed, or a TLS handshake) would otherwise hold the shutdown for up to the
+//!   header timeout. HTTP/2 connections are left to hyper, which sends GOAWAY.
+//!
 //! A request is in flight from the moment its head is parsed until its response body has been
 //! sent or dropped ([`TrackedBody`]), so an SSE stream, a waiting long-poll or a slow download
 //! is never idle, and a WebSocket leaves HTTP (and these timers) at its upgrade. On HTTP/2
@@ -42,6 +48,8 @@ pub enum Expiry {
     HeaderTimeout,
     /// No request was in flight for too long.
     IdleTimeout,
+    /// The server is shutting down and no request is in flight (HTTP/1 only).
+    Shutdown,
 }
 
 impl Expiry {
@@ -50,7 +58,13 @@ impl Expiry {
         match self {
             Expiry::HeaderTimeout => "header_timeout",
             Expiry::IdleTimeout => "idle_timeout",
+            Expiry::Shutdown => "shutdown",
         }
+    }
+
+    /// Whether the connection was closed by one of its timeouts (not by the shutdown).
+    pub fn is_timeout(&self) -> bool {
+        !matches!(self, Expiry::Shutdown)
     }
 }
 
@@ -77,6 +91,8 @@ struct State {
     h2: bool,
     /// The first bytes read, until four are known (to recognise the HTTP/2 preface).
     prefix: Vec<u8>,
+    /// The server is shutting down.
+    stopping: bool,
 }
 
 impl ConnWatch {
@@ -92,6 +108,7 @@ impl ConnWatch {
                     head_started: None,
                     h2: false,
                     prefix: Vec::with_capacity(H2_PREFIX.len()),
+                    stopping: false,
                 }),
                 changed: Notify::new(),
             }),
@@ -157,12 +174,22 @@ impl ConnWatch {
         RequestGuard(self.clone())
     }
 
+    /// Records that the server is shutting down: from now on [`ConnWatch::expired`] resolves
+    /// with [`Expiry::Shutdown`] as soon as an HTTP/1 connection has no request in flight.
+    pub fn shutting_down(&self) {
+        self.lock().stopping = true;
+        self.shared.changed.notify_one();
+    }
+
     /// Resolves when the connection should be closed, and says why; never while a request is
-    /// in flight, never when both timeouts are disabled.
+    /// in flight, never when both timeouts are disabled and the server is not shutting down.
     pub async fn expired(&self) -> Expiry {
         loop {
             let deadline = {
                 let st = self.lock();
+                if st.stopping && st.in_flight == 0 && !st.h2 {
+                    return Expiry::Shutdown;
+                }
                 if st.in_flight > 0 {
                     None
                 } else if let (Some(t), Some(limit)) = (st.head_started, self.shared.header_timeout)
@@ -393,6 +420,26 @@ mod tests {
         let started = Instant::now();
         assert_eq!(w.expired().await, Expiry::IdleTimeout);
         assert!(started.elapsed() >= SHORT * 10);
+    }
+
+    #[tokio::test]
+    async fn at_shutdown_an_http1_connection_expires_once_no_request_is_in_flight() {
+        // Timeouts disabled, and a half-read head: only the shutdown can close it.
+        let w = ConnWatch::new(None, None);
+        w.on_read(b"POST /v1/top");
+        let guard = w.request_started(Version::HTTP_11);
+        w.shutting_down();
+        let waited = tokio::time::timeout(SHORT * 4, w.expired()).await;
+        assert!(waited.is_err(), "closed with a request in flight");
+        drop(guard);
+        let closed = tokio::time::timeout(SHORT * 4, w.expired()).await;
+        assert_eq!(closed.ok(), Some(Expiry::Shutdown));
+        assert!(!Expiry::Shutdown.is_timeout());
+        // HTTP/2 connections are left to hyper's GOAWAY.
+        let w = ConnWatch::new(None, None);
+        let _ = w.request_started(Version::HTTP_2);
+        w.shutting_down();
+        assert!(tokio::time::timeout(SHORT * 4, w.expired()).await.is_err());
     }
 
     #[tokio::test]

@@ -288,7 +288,11 @@ impl BinServer {
             .arg("--data-dir")
             .arg(data_dir)
             .args(extra)
-            .env("RUST_LOG", "warn")
+            // `TIDEWIRE_TEST_LOG=debug` shows the child's debug log when chasing a failure.
+            .env(
+                "RUST_LOG",
+                std::env::var("TIDEWIRE_TEST_LOG").unwrap_or_else(|_| "warn".into()),
+            )
             .envs(env.iter().copied())
             .stdin(Stdio::null())
             .stdout(Stdio::null())
