@@ -14,7 +14,7 @@ use std::process::{Child, Command, Stdio};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use common::{next_event, BinServer, PATIENCE};
+use common::{metric_via, next_event, BinServer, PATIENCE};
 use eventsource_stream::{Event as SseEvent, Eventsource};
 use futures_util::{SinkExt, Stream, StreamExt};
 use rcgen::{
@@ -733,21 +733,12 @@ async fn a_client_that_never_completes_the_handshake_is_closed_after_the_header_
             "{what}: closed after {elapsed:?}, before the header timeout"
         );
     }
-    let metrics = https_client(&server.ca_pem, true)
-        .get(server.url("/metrics"))
-        .send()
-        .await
-        .expect("metrics")
-        .text()
-        .await
-        .expect("metrics body");
-    let timed_out: f64 = metrics
-        .lines()
-        .find_map(|l| {
-            l.strip_prefix(r#"tidewire_connections_timed_out_total{reason="header_timeout"} "#)
-        })
-        .map(|v| v.trim().parse().expect("metric value"))
-        .unwrap_or(0.0);
+    let timed_out = metric_via(
+        &https_client(&server.ca_pem, true),
+        &server.url(""),
+        r#"tidewire_connections_timed_out_total{reason="header_timeout"}"#,
+    )
+    .await;
     assert!(timed_out >= 2.0, "header_timeout count {timed_out}");
     server.stop().await;
 }
@@ -1052,23 +1043,7 @@ async fn shutdown_does_not_wait_for_a_tls_handshake_that_never_completes() {
     // Both accepted before the stop (the metrics request is one more connection).
     let client = https_client(&server.ca_pem, true);
     let deadline = Instant::now() + PATIENCE;
-    loop {
-        let metrics = client
-            .get(server.url("/metrics"))
-            .send()
-            .await
-            .expect("metrics")
-            .text()
-            .await
-            .expect("metrics body");
-        let open: f64 = metrics
-            .lines()
-            .find_map(|l| l.strip_prefix("tidewire_connections_open "))
-            .map(|v| v.trim().parse().expect("metric value"))
-            .unwrap_or(0.0);
-        if open >= 3.0 {
-            break;
-        }
+    while metric_via(&client, &server.url(""), "tidewire_connections_open").await < 3.0 {
         assert!(Instant::now() < deadline, "connections never accepted");
         tokio::time::sleep(Duration::from_millis(20)).await;
     }

@@ -342,7 +342,12 @@ pub async fn wait_ready_unless(addr: SocketAddr, mut exited: impl FnMut() -> Opt
 /// The value of one series in `/metrics` (Prometheus text), given exactly as it is printed:
 /// `tidewire_events_stored_total` or `tidewire_live_subscribers{transport="sse"}`. 0 when absent.
 pub async fn metric(base: &str, series: &str) -> f64 {
-    let text = reqwest::Client::new()
+    metric_via(&reqwest::Client::new(), base, series).await
+}
+
+/// [`metric`] through `client` (e.g. one that trusts a test CA, for `https://` bases).
+pub async fn metric_via(client: &reqwest::Client, base: &str, series: &str) -> f64 {
+    let text = client
         .get(format!("{base}/metrics"))
         .timeout(PATIENCE)
         .send()
