@@ -371,12 +371,10 @@ async fn accept_loop(
             };
             let expiry = async {
                 tokio::select! {
-                    why = watch.expired() => why,
-                    _ = stopping(conn_stop) => {
-                        watch.shutting_down();
-                        watch.expired().await
-                    }
+                    why = watch.expired() => return why,
+                    _ = stopping(conn_stop) => watch.shutting_down(),
                 }
+                watch.expired().await
             };
             tokio::select! {
                 _ = serve => {},
