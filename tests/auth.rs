@@ -1142,7 +1142,8 @@ impl LoggedServer {
                 .expect("wait")
                 .map(|st| format!("exited with {st}"))
         })
-        .await;
+        .await
+        .unwrap_or_else(|why| panic!("{why}"));
         s
     }
 

@@ -666,7 +666,8 @@ async fn serve(addr: SocketAddr, args: &[&str], env: &[(&str, &str)]) -> Proc {
     common::wait_ready_unless(addr, || {
         p.try_status().map(|st| format!("{st}: {}", p.stderr()))
     })
-    .await;
+    .await
+    .unwrap_or_else(|why| panic!("{why}"));
     p
 }
 

@@ -9,7 +9,7 @@ use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::time::{Duration, Instant};
 
-use common::{free_addr, BinServer, PATIENCE};
+use common::{BinServer, PATIENCE};
 use serde_json::{json, Value};
 
 /// A tmpfs mounted for the test, unmounted when dropped.
@@ -98,8 +98,7 @@ async fn a_full_disk_refuses_publishes_with_storage_full_keeps_reads_and_recover
         eprintln!("cannot mount a tmpfs (not root?): testing the disk budget path instead");
         return budget_path(tmp.path(), &client).await;
     };
-    let server = BinServer::spawn_on_with_env(
-        free_addr(),
+    let server = BinServer::spawn_with_env(
         &fs.0.join("data"),
         &[],
         &[("TIDEWIRE_STORAGE_MIN_FREE_BYTES", "4194304")],
@@ -141,8 +140,7 @@ async fn a_full_disk_refuses_publishes_with_storage_full_keeps_reads_and_recover
 
 /// Without root: the data dir's disk budget gives the same answers.
 async fn budget_path(dir: &Path, client: &reqwest::Client) {
-    let server = BinServer::spawn_on_with_env(
-        free_addr(),
+    let server = BinServer::spawn_with_env(
         &dir.join("data"),
         &[],
         &[("TIDEWIRE_STORAGE_MAX_DISK_BYTES", "8388608")],

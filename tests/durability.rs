@@ -164,7 +164,9 @@ async fn under_fsync_always_every_ack_follows_an_fsync_of_the_log_file_after_its
         let _ = strace.kill();
         return;
     }
-    ready.expect("server ready under strace");
+    if let Err(why) = ready.expect("server ready under strace in time") {
+        panic!("{why}");
+    }
     // The traced server is strace's only child; its log file is every open fd naming data/db
     // (fsyncing any of them syncs the file).
     let children =

@@ -916,8 +916,7 @@ async fn the_binary_takes_limits_from_its_environment_and_config_file() {
     let cfg = tmp.path().join("tidewire.toml");
     std::fs::write(&cfg, "publish_rate_per_sec = 0.05\npublish_burst = 1\n").unwrap();
     let cfg_arg = cfg.to_string_lossy().into_owned();
-    let server = BinServer::spawn_on_with_env(
-        common::free_addr(),
+    let server = BinServer::spawn_with_env(
         &tmp.path().join("data"),
         &["--config", &cfg_arg],
         &[("TIDEWIRE_MAX_CONNECTIONS_PER_IP", "2")],

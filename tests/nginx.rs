@@ -71,7 +71,8 @@ impl Nginx {
                 .expect("wait")
                 .map(|st| format!("nginx exited with {st}"))
         })
-        .await;
+        .await
+        .unwrap_or_else(|why| panic!("{why}"));
         nginx
     }
 

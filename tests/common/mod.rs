@@ -92,8 +92,25 @@ pub struct BinServer {
 impl BinServer {
     /// Starts `tidewire serve --listen 127.0.0.1:PORT --data-dir DIR` and waits for readiness.
     pub async fn spawn(data_dir: &Path, extra: &[&str]) -> BinServer {
-        // The tiny window before the child binds the free port is fine on loopback in a test.
-        Self::spawn_on(free_addr(), data_dir, extra).await
+        Self::spawn_with_env(data_dir, extra, &[]).await
+    }
+
+    /// Like [`BinServer::spawn`], with extra environment variables for the child. The port is
+    /// free when chosen, yet anything on the machine may bind it before the child does; then
+    /// the child reports the address in use and is started again on another port.
+    pub async fn spawn_with_env(
+        data_dir: &Path,
+        extra: &[&str],
+        env: &[(&str, &str)],
+    ) -> BinServer {
+        for _ in 0..3 {
+            match Self::try_spawn_on(free_addr(), data_dir, extra, env).await {
+                Ok(server) => return server,
+                Err(why) if why.contains("Address already in use") => continue,
+                Err(why) => panic!("{why}"),
+            }
+        }
+        panic!("three free ports in a row were taken before tidewire could bind them");
     }
 
     pub fn url(&self, path: &str) -> String {
@@ -139,7 +156,9 @@ impl Drop for BinServer {
 
 /// Polls `GET /readyz` until it answers 200.
 pub async fn wait_ready(addr: SocketAddr) {
-    wait_ready_unless(addr, || None).await
+    wait_ready_unless(addr, || None)
+        .await
+        .unwrap_or_else(|why| panic!("{why}"))
 }
 
 /// POSTs `body` with `content_type` to `url`; returns the status and the JSON body.
@@ -258,8 +277,33 @@ pub async fn read_ids(
 
 // ---- Restart-in-place helpers (used by tests/browser.rs and tests/cli.rs). ----
 
-/// A loopback address whose port the kernel just handed out (free at the time of asking).
+/// A loopback address that was free at the time of asking, for a child server to bind.
+///
+/// The port comes from below the kernel's ephemeral range, never from `bind(:0)`: an
+/// ephemeral port is also what every outgoing connection of the tests running in parallel
+/// gets, so one could take it in the moment before the child binds it (CI saw "Address
+/// already in use" that way), or while a killed server is restarted on the same address.
+/// Each call in this process gets a different port; the start depends on the process id so
+/// test binaries running side by side rarely meet.
 pub fn free_addr() -> SocketAddr {
+    use std::sync::atomic::{AtomicU32, Ordering};
+    static NEXT: AtomicU32 = AtomicU32::new(0);
+    let ephemeral_lo = std::fs::read_to_string("/proc/sys/net/ipv4/ip_local_port_range")
+        .ok()
+        .and_then(|s| s.split_whitespace().next()?.parse::<u32>().ok())
+        .unwrap_or(32768);
+    // Clear of the well-known ports and of common development servers below 10000.
+    let (lo, hi) = (10_000u32, ephemeral_lo.max(10_001));
+    let span = hi - lo;
+    let start = std::process::id().wrapping_mul(2_654_435_761) % span;
+    for _ in 0..span.min(2_000) {
+        let n = NEXT.fetch_add(1, Ordering::Relaxed);
+        let port = lo + (start + n) % span;
+        let addr = SocketAddr::from(([127, 0, 0, 1], port as u16));
+        if std::net::TcpListener::bind(addr).is_ok() {
+            return addr;
+        }
+    }
     std::net::TcpListener::bind("127.0.0.1:0")
         .and_then(|l| l.local_addr())
         .expect("free port")
@@ -274,14 +318,27 @@ impl BinServer {
 
     /// Like [`BinServer::spawn_on`], with extra environment variables for the child (e.g.
     /// `TIDEWIRE_SSE_RETRY_MS`, which has no flag). Fails at once if the child exits before
-    /// it is ready (e.g. the port could not be bound again).
+    /// it is ready (e.g. the port could not be bound again), with the child's last words.
     pub async fn spawn_on_with_env(
         addr: SocketAddr,
         data_dir: &Path,
         extra: &[&str],
         env: &[(&str, &str)],
     ) -> BinServer {
-        let child = Command::new(env!("CARGO_BIN_EXE_tidewire"))
+        match Self::try_spawn_on(addr, data_dir, extra, env).await {
+            Ok(server) => server,
+            Err(why) => panic!("{why}"),
+        }
+    }
+
+    /// Starts the child on `addr` and waits until it is ready; `Err` says why it exited first.
+    async fn try_spawn_on(
+        addr: SocketAddr,
+        data_dir: &Path,
+        extra: &[&str],
+        env: &[(&str, &str)],
+    ) -> Result<BinServer, String> {
+        let mut child = Command::new(env!("CARGO_BIN_EXE_tidewire"))
             .arg("serve")
             .arg("--listen")
             .arg(addr.to_string())
@@ -296,30 +353,82 @@ impl BinServer {
             .envs(env.iter().copied())
             .stdin(Stdio::null())
             .stdout(Stdio::null())
-            .stderr(Stdio::inherit())
+            .stderr(Stdio::piped())
             .spawn()
             .expect("spawn tidewire");
+        let stderr = relay_stderr(child.stderr.take().expect("piped stderr"));
         let mut server = BinServer { addr, child };
         wait_ready_unless(addr, || {
-            server
-                .child
-                .try_wait()
-                .expect("wait")
-                .map(|st| format!("exited with {st}"))
+            let st = server.child.try_wait().expect("wait")?;
+            Some(format!("exited with {st}"))
         })
-        .await;
-        server
+        .await
+        .map(|()| server)
+        .map_err(|why| {
+            // The relay ends at the child's exit; give it a moment to pass on the last line.
+            let deadline = Instant::now() + Duration::from_secs(2);
+            while !stderr.done() && Instant::now() < deadline {
+                std::thread::sleep(Duration::from_millis(10));
+            }
+            format!("{why}; its stderr ended with:\n{}", stderr.tail())
+        })
     }
 }
 
-/// Polls `GET /readyz` on `addr` until it answers 200; fails at once when `exited` reports
+/// The last lines a child wrote to stderr, kept while they are also passed on to the test's
+/// own output (so `cargo test` shows them with the failing test, not mixed into every run).
+pub struct StderrTail {
+    lines: std::sync::Arc<std::sync::Mutex<std::collections::VecDeque<String>>>,
+    done: std::sync::Arc<std::sync::atomic::AtomicBool>,
+}
+
+impl StderrTail {
+    fn tail(&self) -> String {
+        let lines = self.lines.lock().unwrap_or_else(|p| p.into_inner());
+        lines.iter().cloned().collect::<Vec<_>>().join("\n")
+    }
+
+    fn done(&self) -> bool {
+        self.done.load(std::sync::atomic::Ordering::Acquire)
+    }
+}
+
+fn relay_stderr(pipe: std::process::ChildStderr) -> StderrTail {
+    use std::io::BufRead;
+    let tail = StderrTail {
+        lines: Default::default(),
+        done: Default::default(),
+    };
+    let (lines, done) = (tail.lines.clone(), tail.done.clone());
+    // A thread spawned here inherits the test's output capture, so eprintln! lands with it.
+    std::thread::spawn(move || {
+        for line in std::io::BufReader::new(pipe).lines() {
+            let Ok(line) = line else { break };
+            eprintln!("{line}");
+            let mut kept = lines.lock().unwrap_or_else(|p| p.into_inner());
+            if kept.len() == 20 {
+                kept.pop_front();
+            }
+            kept.push_back(line);
+        }
+        done.store(true, std::sync::atomic::Ordering::Release);
+    });
+    tail
+}
+
+/// Polls `GET /readyz` on `addr` until it answers 200; `Err` at once when `exited` reports
 /// that the process meant to serve there has stopped (with why).
-pub async fn wait_ready_unless(addr: SocketAddr, mut exited: impl FnMut() -> Option<String>) {
+pub async fn wait_ready_unless(
+    addr: SocketAddr,
+    mut exited: impl FnMut() -> Option<String>,
+) -> Result<(), String> {
     let client = reqwest::Client::new();
     let deadline = Instant::now() + PATIENCE;
     loop {
         if let Some(why) = exited() {
-            panic!("tidewire on {addr} stopped before it was ready: {why}");
+            return Err(format!(
+                "tidewire on {addr} stopped before it was ready: {why}"
+            ));
         }
         if let Ok(r) = client
             .get(format!("http://{addr}/readyz"))
@@ -328,7 +437,7 @@ pub async fn wait_ready_unless(addr: SocketAddr, mut exited: impl FnMut() -> Opt
             .await
         {
             if r.status() == 200 {
-                return;
+                return Ok(());
             }
         }
         assert!(
