@@ -29,9 +29,16 @@ fi
 "${build[@]}"
 
 triple="$(rustc -vV | sed -n 's/^host: //p')"
-bin_dir="target/$triple/release"
+# cargo-fuzz builds into CARGO_TARGET_DIR when it is set (relative to fuzz/, like cargo).
+bin_dir="${CARGO_TARGET_DIR:-target}/$triple/release"
 targets=()
 while IFS= read -r t; do targets+=("$t"); done < <(cargo fuzz list)
+for t in "${targets[@]}"; do
+  if [ ! -x "$bin_dir/$t" ]; then
+    echo "fuzz/run.sh: the build left no $bin_dir/$t" >&2
+    exit 1
+  fi
+done
 
 work="$(mktemp -d "${TMPDIR:-/tmp}/tidewire-fuzz.XXXXXX")"
 trap 'rm -rf "$work"' EXIT
