@@ -359,15 +359,31 @@ pub fn compact_json(text: &str) -> Result<Box<str>, DecodeError> {
 }
 
 /// Whether JSON text may hold what the raw parse lets through and a `serde_json::Value`
-/// cannot: a `\u` escape, a number with an exponent or of 300 digits or more (beyond f64
-/// only then), or more than [`MAX_DATA_DEPTH`] opening brackets (perhaps nested deeper than
-/// serde_json reads; the raw parse has no depth limit). Cheap, and errs towards a full parse.
+/// cannot: a `\u` escape in a string, a number with an exponent or of 300 digits or more
+/// (beyond f64 only then), or arrays and objects nested deeper than [`MAX_DATA_DEPTH`]
+/// (perhaps deeper than serde_json reads; the raw parse has no depth limit). Cheap, and errs
+/// towards a full parse. `text` must be valid JSON (a `RawValue`'s text): only then is what
+/// lies inside strings told apart from numbers and brackets, so that an id like
+/// `"3e5f"` or a bracket in a string costs no full parse.
 fn may_not_fit_a_value(text: &str) -> bool {
     let mut digits = 0usize;
-    let mut opens = 0usize;
+    let mut depth = 0usize;
     let mut prev = 0u8;
-    for &b in text.as_bytes() {
+    let mut bytes = text.as_bytes().iter();
+    while let Some(&b) = bytes.next() {
         match b {
+            b'"' => {
+                // A string, to its closing quote: only a `\u` escape matters inside.
+                loop {
+                    match bytes.next() {
+                        Some(b'"') | None => break,
+                        // The guard takes the escaped byte, so `\"` ends no string.
+                        Some(b'\\') if bytes.next() == Some(&b'u') => return true,
+                        _ => {}
+                    }
+                }
+                digits = 0;
+            }
             b'0'..=b'9' => {
                 digits += 1;
                 if digits >= 300 {
@@ -375,14 +391,17 @@ fn may_not_fit_a_value(text: &str) -> bool {
                 }
             }
             b'[' | b'{' => {
-                opens += 1;
-                if opens > MAX_DATA_DEPTH {
+                depth += 1;
+                if depth > MAX_DATA_DEPTH {
                     return true;
                 }
                 digits = 0;
             }
+            b']' | b'}' => {
+                depth = depth.saturating_sub(1);
+                digits = 0;
+            }
             b'e' | b'E' if prev.is_ascii_digit() => return true,
-            b'u' if prev == b'\\' => return true,
             _ => digits = 0,
         }
         prev = b;
@@ -589,6 +608,96 @@ fn decode_msgpack(body: &[u8]) -> Result<Vec<RawEnvelope>, DecodeError> {
         ));
     }
     Ok(envs)
+}
+
+#[cfg(test)]
+mod scan_tests {
+    //! The cheap scan behind [`compact_json`] may say "parse fully" too often, never too
+    //! rarely: whatever it lets through must be a value `serde_json::Value` holds.
+    use super::*;
+    use proptest::prelude::*;
+
+    /// JSON text built from the pieces the scan looks at: numbers with long digit runs and
+    /// exponents, strings holding digits, `e`, brackets, quotes and `\u` escapes (lone
+    /// surrogates too), and nesting around the depth limit.
+    fn json_text() -> impl Strategy<Value = String> {
+        let number = "-?[0-9]{1,4}(\\.[0-9]{1,3})?([eE][+-]?[0-9]{1,3})?|[1-9][0-9]{290,310}";
+        let string = prop::collection::vec(
+            prop_oneof![
+                "[a-z0-9eE\\[\\]{}, .:-]{0,6}",
+                Just("\\\"".to_string()),
+                Just("\\\\".to_string()),
+                Just("\\n".to_string()),
+                "\\\\u[dD][89aAbB][0-9a-fA-F]{2}",
+                "\\\\u00[0-7][0-9a-fA-F]",
+            ],
+            0..4,
+        )
+        .prop_map(|parts| format!("\"{}\"", parts.concat()));
+        let leaf = prop_oneof![
+            number.prop_map(|n| n.to_string()),
+            string,
+            Just("true".to_string()),
+            Just("null".to_string()),
+        ];
+        let tree = leaf.prop_recursive(4, 24, 4, |inner| {
+            prop_oneof![
+                prop::collection::vec(inner.clone(), 0..4)
+                    .prop_map(|v| format!("[{}]", v.join(","))),
+                prop::collection::vec(("[a-z3e]{1,3}", inner), 0..4).prop_map(|kv| {
+                    let kv: Vec<_> = kv
+                        .into_iter()
+                        .map(|(k, v)| format!("\"{k}\":{v}"))
+                        .collect();
+                    format!("{{{}}}", kv.join(","))
+                }),
+            ]
+        });
+        // Wrapped in 0 to 130 arrays: around the depth limit of 126.
+        (tree, 0usize..131)
+            .prop_map(|(t, wrap)| format!("{}{t}{}", "[".repeat(wrap), "]".repeat(wrap)))
+    }
+
+    proptest! {
+        #[test]
+        fn what_the_scan_lets_through_parses_fully_within_the_depth_limit(text in json_text()) {
+            // Only valid JSON reaches the scan (it is a RawValue's text).
+            prop_assume!(serde_json::from_str::<&serde_json::value::RawValue>(&text).is_ok());
+            if !may_not_fit_a_value(&text) {
+                let v: serde_json::Value = serde_json::from_str(&text)
+                    .map_err(|e| TestCaseError::fail(format!("{e}: {text}")))?;
+                prop_assert!(check_data_depth(&v).is_ok(), "{}", text);
+            }
+        }
+    }
+
+    #[test]
+    fn strings_that_look_like_numbers_or_brackets_need_no_full_parse() {
+        for text in [
+            r#"{"trace":"3e5f00a9e1","pad":"[[{{"}"#,
+            r#"["1e400","\n",{"a":"]]]"}]"#,
+            r#"{"q":"say \"9e9\""}"#,
+        ] {
+            assert!(!may_not_fit_a_value(text), "{text}");
+        }
+        for text in [r#"{"a":1e3}"#, r#"["\ud800"]"#, r#"{"a":"x\u0041"}"#] {
+            assert!(may_not_fit_a_value(text), "{text}");
+        }
+        let deep = format!(
+            "{}{}",
+            "[".repeat(MAX_DATA_DEPTH + 1),
+            "]".repeat(MAX_DATA_DEPTH + 1)
+        );
+        assert!(may_not_fit_a_value(&deep));
+        let at_limit = format!(
+            "{}{}",
+            "[".repeat(MAX_DATA_DEPTH),
+            "]".repeat(MAX_DATA_DEPTH)
+        );
+        assert!(!may_not_fit_a_value(&at_limit));
+        // Many containers side by side are no deeper than one.
+        assert!(!may_not_fit_a_value(&format!("[{}[]]", "[],".repeat(500))));
+    }
 }
 
 #[cfg(test)]
