@@ -356,7 +356,7 @@ impl BinServer {
             .stderr(Stdio::piped())
             .spawn()
             .expect("spawn tidewire");
-        let stderr = relay_stderr(child.stderr.take().expect("piped stderr"));
+        let stderr_tail = relay_stderr(child.stderr.take().expect("piped stderr"));
         let mut server = BinServer { addr, child };
         wait_ready_unless(addr, || {
             let st = server.child.try_wait().expect("wait")?;
@@ -365,55 +365,36 @@ impl BinServer {
         .await
         .map(|()| server)
         .map_err(|why| {
-            // The relay ends at the child's exit; give it a moment to pass on the last line.
-            let deadline = Instant::now() + Duration::from_secs(2);
-            while !stderr.done() && Instant::now() < deadline {
-                std::thread::sleep(Duration::from_millis(10));
-            }
-            format!("{why}; its stderr ended with:\n{}", stderr.tail())
+            // The relay hands over the tail when the child's stderr closes, at its exit.
+            let tail = stderr_tail
+                .recv_timeout(Duration::from_secs(2))
+                .unwrap_or_default();
+            format!("{why}; its stderr ended with:\n{tail}")
         })
     }
 }
 
-/// The last lines a child wrote to stderr, kept while they are also passed on to the test's
-/// own output (so `cargo test` shows them with the failing test, not mixed into every run).
-pub struct StderrTail {
-    lines: std::sync::Arc<std::sync::Mutex<std::collections::VecDeque<String>>>,
-    done: std::sync::Arc<std::sync::atomic::AtomicBool>,
-}
-
-impl StderrTail {
-    fn tail(&self) -> String {
-        let lines = self.lines.lock().unwrap_or_else(|p| p.into_inner());
-        lines.iter().cloned().collect::<Vec<_>>().join("\n")
-    }
-
-    fn done(&self) -> bool {
-        self.done.load(std::sync::atomic::Ordering::Acquire)
-    }
-}
-
-fn relay_stderr(pipe: std::process::ChildStderr) -> StderrTail {
+/// Passes a child's stderr on to the test's own output line by line (so `cargo test` shows
+/// it with the failing test, not mixed into every run), and sends its last 20 lines on the
+/// returned channel once the pipe closes.
+fn relay_stderr(pipe: std::process::ChildStderr) -> std::sync::mpsc::Receiver<String> {
     use std::io::BufRead;
-    let tail = StderrTail {
-        lines: Default::default(),
-        done: Default::default(),
-    };
-    let (lines, done) = (tail.lines.clone(), tail.done.clone());
+    let (tx, rx) = std::sync::mpsc::channel();
     // A thread spawned here inherits the test's output capture, so eprintln! lands with it.
     std::thread::spawn(move || {
+        let mut kept = std::collections::VecDeque::new();
         for line in std::io::BufReader::new(pipe).lines() {
             let Ok(line) = line else { break };
             eprintln!("{line}");
-            let mut kept = lines.lock().unwrap_or_else(|p| p.into_inner());
             if kept.len() == 20 {
                 kept.pop_front();
             }
             kept.push_back(line);
         }
-        done.store(true, std::sync::atomic::Ordering::Release);
+        // Nobody listens when the child was ready: the tail is only for a failed start.
+        let _ = tx.send(Vec::from(kept).join("\n"));
     });
-    tail
+    rx
 }
 
 /// Polls `GET /readyz` on `addr` until it answers 200; `Err` at once when `exited` reports
