@@ -164,11 +164,12 @@ fn hub_fanout(c: &mut Criterion) {
         new_event("sensors/room-0/temp", Data::Json("1".into()), None),
     )]
     .into();
+    let one_topic = [one[0].topic().clone()];
     g.throughput(Throughput::Elements(1));
     for n in [10, 1_000, 10_000] {
         let (hub, regs) = hub_with(n);
         g.bench_with_input(BenchmarkId::new("one_event", n), &n, |b, _| {
-            b.iter(|| hub.publish(one.clone()))
+            b.iter(|| hub.publish(one.clone(), &one_topic))
         });
         drop(regs);
     }
@@ -186,11 +187,12 @@ fn hub_fanout(c: &mut Criterion) {
         })
         .collect::<Vec<_>>()
         .into();
+    let batch_topics: Vec<Topic> = batch.iter().map(|e| e.topic().clone()).collect();
     g.throughput(Throughput::Elements(100));
     let n = 10_000;
     let (hub, regs) = hub_with(n);
     g.bench_with_input(BenchmarkId::new("batch_100", n), &n, |b, _| {
-        b.iter(|| hub.publish(batch.clone()))
+        b.iter(|| hub.publish(batch.clone(), &batch_topics))
     });
     drop(regs);
     g.finish();

@@ -104,9 +104,13 @@ impl Hub {
 
     /// Hands a committed batch to every live subscriber and wakes those it concerns. Never
     /// waits on subscribers. Must be called in id order, with durable events only (the log's
-    /// writer does).
-    pub fn publish(&self, batch: CommittedBatch) {
-        let topics: HashSet<&Topic> = batch.iter().map(|e| e.topic()).collect();
+    /// writer does). `topics` names every topic of the batch, each once: who is woken goes
+    /// by it (the writer knows the set already, so the hub never walks a batch's events).
+    pub fn publish(&self, batch: CommittedBatch, topics: &[Topic]) {
+        debug_assert!(
+            batch.iter().all(|e| topics.contains(e.topic())),
+            "a batch's topics are all named"
+        );
         // Into the ring first, then wake: a woken subscriber finds the batch there.
         let _ = self.inner.tx.send(batch.clone());
         let Ok(interests) = self.inner.interests.lock() else {
@@ -120,8 +124,8 @@ impl Hub {
                 }
             }
         };
-        for t in &topics {
-            if let Some(w) = interests.literal.get(*t) {
+        for t in topics {
+            if let Some(w) = interests.literal.get(t) {
                 wake(w);
             }
         }
@@ -180,6 +184,18 @@ mod tests {
         PatternSet::new(ps.iter().map(|p| Pattern::parse(p).unwrap()).collect()).unwrap()
     }
 
+    /// Publishes one event on each of `topics`, ids from `first`.
+    fn publish(hub: &Hub, first: u64, topics: &[&str]) {
+        let mut named: Vec<Topic> = Vec::new();
+        for t in topics {
+            let t = Topic::parse(t).unwrap();
+            if !named.contains(&t) {
+                named.push(t);
+            }
+        }
+        hub.publish(batch(first, topics), &named);
+    }
+
     fn batch(first: u64, topics: &[&str]) -> CommittedBatch {
         topics
             .iter()
@@ -213,7 +229,7 @@ mod tests {
         let star = hub.subscribe(&pats(&["sensors/*"]));
         let deep = hub.subscribe(&pats(&["sensors/**"]));
         let other = hub.subscribe(&pats(&["alarms/**", "sensors/b"]));
-        hub.publish(batch(1, &["sensors/a", "sensors/a/deeper"]));
+        publish(&hub, 1, &["sensors/a", "sensors/a/deeper"]);
         assert!(was_woken(&exact).await);
         assert!(was_woken(&star).await);
         assert!(was_woken(&deep).await);
@@ -224,7 +240,7 @@ mod tests {
         // Everyone still received the batch in the ring, woken or not.
         let mut other = other;
         assert_eq!(other.live.try_recv().unwrap().len(), 2);
-        hub.publish(batch(3, &["alarms/x/y"]));
+        publish(&hub, 3, &["alarms/x/y"]);
         assert!(was_woken(&other).await);
         assert!(!was_woken(&exact).await);
     }
@@ -233,7 +249,7 @@ mod tests {
     async fn a_wake_up_published_before_the_wait_is_not_lost() {
         let hub = Hub::new(8);
         let r = hub.subscribe(&pats(&["t"]));
-        hub.publish(batch(1, &["t"]));
+        publish(&hub, 1, &["t"]);
         assert!(was_woken(&r).await);
         assert!(!was_woken(&r).await, "one batch, one wake-up");
     }

@@ -585,6 +585,12 @@ impl Writer {
     /// Makes durable state visible: registry first, then the head, then the hub, so a reader
     /// never sees an id the registry does not yet cover.
     pub(super) fn publish(&self, delta: HashMap<Topic, TopicRecord>, committed: Vec<SharedEvent>) {
+        // Every committed event was counted in its topic's record: the delta names them all.
+        let topics: Vec<Topic> = if committed.is_empty() {
+            Vec::new()
+        } else {
+            delta.keys().cloned().collect()
+        };
         if let Ok(mut reg) = self.shared.registry.write() {
             for (t, r) in delta {
                 reg.insert(t, r);
@@ -594,7 +600,7 @@ impl Writer {
             self.shared.head.store(last.id.0, Ordering::Release);
         }
         if !committed.is_empty() {
-            self.hub.publish(committed.into());
+            self.hub.publish(committed.into(), &topics);
         }
     }
 
