@@ -18,6 +18,9 @@
 #   resume: replay 100,000 events of one topic over SSE from the start: events/s
 #   start-up to /readyz with 10,000,000 events stored (tidewire only; the log is built once per
 #     invocation with batch publishes): the first start and the median of later starts
+#   what durability costs: publish and WebSocket fan-out again on a tidewire started with
+#     `--fsync never` (acknowledged and delivered before any fsync, like Nchan's memory), in a
+#     table of their own; the targets are judged on the default, `--fsync always`, only
 #
 # How the 2 cores are shared: nothing is pinned. One server runs at a time (the other is stopped)
 # and it and the load tool share all cores as the kernel schedules them; Nchan runs 2 worker
@@ -152,6 +155,10 @@ on() {
     start
     measure "$metric" tidewire "$mode" --addr "$addr" --pid "$pid" "$@"
     stop
+  elif [ "$server" = tidewire-fsync-never ]; then
+    start --fsync never
+    measure "$metric" "$server" "$mode" --addr "$addr" --pid "$pid" "$@"
+    stop
   else
     start_nchan
     measure "$metric" nchan "$mode" --target nchan --addr "$nchan_addr" --pid "$workers" "$@"
@@ -202,6 +209,7 @@ for run in $(seq "$runs"); do
   if [ $((run % 2)) = 1 ]; then order="tidewire nchan"; else order="nchan tidewire"; fi
   echo "## run $run of $runs ($order)" >&2
   both publish publish --connections 64 --size 256 --duration "$secs"
+  on tidewire-fsync-never publish publish --connections 64 --size 256 --duration "$secs"
   on tidewire batch publish --connections 4 --size 256 --batch 1000 --format ndjson --gzip --duration "$secs"
   both sse100 fanout --transport sse --subscribers "$subs" --rate 100 --duration "$secs"
   both sse1000 fanout --transport sse --subscribers "$subs" --rate 1000 --duration "$secs" --grace 5s
@@ -213,6 +221,7 @@ for run in $(seq "$runs"); do
       on nchan ws-json fanout --transport ws --subscribers "$socks" --rate 1000 --duration "$secs"
     fi
   done
+  on tidewire-fsync-never ws-json fanout --transport ws --encoding json --subscribers "$socks" --rate 1000 --duration "$secs"
   both poll fanout --transport poll --subscribers "$pollers" --rate 1000 --duration "$secs"
   both idle-sse idle --transport sse --subscribers "$idle" --hold 5s
   both idle-ws idle --transport ws --subscribers "$idle" --hold 5s
@@ -341,6 +350,15 @@ for metric in ["publish", "batch", "sse100", "sse1000", "ws-json", "ws-msgpack",
     t, n = med(metric, "tidewire", "tool_cpu_pct"), med(metric, "nchan", "tool_cpu_pct")
     ts, ns = med(metric, "tidewire", "server_cpu_pct"), med(metric, "nchan", "server_cpu_pct")
     print(f"  {metric:<11} load tool {fmt(t):>6} / {fmt(n):>6}    server {fmt(ts):>6} / {fmt(ns):>6}")
+never = "tidewire-fsync-never"
+if reports("publish", never) or reports("ws-json", never):
+    print("\nWhat durability costs: tidewire with --fsync never (acks and deliveries before any fsync,")
+    print("as Nchan's memory-only messages; not the default, and not what the targets are judged on):")
+    for label, metric, key in [("publish: req/s", "publish", "req_per_s"), ("publish: p99 ms", "publish", "p99_ms"),
+                               ("WS JSON: p50 ms", "ws-json", "p50_ms"), ("WS JSON: p99 ms", "ws-json", "p99_ms")]:
+        a, t, n = med(metric, never, key), med(metric, "tidewire", key), med(metric, "nchan", key)
+        r = f"{a / n:.2f}x" if a is not None and n else "-"
+        print(f"  {label:<15} fsync never {fmt(a):>8}   always {fmt(t):>8}   Nchan {fmt(n):>8}   never/Nchan {r}")
 failed = [f"{l['metric']}/{l['server']}/run {l['run']}" for l in lines if l["report"] is None]
 if failed:
     print("\nfailed measurements: " + ", ".join(failed))
