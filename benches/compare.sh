@@ -17,7 +17,8 @@
 #     the sum over its worker processes, found as children of the nginx master)
 #   resume: replay 100,000 events of one topic over SSE from the start: events/s
 #   start-up to /readyz with 10,000,000 events stored (tidewire only; the log is built once per
-#     invocation with batch publishes): the first start and the median of later starts
+#     invocation with batch publishes): three starts per run, the first of each run shown
+#     apart (it follows minutes of other loads, so it may find a cold cache or a busy disk)
 #   what durability costs: publish and WebSocket fan-out again on a tidewire started with
 #     `--fsync never` (acknowledged and delivered before any fsync, like Nchan's memory), in a
 #     table of their own; the targets are judged on the default, `--fsync always`, only
@@ -188,11 +189,13 @@ else
   echo "## start-up log built in $(( ($(date +%s%N) - t0) / 1000000 )) ms: $(cat "$results/startup-build.json")" >&2
   kill -TERM "$pid"; wait "$pid" || true; pid=""
 fi
-# Process start to the first 200 from /readyz, in ms, on the start-up log.
+# Process start to the first 200 from /readyz, in ms, on the start-up log; then, after a
+# space, how much of it the log's open took (from the server's "tidewire ready" line).
 time_start() {
-  local t0 t1
+  local t0 t1 log
+  log=$(mktemp "$tmp/tidewire-start.XXXXXX")
   t0=$(date +%s%N)
-  RUST_LOG=warn "$bin/tidewire" serve --listen "$addr" --data-dir "$startup_dir/data" &
+  RUST_LOG=info "$bin/tidewire" serve --listen "$addr" --data-dir "$startup_dir/data" 2>"$log" &
   pid=$!
   for _ in $(seq 6000); do
     curl -fs "http://$addr/readyz" >/dev/null 2>&1 && break
@@ -200,7 +203,8 @@ time_start() {
   done
   t1=$(date +%s%N)
   kill -TERM "$pid"; wait "$pid" || true; pid=""
-  echo $(( (t1 - t0) / 1000000 ))
+  echo "$(( (t1 - t0) / 1000000 )) $(sed -n 's/.*tidewire ready.* open_ms=\([0-9]*\).*/\1/p' "$log" | head -1)"
+  rm -f "$log"
 }
 
 for run in $(seq "$runs"); do
@@ -227,11 +231,14 @@ for run in $(seq "$runs"); do
   both idle-ws idle --transport ws --subscribers "$idle" --hold 5s
   both resume resume --transport sse --events "$replay"
   if [ "$startup" = 1 ]; then
-    starts=()
-    for _ in 1 2 3; do starts+=("$(time_start)"); done
-    echo "## run $run, start-up with $startup_events events: ${starts[*]} ms" >&2
-    printf '{"metric":"startup","server":"tidewire","run":%d,"report":{"events":%d,"starts_ms":[%s]}}\n' \
-      "$run" "$startup_events" "$(IFS=,; echo "${starts[*]}")" >> "$raw"
+    starts=(); opens=()
+    for _ in 1 2 3; do
+      read -r ms open_ms < <(time_start)
+      starts+=("$ms"); opens+=("${open_ms:-null}")
+    done
+    echo "## run $run, start-up with $startup_events events: ${starts[*]} ms (log open: ${opens[*]} ms)" >&2
+    printf '{"metric":"startup","server":"tidewire","run":%d,"report":{"events":%d,"starts_ms":[%s],"open_ms":[%s]}}\n' \
+      "$run" "$startup_events" "$(IFS=,; echo "${starts[*]}")" "$(IFS=,; echo "${opens[*]}")" >> "$raw"
   fi
 done
 
@@ -327,13 +334,16 @@ row("resume" + at + " of 1 topic over SSE: events/s", "resume", "events_per_s", 
 
 starts = reports("startup", "tidewire")
 if starts:
-    first = starts[0]["starts_ms"][0]
-    later = [ms for i, r in enumerate(starts) for j, ms in enumerate(r["starts_ms"]) if (i, j) != (0, 0)]
+    # Each run's first start follows minutes of other loads (its pages may have left the cache,
+    # the disk may be busy): every one is shown, and the target is judged on the slowest.
+    firsts = [r["starts_ms"][0] for r in starts]
+    later = [ms for r in starts for ms in r["starts_ms"][1:]]
     n_ev = starts[0]["events"]
-    rows.append((f"start-up to /readyz, {n_ev:,} events: first, ms", f"{first:,}", "n/a", "-", "< 1 s", "yes" if first < 1000 else "no"))
+    shown = " / ".join(f"{ms:,}" for ms in firsts)
+    rows.append((f"start-up to /readyz, {n_ev:,} events: first of each run, ms", shown, "n/a", "-", "< 1 s", "yes" if max(firsts) < 1000 else "no"))
     if later:
         m = statistics.median(later)
-        rows.append((f"start-up to /readyz, {n_ev:,} events: median of later, ms", fmt(m), "n/a", "-", "< 1 s", "yes" if m < 1000 else "no"))
+        rows.append((f"start-up to /readyz, {n_ev:,} events: median of later, ms", fmt(m), "n/a", "-", "< 1 s", "yes" if max(later) < 1000 else "no"))
 
 runs = sorted({l["run"] for l in lines})
 print(f"\ntidewire vs nginx + Nchan: medians of {len(runs)} run(s); ratio = tidewire / Nchan")

@@ -143,6 +143,7 @@ pub async fn run_with_keys(
             max_disk_bytes: config.storage_max_disk_bytes,
         },
     };
+    let opening = std::time::Instant::now();
     let opened = tokio::task::spawn_blocking(move || SledLog::open(&opts, hub, metrics))
         .await
         .map_err(|e| LogError::Open(format!("log open task failed: {e}")))?;
@@ -160,6 +161,7 @@ pub async fn run_with_keys(
         events = log.event_count(),
         topics = log.topic_count(),
         next_id = log.head().0 + 1,
+        open_ms = opening.elapsed().as_millis() as u64,
         auth = if state.authenticator().is_some() { "jwt" } else { "open" },
         tls = tls_on,
         "tidewire ready"
