@@ -66,7 +66,7 @@ fn reading(i: usize) -> serde_json::Value {
         "seq": i,
         "t": 15.0 + (h % 1500) as f64 / 100.0,
         "humidity": 30.0 + (h2 % 4000) as f64 / 100.0,
-        "ok": h % 7 != 0,
+        "ok": !h.is_multiple_of(7),
         "trace": format!("{h:016x}{h2:016x}"),
         "tags": ["north", "floor-3", "calibrated"],
         "note": "steady reading from the hall sensor",

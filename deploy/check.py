@@ -8,6 +8,16 @@ Called by deploy/check.sh (with the virtualenv's Python, which has PyYAML):
                                    unit would (addresses and paths moved to a temp dir and a
                                    loopback port), checks it is ready, that authorization is on,
                                    and that SIGTERM drains and exits 0 in time
+    check.py nats NATS_SERVER      `nats-server -t` on every NATS config (deploy/nats/nats.conf
+                                   for each compose node, the k8s ConfigMap's for each pod), then
+                                   each config as a 3-node cluster on loopback: it forms, elects
+                                   a JetStream meta leader, fsyncs always, and stops in time
+    check.py run-jetstream BINARY NATS_SERVER
+                                   the JetStream mode: the compose gateways and the k8s
+                                   Deployment's gateways (two each) over a loopback cluster of
+                                   their NATS config: ready, 401 without a token, a publish on
+                                   one gateway read back from the other, an R3 file stream,
+                                   SIGTERM exits 0 in time
 
 Prints one line per check; exits 1 if any failed.
 """
@@ -388,17 +398,21 @@ def consistency():
     check("@system-service" in u.get("SystemCallFilter", []), "SystemCallFilter=@system-service")
     check(bool(u.get("RestrictAddressFamilies")), "RestrictAddressFamilies set")
 
+    consistency_jetstream(f)
+
     print("# TIDEWIRE_* variables")
     texts = {
         "Dockerfile": (DEPLOY / "Dockerfile").read_text(),
         "docker-compose.yml": (DEPLOY / "docker-compose.yml").read_text(),
+        "docker-compose.jetstream.yml": COMPOSE_JS.read_text(),
         "systemd/tidewire.service": (DEPLOY / "systemd" / "tidewire.service").read_text(),
     }
     texts.update({f"k8s/{p.name}": p.read_text() for p in (DEPLOY / "k8s").glob("*.yaml")})
+    texts.update({f"k8s/jetstream/{p.name}": p.read_text() for p in K8S_JS.glob("*.yaml")})
     for name, text in sorted(texts.items()):
         code = "\n".join(l for l in text.splitlines() if not l.lstrip().startswith("#"))
         names = set(re.findall(r"\bTIDEWIRE_([A-Z0-9_]+)", code))
-        bad = sorted(n for n in names if n.lower() not in f.keys and n not in ("CONFIG",))
+        bad = sorted(n for n in names if n.lower() not in f.keys | NATS_KEYS and n not in ("CONFIG",))
         check(not bad, f"{name}: every TIDEWIRE_<KEY> names a config key ({bad or sorted(names) or 'none used'})")
 
 
@@ -523,11 +537,723 @@ def run(binary):
         serve("systemd", binary, exe, env, tmp, grace_default)
 
 
+# ---------------------------------------------------------------- the JetStream mode (facts)
+
+COMPOSE_JS = DEPLOY / "docker-compose.jetstream.yml"
+NATS_CONF = DEPLOY / "nats" / "nats.conf"
+NGINX_JS = DEPLOY / "compose" / "nginx.jetstream.conf"
+K8S_JS = DEPLOY / "k8s" / "jetstream"
+# The config keys of the JetStream log backend (`--log nats`), fixed by the server's interface.
+# deploy/tidewire.toml (the sample every other key is checked against) may not list them yet;
+# a key in neither set is still refused.
+NATS_KEYS = {"log", "nats_urls", "nats_stream", "nats_replicas", "nats_creds_file", "nats_nkey_file",
+             "nats_user", "nats_password", "nats_tls_ca"}
+# JetStream atomic batch publish, which the gateways use, needs nats-server 2.12 or newer.
+MIN_NATS = (2, 12)
+
+
+def nats_conf(text):
+    """A NATS server config, the subset deploy/ writes, as nested dicts and lists of strings:
+    `key: value` (also `key = value`, `key value`), blocks `key { … }`, arrays `key: [ … ]` (one
+    item a line, or comma-separated), `#` and `//` comments. Values stay text ($VARS included)."""
+    root, stack, arr = {}, [], None
+    cur = root
+
+    def items(s):
+        return [i.strip().strip('"') for i in s.split(",") if i.strip()]
+
+    for n, raw in enumerate(text.splitlines(), 1):
+        line = re.sub(r"(^|\s)(#|//).*$", "", raw).strip()
+        if not line:
+            continue
+        if arr is not None:
+            arr += items(line.rstrip("]"))
+            if line.endswith("]"):
+                arr = None
+            continue
+        if line == "}":
+            if not stack:
+                raise ValueError(f"line {n}: unmatched }}")
+            cur = stack.pop()
+            continue
+        m = re.match(r"^([A-Za-z_][A-Za-z0-9_]*)\s*(?:[:=]\s*|\s+)(.+)$", line)
+        if not m:
+            raise ValueError(f"line {n}: cannot read {raw.strip()!r}")
+        key, val = m.group(1), m.group(2).strip()
+        if val == "{":
+            stack.append(cur)
+            cur[key] = {}
+            cur = cur[key]
+        elif val.startswith("["):
+            cur[key] = items(val[1:].rstrip("]"))
+            if not val.endswith("]"):
+                arr = cur[key]
+        else:
+            cur[key] = val.strip('"')
+    if stack or arr is not None:
+        raise ValueError("a block or array is not closed")
+    return root
+
+
+def nbytes(v):
+    """A size: NATS's 8G / 256M (powers of 1000, as nats-server reads them) or Kubernetes' 10Gi."""
+    m = re.fullmatch(r"(\d+)\s*([KMGT]i?)?B?", str(v))
+    if not m:
+        raise ValueError(f"not a size: {v!r}")
+    unit = m.group(2) or ""
+    base = 1024 if unit.endswith("i") else 1000
+    return int(m.group(1)) * base ** ("KMGT".index(unit[0]) + 1 if unit else 0)
+
+
+def selects(selector, labels):
+    return bool(selector) and all(labels.get(k) == v for k, v in selector.items())
+
+
+def image_version(image):
+    """(2, 15, 1) of nats:2.15.1-alpine."""
+    m = re.match(r"^[^:]+:(\d+)\.(\d+)(?:\.(\d+))?", image)
+    return tuple(int(x) for x in m.groups() if x is not None) if m else ()
+
+
+def pinned_nats_version():
+    """The nats-server version deploy/check.sh installs (nats_version=…)."""
+    m = re.search(r"^nats_version=([0-9.]+)$", (DEPLOY / "check.sh").read_text(), re.M)
+    return m.group(1) if m else None
+
+
+class JetStream:
+    """The JetStream-mode files: compose, the NATS configs, the k8s/jetstream manifests."""
+
+    def __init__(self):
+        self.compose = yaml.safe_load(COMPOSE_JS.read_text())
+        svcs = self.compose["services"]
+        self.gateways = {n: s for n, s in svcs.items() if s.get("build")}
+        self.nats = {n: s for n, s in svcs.items() if str(s.get("image", "")).startswith("nats:")}
+        self.nginx = svcs.get("nginx", {})
+        self.conf_text = NATS_CONF.read_text()
+        self.conf = nats_conf(self.conf_text)
+        self.k8s = []
+        for p in sorted(K8S_JS.glob("*.yaml")):
+            self.k8s += [(p.name, d) for d in yaml.safe_load_all(p.read_text()) if d]
+        self.deploy = self.one("Deployment")
+        self.sts = self.one("StatefulSet")
+        gw_pod = self.deploy["spec"]["template"]["spec"]
+        self.gw_container = gw_pod["containers"][0]
+        self.gw_vols = {v["name"]: v for v in gw_pod["volumes"]}
+        self.gw_mounts = {m["mountPath"]: m for m in self.gw_container["volumeMounts"]}
+        args = self.gw_container["args"]
+        cfg_dir, self.gw_cfg_name = flag(args, "--config").rsplit("/", 1)
+        cm_name = self.gw_vols[self.gw_mounts[cfg_dir]["name"]]["configMap"]["name"]
+        self.gw_cm = self.named("ConfigMap", cm_name)
+        self.gw_toml_text = self.gw_cm["data"][self.gw_cfg_name]
+        self.gw_toml = tomllib.loads(self.gw_toml_text)
+        nats_pod = self.sts["spec"]["template"]["spec"]
+        self.nats_container = nats_pod["containers"][0]
+        self.nats_vols = {v["name"]: v for v in nats_pod["volumes"]}
+        self.nats_mounts = {m["mountPath"]: m for m in self.nats_container["volumeMounts"]}
+        ncfg = flag(self.nats_container["args"], "--config")
+        ndir, self.nats_cfg_name = ncfg.rsplit("/", 1)
+        ncm = self.nats_vols[self.nats_mounts[ndir]["name"]]["configMap"]["name"]
+        self.nats_cm = self.named("ConfigMap", ncm)
+        self.k8s_conf_text = self.nats_cm["data"][self.nats_cfg_name]
+        self.k8s_conf = nats_conf(self.k8s_conf_text)
+        self.headless = self.named("Service", self.sts["spec"]["serviceName"])
+
+    def kind(self, kind):
+        return [d for _, d in self.k8s if d.get("kind") == kind]
+
+    def one(self, kind):
+        docs = self.kind(kind)
+        if len(docs) != 1:
+            raise SystemExit(f"deploy/k8s/jetstream/ should hold one {kind}, not {len(docs)}")
+        return docs[0]
+
+    def named(self, kind, name):
+        docs = [d for d in self.kind(kind) if d["metadata"]["name"] == name]
+        if len(docs) != 1:
+            raise SystemExit(f"deploy/k8s/jetstream/ has no {kind} {name}")
+        return docs[0]
+
+    def pod_names(self):
+        name, n = self.sts["metadata"]["name"], self.sts["spec"]["replicas"]
+        return [f"{name}-{i}" for i in range(n)]
+
+    def nats_configs(self):
+        """Each NATS config as its nodes run it: label, text, the nodes' names and environments,
+        how a node is stopped, and the host:port each node's clients use (for relocation)."""
+        out = []
+        nodes = []
+        for name, svc in self.nats.items():
+            env = {k: str(v) for k, v in (svc.get("environment") or {}).items()}
+            nodes.append((name, env, f"{name}:{self.conf['port']}"))
+        svc0 = next(iter(self.nats.values()))
+        out.append({"label": "compose deploy/nats/nats.conf", "tag": "compose", "text": self.conf_text,
+                    "conf": self.conf, "nodes": nodes, "prestop": None,
+                    "signal": svc0.get("stop_signal", "SIGTERM"), "timeout": seconds(svc0["stop_grace_period"])})
+        nodes = []
+        headless = self.headless["metadata"]["name"]
+        for pod in self.pod_names():
+            env = {}
+            for e in self.nats_container.get("env", []):
+                if "value" in e:
+                    env[e["name"]] = e["value"]
+                elif e.get("valueFrom", {}).get("fieldRef", {}).get("fieldPath") == "metadata.name":
+                    env[e["name"]] = pod
+            nodes.append((pod, env, f"{pod}.{headless}:{self.k8s_conf['port']}"))
+        pre = self.nats_container.get("lifecycle", {}).get("preStop", {}).get("exec", {}).get("command")
+        pod = self.sts["spec"]["template"]["spec"]
+        out.append({"label": f"k8s/jetstream/{self.file_of(self.nats_cm)} nats.conf", "tag": "k8s",
+                    "text": self.k8s_conf_text, "conf": self.k8s_conf, "nodes": nodes, "prestop": pre,
+                    "signal": "SIGTERM", "timeout": float(pod["terminationGracePeriodSeconds"])})
+        return out
+
+    def file_of(self, doc):
+        return next(n for n, d in self.k8s if d is doc)
+
+
+# ---------------------------------------------------------------- the JetStream mode (consistency)
+
+
+def check_nats_conf(label, conf, route_hosts, stop_secs, stop_what):
+    """The settings every NATS config here must have."""
+    js, cl = conf.get("jetstream", {}), conf.get("cluster", {})
+    check(js.get("sync_interval") == "always",
+          f"{label}: jetstream sync_interval always (an ack is on disk, not only in the page cache)")
+    check(bool(js.get("store_dir")), f"{label}: jetstream store_dir {js.get('store_dir')}")
+    check(conf.get("server_name") == "$SERVER_NAME", f"{label}: server_name from $SERVER_NAME (one per node)")
+    check(bool(cl.get("name")) and cl.get("port", "").isdigit(), f"{label}: cluster {cl.get('name')} on port {cl.get('port')}")
+    want = sorted(f"nats://{h}:{cl.get('port')}" for h in route_hosts)
+    check(sorted(cl.get("routes", [])) == want, f"{label}: the routes are the {len(want)} nodes: {want}")
+    check(conf.get("port", "").isdigit() and conf.get("http_port", "").isdigit(),
+          f"{label}: client port {conf.get('port')}, monitoring port {conf.get('http_port')}")
+    ld = seconds(conf.get("lame_duck_grace_period", "10s")) + seconds(conf.get("lame_duck_duration", "2m"))
+    check(ld < stop_secs, f"{label}: lame duck (grace + duration, {ld:g}s) ends before {stop_what} ({stop_secs:g}s)")
+
+
+def consistency_jetstream(f):
+    js = JetStream()
+    port, data_dir = f.port, f.data_dir
+    grace = f.sample["shutdown_grace_secs"]
+    pinned = pinned_nats_version()
+
+    print("# docker-compose.jetstream.yml")
+    single = f.compose["services"]["tidewire"]
+    nats_names = list(js.nats)
+    check(len(nats_names) == 3, f"three NATS services: {nats_names}")
+    images = {s["image"] for s in js.nats.values()}
+    image = next(iter(images))
+    check(len(images) == 1 and image_version(image) >= MIN_NATS,
+          f"every NATS node runs one image, nats-server >= {'.'.join(map(str, MIN_NATS))}: {sorted(images)}")
+    check(pinned is not None and image_version(image) == tuple(int(x) for x in pinned.split(".")),
+          f"the NATS image is the nats-server check.sh tests the configs with ({image} vs {pinned})")
+    conf_port, http_port = js.conf.get("port"), js.conf.get("http_port")
+    store = js.conf.get("jetstream", {}).get("store_dir")
+    server_names = []
+    for name, s in js.nats.items():
+        cfg = flag(s.get("command", []), "--config")
+        mounts = {v.split(":")[1]: v for v in s.get("volumes", [])}
+        src = mounts.get(cfg, "").split(":")[0]
+        check(cfg is not None and (DEPLOY / src).resolve() == NATS_CONF and mounts[cfg].endswith(":ro"),
+              f"{name}: --config {cfg} is deploy/nats/nats.conf, read-only")
+        vol = mounts.get(store, "").split(":")[0]
+        check(vol in (js.compose.get("volumes") or {}), f"{name}: the store_dir {store} is the named volume {vol!r}")
+        server_names.append((s.get("environment") or {}).get("SERVER_NAME"))
+        hc = " ".join(s.get("healthcheck", {}).get("test", []))
+        check(f"http://127.0.0.1:{http_port}/healthz" in hc, f"{name}: healthcheck GET /healthz on the monitoring port {http_port}")
+        check(not s.get("ports"), f"{name}: publishes no host port")
+        check(s.get("read_only") is True and s.get("cap_drop") == ["ALL"]
+              and "no-new-privileges:true" in s.get("security_opt", []),
+              f"{name}: read-only root filesystem, all capabilities dropped, no-new-privileges")
+        check(s.get("stop_signal") == "SIGUSR2", f"{name}: stop_signal SIGUSR2 (nats-server's lame-duck mode)")
+    check(server_names == nats_names, f"each node's SERVER_NAME is its service name: {server_names}")
+    stop = seconds(next(iter(js.nats.values()))["stop_grace_period"])
+    check_nats_conf("deploy/nats/nats.conf", js.conf, nats_names, stop, "stop_grace_period")
+
+    gws = list(js.gateways)
+    check(len(gws) >= 2, f"at least two gateways: {gws}")
+    first = js.gateways[gws[0]]
+    check(all(js.gateways[g] == first for g in gws), "the gateways are defined identically (one anchor)")
+    check(first["build"] == f.compose["services"]["tidewire"]["build"] and first.get("image") == single.get("image"),
+          f"the gateways are built from deploy/Dockerfile like docker-compose.yml's tidewire ({first.get('image')})")
+    cmd = first.get("command", [])
+    check(cmd[:1] == ["serve"], "the gateways run `serve` (the image's ENTRYPOINT is the binary)")
+    listen = flag(cmd, "--listen") or ""
+    check(listen == f"0.0.0.0:{port}", f"--listen {listen} is the image's port {port} on every interface")
+    check(flag(cmd, "--data-dir") == data_dir, f"--data-dir {flag(cmd, '--data-dir')} is the image's VOLUME")
+    check(flag(cmd, "--log") == "nats", "--log nats")
+    urls = (flag(cmd, "--nats-url") or "").split(",")
+    want = sorted(f"nats://{n}:{conf_port}" for n in nats_names)
+    check(sorted(urls) == want, f"--nats-url lists every NATS node's client port: {urls}")
+    stream, replicas = flag(cmd, "--nats-stream"), flag(cmd, "--nats-replicas")
+    check(bool(stream), f"--nats-stream {stream}")
+    check(replicas is not None and int(replicas) == 3 == len(nats_names),
+          f"--nats-replicas {replicas}: R3 over the three nodes (losing one loses nothing)")
+    check(first.get("environment") == single.get("environment") and first.get("secrets") == single.get("secrets")
+          and js.compose.get("secrets") == f.compose.get("secrets"),
+          "the JWT secret and environment are docker-compose.yml's (compose secret tidewire-jwt)")
+    hc = " ".join(first.get("healthcheck", {}).get("test", []))
+    check(f"http://127.0.0.1:{port}/readyz" in hc, "the gateways' healthcheck is GET /readyz (connected, caught up)")
+    dep = first.get("depends_on", {})
+    check(sorted(dep) == sorted(nats_names) and all(d.get("condition") == "service_healthy" for d in dep.values()),
+          "the gateways wait for every NATS node's healthcheck")
+    gstop = seconds(first.get("stop_grace_period", 10))
+    check(first.get("stop_signal", "SIGTERM") == "SIGTERM" and gstop >= grace + FLUSH_MARGIN,
+          f"the gateways stop on SIGTERM with stop_grace_period {gstop:g}s >= shutdown_grace_secs {grace} + {FLUSH_MARGIN}s")
+    check(first.get("read_only") is True and first.get("cap_drop") == ["ALL"]
+          and "no-new-privileges:true" in first.get("security_opt", []),
+          "gateways: read-only root filesystem, all capabilities dropped, no-new-privileges")
+    nofile = first.get("ulimits", {}).get("nofile", {})
+    check(min(nofile.get("soft", 0), nofile.get("hard", 0)) >= MIN_NOFILE, f"gateways: ulimits nofile >= {MIN_NOFILE}")
+
+    ngx = js.nginx
+    ndep = ngx.get("depends_on", {})
+    check(sorted(ndep) == sorted(gws) and all(d.get("condition") == "service_healthy" for d in ndep.values()),
+          "nginx depends_on every gateway: condition service_healthy")
+    check(ngx.get("image") == f.compose["services"]["nginx"]["image"] and ngx.get("ports") == f.compose["services"]["nginx"]["ports"],
+          f"nginx: docker-compose.yml's image and port ({ngx.get('image')}, {ngx.get('ports')})")
+    site = None
+    for v in ngx.get("volumes", []):
+        src, dst = v.split(":")[:2]
+        if dst.startswith("/etc/nginx/conf.d/"):
+            site = (DEPLOY / src).resolve()
+    check(site == NGINX_JS, f"nginx mounts deploy/compose/nginx.jetstream.conf as its site ({site})")
+
+    print("# compose/nginx.jetstream.conf")
+    text = NGINX_JS.read_text()
+    ups = re.findall(r"^\s*server\s+(\S+?);", text, re.M)
+    check(sorted(ups) == sorted(f"{g}:{port}" for g in gws), f"the upstream is every gateway: {ups}")
+    listen = re.search(r"^\s*listen\s+(\d+);", text, re.M)
+    published = [str(p).split(":")[-1] for p in ngx.get("ports", [])]
+    check(listen is not None and listen.group(1) in published, f"nginx listens on the port it publishes ({published})")
+    host = (DEPLOY / "nginx.conf").read_text()
+    derived = host.replace("    server 127.0.0.1:7700;\n", "".join(f"    server {u};\n" for u in ups)).replace(
+        "listen 127.0.0.1:8080;", "listen 80;")
+    a, b = site_lines(derived), site_lines(text)
+    diff = [f"{x!r} != {y!r}" for x, y in zip(a, b) if x != y] + (["line counts differ"] if len(a) != len(b) else [])
+    check(not diff, "deploy/compose/nginx.jetstream.conf is deploy/nginx.conf but for its addresses (listen, upstream)"
+          + ("" if not diff else ": " + "; ".join(diff[:3])))
+
+    print("# k8s/jetstream/")
+    sts_single = f.kind("StatefulSet")[0]
+    s_pod = sts_single["spec"]["template"]["spec"]
+    s_c = s_pod["containers"][0]
+    d = js.deploy
+    pod = d["spec"]["template"]["spec"]
+    c = js.gw_container
+    labels = d["spec"]["template"]["metadata"]["labels"]
+    check(d["spec"].get("replicas", 1) >= 2, f"Deployment {d['metadata']['name']}: {d['spec'].get('replicas')} replicas (stateless)")
+    check(selects(d["spec"]["selector"]["matchLabels"], labels), "the Deployment's selector matches its pods")
+    args = c["args"]
+    check(args[0] == "serve" and flag(args, "--listen") == flag(s_c["args"], "--listen")
+          and flag(args, "--data-dir") == flag(s_c["args"], "--data-dir") == data_dir,
+          f"args: serve --listen {flag(args, '--listen')} --data-dir {flag(args, '--data-dir')}, as statefulset.yaml's")
+    dv = js.gw_vols.get(js.gw_mounts.get(flag(args, "--data-dir"), {}).get("name"), {})
+    check("emptyDir" in dv, f"--data-dir is an emptyDir ({sorted(dv)})")
+    check(c["image"] == s_c["image"], f"the image is statefulset.yaml's ({c['image']})")
+    ports = {p["name"]: p["containerPort"] for p in c["ports"]}
+    check(list(ports.values()) == [port], f"containerPort {list(ports.values())} = the image's EXPOSE {port}")
+    for k in ("readinessProbe", "livenessProbe", "resources", "securityContext"):
+        check(c.get(k) == s_c.get(k), f"container {k} is statefulset.yaml's")
+    for k in ("securityContext", "terminationGracePeriodSeconds", "enableServiceLinks", "automountServiceAccountToken"):
+        check(pod.get(k) == s_pod.get(k), f"pod {k} is statefulset.yaml's ({pod.get(k) if not isinstance(pod.get(k), dict) else '…'})")
+    conf = js.gw_toml
+    unknown = sorted(set(conf) - (f.keys | NATS_KEYS))
+    check(not unknown, f"every key of the gateway ConfigMap is a config key ({unknown or 'yes'})")
+    check("listen" not in conf and "data_dir" not in conf, "the gateway ConfigMap leaves listen and data_dir to the flags")
+    check(conf.get("log") == "nats", f"log = {conf.get('log')!r}")
+    check(conf.get("nats_stream") == stream, f"nats_stream {conf.get('nats_stream')!r} = compose's --nats-stream {stream!r}")
+    nrep = js.sts["spec"]["replicas"]
+    check(replicas is not None and conf.get("nats_replicas") == int(replicas) == nrep,
+          f"nats_replicas {conf.get('nats_replicas')} = compose's --nats-replicas {replicas} = the NATS StatefulSet's replicas {nrep}")
+    headless = js.headless["metadata"]["name"]
+    want = sorted(f"nats://{p}.{headless}:{js.k8s_conf.get('port')}" for p in js.pod_names())
+    check(sorted(conf.get("nats_urls", [])) == want, f"nats_urls are every NATS pod's client port: {want}")
+    jwt = conf.get("jwt_secret_file", "")
+    jdir, jname = jwt.rsplit("/", 1) if "/" in jwt else ("", "")
+    secret = f.kind("Secret")[0]
+    sv = js.gw_vols.get(js.gw_mounts.get(jdir, {}).get("name"), {}).get("secret", {})
+    keys = set(secret.get("stringData", {})) | set(secret.get("data", {}))
+    check(sv.get("secretName") == secret["metadata"]["name"] and jname in keys,
+          f"jwt_secret_file {jwt} is key {jname!r} of deploy/k8s/secret.yaml's Secret {secret['metadata']['name']}")
+    g = conf.get("shutdown_grace_secs", grace)
+    check(pod["terminationGracePeriodSeconds"] >= g + FLUSH_MARGIN,
+          f"terminationGracePeriodSeconds {pod['terminationGracePeriodSeconds']} >= shutdown_grace_secs {g} + {FLUSH_MARGIN}s")
+
+    svc_gw = [s for s in js.kind("Service") if selects(s["spec"].get("selector"), labels)]
+    check(len(svc_gw) == 1, f"one Service selects the gateways: {[s['metadata']['name'] for s in svc_gw]}")
+    for s in svc_gw:
+        check(all(ports.get(p["targetPort"], p["targetPort"]) == port for p in s["spec"]["ports"]),
+              f"Service {s['metadata']['name']} targets {port}")
+    single_labels = sts_single["spec"]["template"]["metadata"]["labels"]
+    nats_labels = js.sts["spec"]["template"]["metadata"]["labels"]
+    check(not any(selects(s["spec"].get("selector"), labels) or selects(s["spec"].get("selector"), nats_labels)
+                  for s in f.kind("Service"))
+          and not any(selects(s["spec"].get("selector"), single_labels) for s in js.kind("Service")),
+          "deploy/k8s/ and deploy/k8s/jetstream/ Services never select each other's pods")
+
+    sts = js.sts
+    spod = sts["spec"]["template"]["spec"]
+    nc = js.nats_container
+    check(nrep == 3, f"NATS StatefulSet {sts['metadata']['name']}: 3 replicas")
+    check(selects(sts["spec"]["selector"]["matchLabels"], nats_labels), "the NATS selector matches its pods")
+    check(js.headless["spec"].get("clusterIP") == "None" and js.headless["spec"].get("publishNotReadyAddresses") is True
+          and selects(js.headless["spec"]["selector"], nats_labels),
+          f"serviceName {headless} is a headless Service of the NATS pods, publishing not-ready pods (routes resolve early)")
+    check(sts["spec"].get("podManagementPolicy") == "Parallel", "podManagementPolicy Parallel (a quorum must form)")
+    check(nc["image"] == image, f"the NATS image is compose's ({nc['image']})")
+    check_nats_conf(f"k8s/jetstream/{js.file_of(js.nats_cm)}", js.k8s_conf,
+                    [f"{p}.{headless}" for p in js.pod_names()],
+                    float(spod["terminationGracePeriodSeconds"]), "terminationGracePeriodSeconds")
+    strip = lambda cf: {**cf, "pid_file": None, "cluster": {**cf.get("cluster", {}), "routes": None}}
+    check(strip(js.k8s_conf) == strip(js.conf), "the k8s nats.conf is deploy/nats/nats.conf but for its routes and pid_file")
+    env = {e["name"]: e for e in nc.get("env", [])}
+    check(env.get("SERVER_NAME", {}).get("valueFrom", {}).get("fieldRef", {}).get("fieldPath") == "metadata.name",
+          "SERVER_NAME is the pod's name")
+    nports = {p["name"]: p["containerPort"] for p in nc["ports"]}
+    kc = js.k8s_conf
+    check(nports == {"client": int(kc["port"]), "cluster": int(kc["cluster"]["port"]), "monitor": int(kc["http_port"])},
+          f"containerPorts {nports} are nats.conf's ports")
+    for p in js.headless["spec"]["ports"]:
+        check(nports.get(p["targetPort"], p["targetPort"]) == p["port"], f"Service {headless} port {p['name']} -> {p['port']}")
+    claims = {t["metadata"]["name"]: t for t in sts["spec"]["volumeClaimTemplates"]}
+    kstore = kc["jetstream"]["store_dir"]
+    claim = claims.get(js.nats_mounts.get(kstore, {}).get("name"))
+    check(claim is not None, f"store_dir {kstore} is on a volumeClaimTemplate ({sorted(claims)})")
+    if claim:
+        size = nbytes(claim["spec"]["resources"]["requests"]["storage"])
+        mfs = nbytes(kc["jetstream"].get("max_file_store", "0"))
+        check(0 < mfs < size, f"max_file_store {kc['jetstream'].get('max_file_store')} is below the PVC's "
+              f"{claim['spec']['resources']['requests']['storage']}")
+    pid = kc.get("pid_file", "")
+    pv = js.nats_vols.get(js.nats_mounts.get(pid.rsplit("/", 1)[0], {}).get("name"), {})
+    check("emptyDir" in pv, f"pid_file {pid} is on a writable emptyDir (the root filesystem is read-only)")
+    pre = nc.get("lifecycle", {}).get("preStop", {}).get("exec", {}).get("command")
+    check(pre == ["nats-server", f"-sl=ldm={pid}"], f"preStop puts nats-server in lame-duck mode via {pid}")
+    for probe in ("startupProbe", "readinessProbe", "livenessProbe"):
+        h = nc.get(probe, {}).get("httpGet", {})
+        check(h.get("path", "").startswith("/healthz") and nports.get(h.get("port"), h.get("port")) == int(kc["http_port"]),
+              f"NATS {probe} GET {h.get('path')} on the monitoring port")
+    psc, csc = spod["securityContext"], nc["securityContext"]
+    check(psc.get("runAsNonRoot") is True and psc.get("runAsUser", 0) != 0 and psc.get("fsGroup") is not None
+          and psc.get("seccompProfile", {}).get("type") == "RuntimeDefault",
+          "NATS runs non-root with a volume group, seccompProfile RuntimeDefault")
+    check(csc.get("readOnlyRootFilesystem") is True and csc.get("allowPrivilegeEscalation") is False
+          and csc.get("capabilities", {}).get("drop") == ["ALL"],
+          "NATS: readOnlyRootFilesystem, no privilege escalation, all capabilities dropped")
+    res = nc.get("resources", {})
+    check(all(k in res.get(w, {}) for w in ("requests", "limits") for k in ("cpu", "memory")),
+          "NATS: cpu and memory requests and limits")
+    check(spod.get("enableServiceLinks") is False and spod.get("automountServiceAccountToken") is False,
+          "NATS: no service links, no service account token")
+    tsc = spod.get("topologySpreadConstraints", [])
+    check(any(t.get("topologyKey") == "kubernetes.io/hostname" and selects(t["labelSelector"]["matchLabels"], nats_labels)
+              for t in tsc), "NATS pods spread over nodes (losing a node loses one copy)")
+
+    pdbs = js.kind("PodDisruptionBudget")
+    pn = [p for p in pdbs if selects(p["spec"]["selector"]["matchLabels"], nats_labels)]
+    pg = [p for p in pdbs if selects(p["spec"]["selector"]["matchLabels"], labels)]
+    check(len(pn) == 1 and pn[0]["spec"].get("maxUnavailable") == 1, "a PodDisruptionBudget keeps the NATS quorum: maxUnavailable 1")
+    check(len(pg) == 1 and (pg[0]["spec"].get("maxUnavailable") == 1 or pg[0]["spec"].get("minAvailable", 0) >= 1),
+          "a PodDisruptionBudget keeps gateways serving")
+    for np in js.kind("NetworkPolicy"):
+        if not selects(np["spec"]["podSelector"].get("matchLabels"), nats_labels):
+            continue
+        allowed = {}
+        for rule in np["spec"].get("ingress", []):
+            for src in rule.get("from", []):
+                for p in rule.get("ports", []):
+                    who = "gateways" if selects(src.get("podSelector", {}).get("matchLabels"), labels) else (
+                        "nats" if selects(src.get("podSelector", {}).get("matchLabels"), nats_labels) else "other")
+                    allowed.setdefault(who, set()).add(nports.get(p["port"], p["port"]))
+        check(int(kc["port"]) in allowed.get("gateways", set()), f"NetworkPolicy {np['metadata']['name']}: gateways reach the client port")
+        check(int(kc["cluster"]["port"]) in allowed.get("nats", set()) and "other" not in allowed,
+              f"NetworkPolicy {np['metadata']['name']}: only NATS pods reach the cluster port, nobody else is let in")
+
+
+# ---------------------------------------------------------------- the JetStream mode (NATS)
+
+
+def get_json(url):
+    status, body = http("GET", url)
+    try:
+        return status, json.loads(body) if body else None
+    except ValueError:
+        return status, None
+
+
+def nats_t(nats_bin):
+    """`nats-server -t -c FILE` on every NATS config, with each node's environment."""
+    js = JetStream()
+    print("# " + subprocess.run([nats_bin, "--version"], capture_output=True, text=True).stdout.strip())
+    with tempfile.TemporaryDirectory(prefix="tidewire-deploy-check.") as d:
+        tmp = Path(d)
+        for cfg in js.nats_configs():
+            path = NATS_CONF if cfg["tag"] == "compose" else tmp / f"{cfg['tag']}-nats.conf"
+            if cfg["tag"] != "compose":
+                path.write_text(cfg["text"])
+            for name, env, _ in cfg["nodes"]:
+                r = subprocess.run([nats_bin, "-t", "-c", str(path)], env={**os.environ, **env},
+                                   capture_output=True, text=True)
+                out = (r.stdout + r.stderr).strip()
+                check(r.returncode == 0 and "is valid" in out,
+                      f"nats-server -t: {cfg['label']} as {name} ({shlex.join(f'{k}={v}' for k, v in env.items())})"
+                      + ("" if r.returncode == 0 else f": {out}"))
+        # -t reads the values, not only the syntax (a bad sync_interval fails), but resolves no
+        # route (the routes name compose services and pod DNS names, unknown here): those are
+        # checked by `consistency` and by starting each config on loopback (below).
+        bad = tmp / "bad.conf"
+        bad.write_text(js.conf_text.replace("sync_interval: always", "sync_interval: alway"))
+        r = subprocess.run([nats_bin, "-t", "-c", str(bad)], env={**os.environ, "SERVER_NAME": "x"},
+                           capture_output=True, text=True)
+        check(r.returncode != 0, "nats-server -t refuses a misspelt sync_interval (it checks values, not only syntax)")
+
+
+def start_cluster(nats_bin, cfg, tmp):
+    """Starts one NATS config as a 3-node cluster on loopback: the file as written but for
+    store_dir and pid_file (moved into tmp); the addresses by flags (-a 127.0.0.1 and free ports,
+    which nats-server lets override the file's; the routes the same nodes on those ports)."""
+    nodes = []
+    for name, env, client_host in cfg["nodes"]:
+        d = tmp / cfg["tag"] / name
+        d.mkdir(parents=True)
+        text, n = re.subn(r"^(\s*store_dir\s*[:=]\s*).*$", lambda m: m.group(1) + str(d / "store"), cfg["text"], flags=re.M)
+        if n != 1:
+            raise SystemExit(f"{cfg['label']}: no single store_dir line to move")
+        text = re.sub(r"^(\s*pid_file\s*[:=]\s*).*$", lambda m: m.group(1) + str(d / "nats.pid"), text, flags=re.M)
+        (d / "nats.conf").write_text(text)
+        nodes.append({"name": name, "env": env, "dir": d, "client_host": client_host, "client": free_port(),
+                      "cluster": free_port(), "http": free_port()})
+    routes = ",".join(f"nats://127.0.0.1:{n['cluster']}" for n in nodes)
+    for n in nodes:
+        argv = [nats_bin, "-c", str(n["dir"] / "nats.conf"), "-a", "127.0.0.1", "-p", str(n["client"]),
+                "-m", str(n["http"]), "--cluster", f"nats://127.0.0.1:{n['cluster']}", "--routes", routes]
+        n["log"] = open(n["dir"] / "nats.log", "wb")
+        n["proc"] = subprocess.Popen(argv, env={**os.environ, **n["env"]}, stdout=n["log"], stderr=subprocess.STDOUT)
+    deadline = time.monotonic() + 30
+    for n in nodes:
+        status = None
+        while time.monotonic() < deadline and n["proc"].poll() is None:
+            status, _ = http("GET", f"http://127.0.0.1:{n['http']}/healthz")
+            if status == 200:
+                break
+            time.sleep(0.2)
+        n["healthy"] = status == 200
+    return nodes
+
+
+def stop_cluster(cfg, nodes, label):
+    """Stops each node as its deployment does: compose's stop_signal, or the k8s preStop command
+    (with the pid file moved) and then SIGTERM; each must exit 0 within the stop timeout."""
+    for n in nodes:
+        p = n["proc"]
+        if p.poll() is None:
+            t0 = time.monotonic()
+            if cfg["prestop"]:
+                pre = [a.replace(cfg["conf"].get("pid_file", "\0"), str(n["dir"] / "nats.pid")) for a in cfg["prestop"]]
+                nats_bin = p.args[0]
+                subprocess.run([nats_bin if pre[0] == "nats-server" else pre[0]] + pre[1:], capture_output=True)
+                time.sleep(0.2)
+            p.send_signal(getattr(signal, cfg["signal"]))
+            try:
+                rc = p.wait(timeout=cfg["timeout"])
+            except subprocess.TimeoutExpired:
+                rc = None
+            took = time.monotonic() - t0
+            how = ("preStop " + shlex.join(cfg["prestop"]) + ", then " if cfg["prestop"] else "") + cfg["signal"]
+            check(rc == 0, f"{label}: {n['name']} stops on {how}: exit {rc} after {took:.2f}s "
+                  f"(allowed {cfg['timeout']:g}s)")
+        n["log"].close()
+
+
+def kill_cluster(nodes):
+    for n in nodes:
+        if n["proc"].poll() is None:
+            n["proc"].kill()
+            n["proc"].wait()
+
+
+def nats_clusters(nats_bin):
+    """Each NATS config as a 3-node cluster on loopback."""
+    js = JetStream()
+    with tempfile.TemporaryDirectory(prefix="tidewire-deploy-check.") as d:
+        tmp = Path(d)
+        for cfg in js.nats_configs():
+            print(f"# {cfg['label']}: 3 nodes on loopback")
+            nodes = start_cluster(nats_bin, cfg, tmp)
+            try:
+                names = [n["name"] for n in nodes]
+                for n in nodes:
+                    if not check(n["healthy"], f"{n['name']}: /healthz 200 (JetStream current with the meta leader)"):
+                        print((n["dir"] / "nats.log").read_text()[-2000:])
+                        continue
+                    base = f"http://127.0.0.1:{n['http']}"
+                    _, varz = get_json(base + "/varz")
+                    varz = varz or {}
+                    jsc = varz.get("jetstream", {}).get("config", {})
+                    check(varz.get("server_name") == n["name"], f"{n['name']}: server_name {varz.get('server_name')}")
+                    check(jsc.get("sync_always") is True, f"{n['name']}: JetStream syncs always (varz sync_always)")
+                    check(varz.get("cluster", {}).get("name") == cfg["conf"]["cluster"]["name"],
+                          f"{n['name']}: in cluster {varz.get('cluster', {}).get('name')}")
+                    _, routez = get_json(base + "/routez")
+                    peers = sorted({r.get("remote_name") for r in (routez or {}).get("routes", [])})
+                    check(peers == sorted(set(names) - {n["name"]}), f"{n['name']}: routes to {peers}")
+                    _, jsz = get_json(base + "/jsz")
+                    meta = (jsz or {}).get("meta_cluster", {})
+                    check(meta.get("cluster_size") == 3 and meta.get("leader") in names,
+                          f"{n['name']}: JetStream meta group of {meta.get('cluster_size')}, leader {meta.get('leader')}")
+                stop_cluster(cfg, nodes, cfg["tag"])
+            finally:
+                kill_cluster(nodes)
+
+
+# ---------------------------------------------------------------- the JetStream mode (gateways)
+
+
+def start_gateway(name, binary, argv, env, tmp):
+    port = free_port()
+    data = str(tmp / f"{name}-data")
+    argv = [binary] + relocate(argv[1:], port, data)
+    print(f"#   {name}: tidewire {shlex.join(argv[1:])}".replace(str(tmp), "$tmp"))
+    full_env = {k: v for k, v in os.environ.items() if not k.startswith("TIDEWIRE_")}
+    full_env.update(env)
+    full_env.setdefault("RUST_LOG", "warn")
+    log = open(tmp / f"{name}.log", "wb")
+    p = subprocess.Popen(argv, env=full_env, stdout=log, stderr=subprocess.STDOUT)
+    return {"name": name, "proc": p, "base": f"http://127.0.0.1:{port}", "log": log, "path": tmp / f"{name}.log"}
+
+
+def gateways(label, binary, nats_bin, cfg, gw_argvs, env, tmp, secret, stream, replicas, stop_timeout):
+    """Starts cfg's NATS cluster and the gateways over it, and checks them together."""
+    print(f"# {label}: {len(gw_argvs)} gateways over {cfg['label']} (3 nodes on loopback)")
+    nodes = start_cluster(nats_bin, cfg, tmp)
+    gws = []
+    try:
+        if not check(all(n["healthy"] for n in nodes), f"{label}: the NATS cluster is up"):
+            return
+        # The deployed NATS URLs (host:port of each node) point at the loopback nodes.
+        where = {n["client_host"]: f"127.0.0.1:{n['client']}" for n in nodes}
+
+        def moved(s):
+            for a, b in where.items():
+                s = s.replace(a, b)
+            return s
+
+        for i, argv in enumerate(gw_argvs):
+            argv = [moved(a) for a in argv]
+            conf = flag(argv, "--config")
+            if conf:
+                path = tmp / f"{label}-{i}.toml"
+                path.write_text(moved(Path(conf).read_text()))
+                argv[argv.index("--config") + 1] = str(path)
+            gws.append(start_gateway(f"{label}-gateway-{i + 1}", binary, argv, env, tmp))
+        deadline = time.monotonic() + 60
+        for g in gws:
+            status = None
+            while time.monotonic() < deadline and g["proc"].poll() is None:
+                status, _ = http("GET", g["base"] + "/readyz")
+                if status == 200:
+                    break
+                time.sleep(0.2)
+            if not check(status == 200, f"{g['name']}: /readyz 200 (connected to NATS, caught up)"):
+                g["log"].flush()
+                print(g["path"].read_text()[-2000:])
+                return
+            check(http("GET", g["base"] + "/healthz")[0] == 200, f"{g['name']}: /healthz 200")
+        a, b = gws[0], gws[1]
+        body = b'{"data":{"t":21.5}}'
+        ct = {"content-type": "application/json"}
+        url = "/v1/topics/deploy/check/events"
+        check(http("POST", a["base"] + url, body, ct)[0] == 401,
+              f"{label}: authorization is on (a publish without a token gets 401)")
+        token = subprocess.run([binary, "token", "--secret-file", str(secret), "--publish", "deploy/**",
+                                "--subscribe", "deploy/**", "--ttl", "5m"], capture_output=True, text=True,
+                               check=True).stdout.strip()
+        auth = {"authorization": f"Bearer {token}"}
+        status, out = http("POST", a["base"] + url, body, {**ct, **auth})
+        check(status == 201, f"{label}: a publish on {a['name']} gets 201 (stored by the stream)")
+        first = json.loads(out).get("last_id") if status == 201 else None
+        status, out = http("GET", b["base"] + "/v1/poll?topic=deploy/**&since=0&timeout=5", headers=auth)
+        events = json.loads(out).get("events", []) if status == 200 else []
+        check(any(e.get("id") == first and e.get("data") == {"t": 21.5} for e in events),
+              f"{label}: {b['name']} serves the event {a['name']} stored (id {first})")
+        status, out = http("POST", b["base"] + url, b'{"data":{"t":21.6}}', {**ct, **auth})
+        second = json.loads(out).get("last_id") if status == 201 else None
+        check(status == 201 and first is not None and second is not None and second > first,
+              f"{label}: a publish on {b['name']} gets the next id ({second} > {first})")
+        status, out = http("GET", a["base"] + f"/v1/poll?topic=deploy/**&since={first}&timeout=5", headers=auth)
+        events = json.loads(out).get("events", []) if status == 200 else []
+        check([e.get("id") for e in events][:1] == [second],
+              f"{label}: {a['name']} resumes after {first} with {b['name']}'s event ({[e.get('id') for e in events]})")
+        _, jsz = get_json(f"http://127.0.0.1:{nodes[0]['http']}/jsz?streams=true&config=true")
+        found = [s for acc in (jsz or {}).get("account_details", []) for s in acc.get("stream_detail", [])
+                 if s.get("name") == stream]
+        sc = found[0].get("config", {}) if found else {}
+        check(sc.get("num_replicas") == replicas and sc.get("storage") == "file",
+              f"{label}: the stream {stream} is R{sc.get('num_replicas')}, {sc.get('storage')} storage "
+              f"(wanted R{replicas}, file)")
+        for g in gws:
+            t0 = time.monotonic()
+            g["proc"].send_signal(signal.SIGTERM)
+            try:
+                rc = g["proc"].wait(timeout=stop_timeout)
+            except subprocess.TimeoutExpired:
+                rc = None
+            check(rc == 0, f"{g['name']}: SIGTERM: exit {rc} after {time.monotonic() - t0:.2f}s (allowed {stop_timeout:g}s)")
+        stop_cluster(cfg, nodes, label)
+    finally:
+        for g in gws:
+            if g["proc"].poll() is None:
+                g["proc"].kill()
+                g["proc"].wait()
+            g["log"].close()
+        kill_cluster(nodes)
+
+
+def run_jetstream(binary, nats_bin):
+    f, js = Facts(), JetStream()
+    help_text = subprocess.run([binary, "serve", "--help"], capture_output=True, text=True).stdout
+    if not check("--nats-url" in help_text and "--log" in help_text,
+                 f"{binary} has the JetStream mode (`serve --help` lists --log and --nats-url)"):
+        print("#   the gateways cannot run with this binary: build one with the NATS log backend")
+        return
+    cfgs = {c["tag"]: c for c in js.nats_configs()}
+    with tempfile.TemporaryDirectory(prefix="tidewire-deploy-check.") as d:
+        tmp = Path(d)
+        secret = tmp / "jwt-secret"
+        secret.write_text(__import__("base64").b64encode(os.urandom(48)).decode() + "\n")
+
+        # compose: each gateway service's command after the image's ENTRYPOINT, its environment.
+        first = next(iter(js.gateways.values()))
+        argvs = [f.entrypoint + s["command"] for s in js.gateways.values()]
+        env = {k: str(v) for k, v in first.get("environment", {}).items()}
+        env["TIDEWIRE_JWT_SECRET_FILE"] = str(secret)
+        cmd = first["command"]
+        gateways("compose", binary, nats_bin, cfgs["compose"], argvs, env, tmp, secret,
+                 flag(cmd, "--nats-stream"), int(flag(cmd, "--nats-replicas")), seconds(first["stop_grace_period"]))
+
+        # k8s: the Deployment's args with the ConfigMap's file (JWT path moved), one per replica.
+        conf = js.gw_toml_text.replace(js.gw_toml["jwt_secret_file"], str(secret))
+        path = tmp / "gateway.toml"
+        path.write_text(conf)
+        args = list(js.gw_container["args"])
+        args[args.index("--config") + 1] = str(path)
+        env = {e["name"]: e["value"] for e in js.gw_container.get("env", [])}
+        pod = js.deploy["spec"]["template"]["spec"]
+        gateways("k8s", binary, nats_bin, cfgs["k8s"], [[f.binary] + args] * js.deploy["spec"]["replicas"], env, tmp,
+                 secret, js.gw_toml["nats_stream"], js.gw_toml["nats_replicas"],
+                 float(pod["terminationGracePeriodSeconds"]))
+
+
 if __name__ == "__main__":
     if sys.argv[1:2] == ["consistency"]:
         consistency()
     elif sys.argv[1:2] == ["run"] and len(sys.argv) == 3:
         run(sys.argv[2])
+    elif sys.argv[1:2] == ["nats"] and len(sys.argv) == 3:
+        nats_t(sys.argv[2])
+        nats_clusters(sys.argv[2])
+    elif sys.argv[1:2] == ["run-jetstream"] and len(sys.argv) == 4:
+        run_jetstream(sys.argv[2], sys.argv[3])
     else:
         sys.exit(__doc__)
     if failed:

@@ -26,7 +26,7 @@ pub struct Cli {
 #[derive(Debug, Subcommand)]
 pub enum Command {
     /// Run the server.
-    Serve(ServeArgs),
+    Serve(Box<ServeArgs>),
     /// Publish one event and print the receipt.
     Publish(PublishArgs),
     /// Follow topics over SSE, printing one event envelope per line; resumes after drops.
@@ -170,6 +170,39 @@ pub struct ServeArgs {
     #[arg(long)]
     #[serde(skip_serializing_if = "Option::is_none")]
     pub jwt_leeway_secs: Option<u64>,
+    /// Where events are kept: sled (embedded, in --data-dir) or nats (a JetStream stream
+    /// shared by every gateway) [default: sled].
+    #[arg(long, value_enum)]
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub log: Option<crate::config::LogBackend>,
+    /// NATS server URLs, comma-separated (--log nats) [default: nats://127.0.0.1:4222].
+    #[arg(long = "nats-url", value_delimiter = ',')]
+    #[serde(rename = "nats_urls", skip_serializing_if = "Vec::is_empty")]
+    pub nats_urls: Vec<String>,
+    /// JetStream stream holding the log, created when missing [default: tidewire].
+    #[arg(long)]
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub nats_stream: Option<String>,
+    /// Replicas of the stream when a gateway creates it [default: 1].
+    #[arg(long)]
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub nats_replicas: Option<usize>,
+    /// NATS credentials file (.creds).
+    #[arg(long = "nats-creds")]
+    #[serde(rename = "nats_creds_file", skip_serializing_if = "Option::is_none")]
+    pub nats_creds_file: Option<PathBuf>,
+    /// File holding an nkey seed to authenticate to NATS with.
+    #[arg(long = "nats-nkey")]
+    #[serde(rename = "nats_nkey_file", skip_serializing_if = "Option::is_none")]
+    pub nats_nkey_file: Option<PathBuf>,
+    /// NATS user (the password from TIDEWIRE_NATS_PASSWORD or the config file).
+    #[arg(long)]
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub nats_user: Option<String>,
+    /// PEM CA certificate for TLS to NATS.
+    #[arg(long)]
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub nats_tls_ca: Option<PathBuf>,
 }
 
 /// Flags of `token`.
@@ -260,7 +293,7 @@ pub fn run(cli: Cli) -> ExitCode {
     };
     let result: Result<(), String> = runtime.block_on(async {
         match cli.command {
-            Command::Serve(args) => serve(args).await,
+            Command::Serve(args) => serve(*args).await,
             Command::Publish(a) => crate::client::publish(
                 &a.server,
                 &a.topic,

@@ -155,6 +155,70 @@ pub struct Config {
     /// Most bytes the data directory may take on disk (0: no budget); over it publishes get
     /// 503 `storage_full` until retention frees room.
     pub storage_max_disk_bytes: u64,
+    /// Where events are kept: `sled`, the embedded log in `data_dir` (the default), or
+    /// `nats`, a NATS JetStream stream shared by any number of tidewire gateways.
+    pub log: LogBackend,
+    /// NATS servers to connect to (`log = "nats"`); any one reachable is enough, the client
+    /// learns the rest of the cluster from it. In the environment: comma-separated.
+    #[serde(deserialize_with = "urls_from_list_or_commas")]
+    pub nats_urls: Vec<String>,
+    /// The JetStream stream holding the log (created when missing). Letters, digits, `-`, `_`.
+    pub nats_stream: String,
+    /// Subject prefix of the stream's events; empty: `tidewire.<nats_stream>`. Each stream
+    /// needs a prefix of its own, so several share one NATS account side by side.
+    pub nats_subject_prefix: String,
+    /// Replicas of the stream when a gateway creates it (3 survives the loss of one node).
+    pub nats_replicas: usize,
+    /// NATS credentials file (JWT + nkey seed, `.creds`).
+    pub nats_creds_file: Option<PathBuf>,
+    /// File holding an nkey seed (`SU…`) to authenticate with.
+    pub nats_nkey_file: Option<PathBuf>,
+    /// NATS user name (with `nats_password`).
+    pub nats_user: Option<String>,
+    /// NATS password (prefer `TIDEWIRE_NATS_PASSWORD`: a flag shows in `ps`).
+    pub nats_password: Option<Secret>,
+    /// PEM CA certificate the NATS servers' TLS certificates are checked against (TLS is
+    /// then required).
+    pub nats_tls_ca: Option<PathBuf>,
+    /// Most events JetStream commits atomically in one batch (the server's limit, 1000 by
+    /// default); a larger publish batch is refused with 413.
+    pub nats_max_batch: usize,
+    /// Milliseconds a gateway waits for JetStream to answer one request (a publish's
+    /// acknowledgement, a read) before the client gets a 503 it can retry.
+    pub nats_timeout_ms: u64,
+}
+
+/// The log backends `tidewire serve` can keep its events in.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize, clap::ValueEnum)]
+#[serde(rename_all = "lowercase")]
+pub enum LogBackend {
+    /// The embedded sled log in `data_dir`: nothing else to install.
+    #[default]
+    Sled,
+    /// A NATS JetStream stream: stateless gateways over a replicated log.
+    Nats,
+}
+
+/// Reads `nats_urls` from a list, or from one string of comma-separated URLs (what an
+/// environment variable holds).
+fn urls_from_list_or_commas<'de, D: serde::Deserializer<'de>>(
+    d: D,
+) -> Result<Vec<String>, D::Error> {
+    #[derive(Deserialize)]
+    #[serde(untagged)]
+    enum Urls {
+        One(String),
+        Many(Vec<String>),
+    }
+    let urls = match Urls::deserialize(d)? {
+        Urls::One(s) => s.split(',').map(str::to_owned).collect::<Vec<_>>(),
+        Urls::Many(v) => v,
+    };
+    Ok(urls
+        .into_iter()
+        .map(|u| u.trim().to_owned())
+        .filter(|u| !u.is_empty())
+        .collect())
 }
 
 impl Default for Config {
@@ -215,6 +279,18 @@ impl Default for Config {
             retention_rules: Vec::new(),
             storage_min_free_bytes: 64 << 20,
             storage_max_disk_bytes: 0,
+            log: LogBackend::Sled,
+            nats_urls: vec!["nats://127.0.0.1:4222".into()],
+            nats_stream: "tidewire".into(),
+            nats_subject_prefix: String::new(),
+            nats_replicas: 1,
+            nats_creds_file: None,
+            nats_nkey_file: None,
+            nats_user: None,
+            nats_password: None,
+            nats_tls_ca: None,
+            nats_max_batch: 1000,
+            nats_timeout_ms: 5000,
         }
     }
 }
@@ -245,7 +321,7 @@ impl std::fmt::Debug for Secret {
 
 /// Keys read from `TIDEWIRE_<KEY>` verbatim instead of through figment's value parser, which
 /// would turn a secret that looks like a number or a list into one.
-const VERBATIM_ENV_KEYS: [&str; 2] = ["jwt_secret", "metrics_token"];
+const VERBATIM_ENV_KEYS: [&str; 3] = ["jwt_secret", "metrics_token", "nats_password"];
 
 /// Why a configuration was refused.
 #[derive(Debug, thiserror::Error)]
@@ -373,6 +449,69 @@ impl Config {
             return Err(ConfigError::Invalid(
                 "ws_ping_secs must be at least 1 and below ws_unresponsive_secs".into(),
             ));
+        }
+        if self.log == LogBackend::Nats {
+            self.validate_nats()?;
+        }
+        Ok(())
+    }
+
+    /// The subject prefix of the JetStream stream's events.
+    pub fn nats_prefix(&self) -> String {
+        if self.nats_subject_prefix.is_empty() {
+            format!("tidewire.{}", self.nats_stream)
+        } else {
+            self.nats_subject_prefix.clone()
+        }
+    }
+
+    fn validate_nats(&self) -> Result<(), ConfigError> {
+        let bad = |m: String| Err(ConfigError::Invalid(m));
+        if self.nats_urls.is_empty() {
+            return bad("log = \"nats\" needs at least one NATS URL (--nats-url)".into());
+        }
+        let name_ok = |s: &str| {
+            !s.is_empty()
+                && s.len() <= 64
+                && s.bytes()
+                    .all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_')
+        };
+        if !name_ok(&self.nats_stream) {
+            return bad(format!(
+                "nats_stream {:?}: 1 to 64 letters, digits, '-' or '_'",
+                self.nats_stream
+            ));
+        }
+        let prefix = self.nats_prefix();
+        if prefix.split('.').any(|t| !name_ok(t)) {
+            return bad(format!(
+                "nats_subject_prefix {prefix:?}: tokens of letters, digits, '-' or '_' \
+                 separated by '.'"
+            ));
+        }
+        if !(1..=5).contains(&self.nats_replicas) {
+            return bad("nats_replicas must be 1 to 5".into());
+        }
+        if self.nats_max_batch == 0 {
+            return bad("nats_max_batch must be at least 1".into());
+        }
+        if self.nats_timeout_ms == 0 {
+            return bad("nats_timeout_ms must be at least 1".into());
+        }
+        if self.nats_user.is_some() != self.nats_password.is_some() {
+            return bad("nats_user and nats_password must be set together".into());
+        }
+        let methods = [
+            self.nats_creds_file.is_some(),
+            self.nats_nkey_file.is_some(),
+            self.nats_user.is_some(),
+        ];
+        if methods.iter().filter(|m| **m).count() > 1 {
+            return bad(
+                "choose one NATS authentication: nats_creds_file, nats_nkey_file or \
+                 nats_user + nats_password"
+                    .into(),
+            );
         }
         Ok(())
     }

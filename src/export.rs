@@ -244,7 +244,7 @@ mod tests {
             1_763_800_000_000 + id,
             NewEvent {
                 topic: Topic::parse("a/b").unwrap(),
-                event_type: (id % 2 == 0).then(|| "reading".into()),
+                event_type: id.is_multiple_of(2).then(|| "reading".into()),
                 msg_id: msg_id.map(Into::into),
                 data,
             },

@@ -120,6 +120,22 @@ pub struct Metrics {
     rejected: Family<CodeLabel, Counter>,
     ws: WsMetrics,
     limits: LimitMetrics,
+    nats: NatsMetrics,
+}
+
+/// Metrics of a gateway over NATS JetStream (`log = "nats"`); zero on the sled log.
+#[derive(Clone, Default)]
+pub struct NatsMetrics {
+    /// 1 while the NATS connection is up, else 0.
+    pub connected: Gauge,
+    /// 1 while the gateway follows its stream and may serve (what `/readyz` says), else 0.
+    pub following: Gauge,
+    /// Events stored in the stream that this gateway has not yet handed to its subscribers.
+    pub lag_events: Gauge,
+    /// The stream's last sequence, as last seen.
+    pub stream_last_seq: Gauge,
+    /// Times the connection to NATS was lost.
+    pub disconnects: Counter,
 }
 
 impl Default for Metrics {
@@ -158,7 +174,33 @@ impl Metrics {
             rejected: Family::default(),
             ws: WsMetrics::default(),
             limits: LimitMetrics::default(),
+            nats: NatsMetrics::default(),
         };
+        r.register(
+            "nats_connected",
+            "1 while the gateway's NATS connection is up (log = nats)",
+            m.nats.connected.clone(),
+        );
+        r.register(
+            "nats_following",
+            "1 while the gateway follows its JetStream stream and serves (log = nats)",
+            m.nats.following.clone(),
+        );
+        r.register(
+            "nats_lag_events",
+            "Events in the stream not yet handed to this gateway's subscribers (log = nats)",
+            m.nats.lag_events.clone(),
+        );
+        r.register(
+            "nats_stream_last_seq",
+            "The JetStream stream's last sequence as last seen (log = nats)",
+            m.nats.stream_last_seq.clone(),
+        );
+        r.register(
+            "nats_disconnects",
+            "Times the gateway lost its NATS connection (log = nats)",
+            m.nats.disconnects.clone(),
+        );
         r.register(
             "publish_requests",
             "Publish requests acknowledged",
@@ -308,6 +350,11 @@ impl Metrics {
             registry: Arc::new(r),
             ..m
         }
+    }
+
+    /// The gateway's NATS metrics.
+    pub fn nats(&self) -> &NatsMetrics {
+        &self.nats
     }
 
     /// Records an acknowledged publish of `events` events holding `bytes` payload bytes.

@@ -87,7 +87,7 @@ pub async fn inspect(dir: &Path, json: bool) -> Result<(), String> {
                 "  {:<20} {:>8} {:>12} {:>10} {:>10}",
                 t.topic,
                 t.count,
-                t.bytes,
+                t.bytes.unwrap_or(0),
                 t.first_id
                     .map(|f| f.to_string())
                     .unwrap_or_else(|| "-".into()),

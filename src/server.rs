@@ -20,12 +20,14 @@ use tokio::net::TcpListener;
 use tokio::sync::watch;
 
 use crate::auth::{Authenticator, KeyError};
-use crate::config::Config;
+use crate::config::{Config, LogBackend};
 use crate::http::h1_stream::{self, Sniffed};
 use crate::http::{self, AppState};
 use crate::hub::Hub;
 use crate::limits::{conn, ClientAddr, ConnWatch, Expiry, TrackedBody, WatchedIo};
-use crate::log::{DedupeOptions, EventLog, LogError, LogOptions, SledLog, SpaceLimits};
+use crate::log::{
+    DedupeOptions, EventLog, LogError, LogOptions, NatsLog, NatsOptions, SledLog, SpaceLimits,
+};
 use crate::metrics::{Metrics, ReasonLabel};
 use crate::tls::{Tls, TlsError};
 
@@ -127,27 +129,12 @@ pub async fn run_with_keys(
     let tls_on = tls.is_some();
     let accept = tokio::spawn(accept_loop(listener, state.clone(), tls, stop_rx));
 
-    let opts = LogOptions {
-        dir: config.data_dir.clone(),
-        cache_bytes: config.cache_bytes,
-        dedupe: DedupeOptions {
-            window: Duration::from_secs(config.dedupe_window_secs),
-            max_ids: config.dedupe_max_ids,
-        },
-        fsync: config.fsync,
-        retention: config
-            .retention_policy()
-            .map_err(|e| LogError::Open(e.to_string()))?,
-        space: SpaceLimits {
-            min_free_bytes: config.storage_min_free_bytes,
-            max_disk_bytes: config.storage_max_disk_bytes,
-        },
-    };
     let opening = std::time::Instant::now();
-    let opened = tokio::task::spawn_blocking(move || SledLog::open(&opts, hub, metrics))
-        .await
-        .map_err(|e| LogError::Open(format!("log open task failed: {e}")))?;
-    let log = match opened {
+    let opened = match config.log {
+        LogBackend::Sled => open_sled(&config, hub, metrics).await,
+        LogBackend::Nats => open_nats(&config, hub, metrics).await,
+    };
+    let log: Arc<dyn EventLog> = match opened {
         Ok(log) => log,
         Err(e) => {
             let _ = stop_tx.send(true);
@@ -157,10 +144,8 @@ pub async fn run_with_keys(
     };
     tracing::info!(
         listen = %addr,
-        data_dir = %config.data_dir.display(),
-        events = log.event_count(),
-        topics = log.topic_count(),
-        next_id = log.head().0 + 1,
+        log = ?config.log,
+        head = log.head().0,
         open_ms = opening.elapsed().as_millis() as u64,
         auth = if state.authenticator().is_some() { "jwt" } else { "open" },
         tls = tls_on,
@@ -188,6 +173,85 @@ pub async fn run_with_keys(
     // Every handle to the log must be gone before the checkpoint can open its directory.
     drop(log);
     drop(state);
+    if config.log == LogBackend::Sled {
+        checkpoint_sled(&config).await;
+    }
+    tracing::info!("stopped");
+    Ok(())
+}
+
+/// Opens the embedded sled log in `config.data_dir`.
+async fn open_sled(
+    config: &Config,
+    hub: Hub,
+    metrics: Metrics,
+) -> Result<Arc<dyn EventLog>, LogError> {
+    let opts = LogOptions {
+        dir: config.data_dir.clone(),
+        cache_bytes: config.cache_bytes,
+        dedupe: DedupeOptions {
+            window: Duration::from_secs(config.dedupe_window_secs),
+            max_ids: config.dedupe_max_ids,
+        },
+        fsync: config.fsync,
+        retention: config
+            .retention_policy()
+            .map_err(|e| LogError::Open(e.to_string()))?,
+        space: SpaceLimits {
+            min_free_bytes: config.storage_min_free_bytes,
+            max_disk_bytes: config.storage_max_disk_bytes,
+        },
+    };
+    let log = tokio::task::spawn_blocking(move || SledLog::open(&opts, hub, metrics))
+        .await
+        .map_err(|e| LogError::Open(format!("log open task failed: {e}")))??;
+    tracing::info!(
+        data_dir = %config.data_dir.display(),
+        events = log.event_count(),
+        topics = log.topic_count(),
+        next_id = log.head().0 + 1,
+        "sled log open"
+    );
+    Ok(log)
+}
+
+/// Connects to the JetStream stream `config` names (see [`NatsLog::open`]).
+async fn open_nats(
+    config: &Config,
+    hub: Hub,
+    metrics: Metrics,
+) -> Result<Arc<dyn EventLog>, LogError> {
+    let opts = NatsOptions {
+        urls: config.nats_urls.clone(),
+        stream: config.nats_stream.clone(),
+        prefix: config.nats_prefix(),
+        replicas: config.nats_replicas,
+        creds_file: config.nats_creds_file.clone(),
+        nkey_file: config.nats_nkey_file.clone(),
+        user_password: config
+            .nats_user
+            .clone()
+            .zip(config.nats_password.as_ref().map(|p| p.expose().to_owned())),
+        tls_ca: config.nats_tls_ca.clone(),
+        max_batch: config.nats_max_batch,
+        timeout: Duration::from_millis(config.nats_timeout_ms),
+        dedupe_window: Duration::from_secs(config.dedupe_window_secs),
+        retention: config
+            .retention_policy()
+            .map_err(|e| LogError::Open(e.to_string()))?,
+    };
+    let log = NatsLog::open(opts, hub, metrics).await?;
+    tracing::info!(
+        nats = %config.nats_urls.join(","),
+        stream = %config.nats_stream,
+        subjects = %format!("{}.>", config.nats_prefix()),
+        "JetStream log open"
+    );
+    Ok(log)
+}
+
+/// Writes sled's checkpoint after a clean close, so the next start skips sled's replay.
+async fn checkpoint_sled(config: &Config) {
     let dir = config.data_dir.clone();
     let started = std::time::Instant::now();
     match tokio::task::spawn_blocking(move || SledLog::checkpoint(&dir)).await {
@@ -200,8 +264,6 @@ pub async fn run_with_keys(
         }
         Err(e) => tracing::warn!(error = %e, "checkpoint task failed"),
     }
-    tracing::info!("stopped");
-    Ok(())
 }
 
 /// Accepts connections until `stop` changes. With `tls`, each connection's TLS handshake runs

@@ -67,7 +67,7 @@ setInterval(flush, 50);
 
 /// Event `n` is published with data `{"n": n}`; every third one is typed `reading`.
 fn typed(n: u64) -> bool {
-    n % 3 == 0
+    n.is_multiple_of(3)
 }
 
 async fn publish(client: &reqwest::Client, base: &str, n: u64) {

@@ -49,7 +49,7 @@ async fn publisher(base: String, who: u64, round: u64, seq: Arc<AtomicU64>, acke
     loop {
         let n = seq.fetch_add(1, Ordering::Relaxed);
         let topic = TOPICS[(n % 3) as usize];
-        let size = if n % 2 == 0 { 1 } else { 20 };
+        let size = if n.is_multiple_of(2) { 1 } else { 20 };
         let data: Vec<String> = (0..size)
             .map(|k| format!("r{round}-p{who}-n{n}-k{k}"))
             .collect();

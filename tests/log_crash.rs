@@ -178,7 +178,7 @@ async fn kill_9_while_appending_loses_no_acknowledged_event_and_ids_continue() {
         e.1 += 1;
     }
     assert_eq!(log.event_count(), stored.len() as u64);
-    for stats in log.topics(None, 100) {
+    for stats in log.topics_now(None, 100) {
         let (first, count) = per_topic[&stats.topic];
         assert_eq!(
             (stats.first_id, stats.count),

@@ -256,6 +256,15 @@ impl From<LogError> for ApiError {
             LogError::Corrupt(m) | LogError::Open(m) => {
                 Self::new(StatusCode::INTERNAL_SERVER_ERROR, "internal", m)
             }
+            LogError::Unavailable(m) => ApiError {
+                header: Some((header::RETRY_AFTER, HeaderValue::from(1u64))),
+                ..Self::new(
+                    StatusCode::SERVICE_UNAVAILABLE,
+                    "log_unavailable",
+                    format!("nothing was acknowledged: {m}; retry (with the same msg_id)"),
+                )
+            },
+            LogError::TooLarge(m) => Self::new(StatusCode::PAYLOAD_TOO_LARGE, "too_many_events", m),
         }
     }
 }

@@ -140,7 +140,9 @@ impl AppState {
 
     /// Whether the server takes requests.
     pub fn is_ready(&self) -> bool {
-        self.ready.load(Ordering::Acquire) && !*self.stop.borrow()
+        self.ready.load(Ordering::Acquire)
+            && !*self.stop.borrow()
+            && self.log.get().is_some_and(|log| log.is_ready())
     }
 
     /// The log. A request that arrives while the log is still opening (just after a restart)

@@ -43,7 +43,7 @@ pub async fn list(
     }
     let log = state.log().await?;
     let topics = match access.grants() {
-        None => log.topics(pattern.as_ref(), limit),
+        None => log.topics(pattern.as_ref(), limit).await?,
         Some(grants) => {
             // One scan per grant, narrowed to what the filter also matches. Each scan's first
             // `limit` names (in name order) include every name of the merged first `limit`.
@@ -54,7 +54,7 @@ pub async fn list(
                     Some(p) => intersect(g, p),
                 };
                 if let Some(scope) = scope {
-                    all.extend(log.topics(Some(&scope), limit));
+                    all.extend(log.topics(Some(&scope), limit).await?);
                 }
             }
             all.sort_by(|a, b| a.topic.cmp(&b.topic));
@@ -77,7 +77,7 @@ pub async fn one(
     let topic = Topic::parse_with_limit(name, state.config.max_topic_len)
         .map_err(|e| ApiError::invalid_topic(name, e))?;
     access.check_read(&topic)?;
-    let stats = state.log().await?.topic(&topic).ok_or_else(|| {
+    let stats = state.log().await?.topic(&topic).await?.ok_or_else(|| {
         ApiError::new(
             StatusCode::NOT_FOUND,
             "unknown_topic",

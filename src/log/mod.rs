@@ -20,10 +20,12 @@ use crate::envelope::{EventId, Gap, NewEvent, SharedEvent};
 use crate::topic::{Pattern, PatternSet, Topic};
 
 mod blobs;
+mod nats_log;
 pub mod record;
 pub mod retention;
 mod sled_log;
 
+pub use nats_log::{NatsLog, NatsOptions};
 pub use sled_log::{
     Compacted, DedupeOptions, ImportEvent, Inspection, LogOptions, SledLog, SpaceLimits,
     Verification,
@@ -51,6 +53,14 @@ pub enum LogError {
     /// The data directory cannot be used (foreign content, wrong format, cannot open).
     #[error("cannot open the data directory: {0}")]
     Open(String),
+    /// The log's engine cannot be reached right now (NATS down, no stream leader, no answer
+    /// in time). Nothing of the append is acknowledged; a retry with the same `msg_id`s is
+    /// stored once whatever happened to this one.
+    #[error("the log is unavailable: {0}")]
+    Unavailable(String),
+    /// The append is larger than the engine commits atomically; nothing was stored.
+    #[error("{0}")]
+    TooLarge(String),
 }
 
 /// When an append is acknowledged relative to the flush (fsync) that makes it durable.
@@ -172,8 +182,9 @@ pub struct TopicStats {
     pub last_id: u64,
     /// Retained events.
     pub count: u64,
-    /// Retained payload bytes.
-    pub bytes: u64,
+    /// Retained payload bytes; `None` where the log cannot tell (JetStream keeps no
+    /// per-subject byte counts).
+    pub bytes: Option<u64>,
 }
 
 /// The log, as every other part of tidewire sees it.
@@ -198,10 +209,22 @@ pub trait EventLog: Send + Sync + 'static {
     fn head(&self) -> EventId;
 
     /// Statistics of the topics matching `filter` (all when `None`), in name order, at most `limit`.
-    fn topics(&self, filter: Option<&Pattern>, limit: usize) -> Vec<TopicStats>;
+    fn topics<'a>(
+        &'a self,
+        filter: Option<&'a Pattern>,
+        limit: usize,
+    ) -> BoxFuture<'a, Result<Vec<TopicStats>, LogError>>;
 
-    /// Statistics of one topic, `None` when nothing was ever published to it.
-    fn topic(&self, topic: &Topic) -> Option<TopicStats>;
+    /// Statistics of one topic, `None` when nothing was ever published to it (or, where the
+    /// log cannot remember more, when it retains nothing of it).
+    fn topic<'a>(&'a self, topic: &'a Topic)
+        -> BoxFuture<'a, Result<Option<TopicStats>, LogError>>;
+
+    /// Whether the log can take appends and serve reads now (a remote engine may be
+    /// unreachable for a while); `/readyz` answers 503 while it cannot.
+    fn is_ready(&self) -> bool {
+        true
+    }
 
     /// Finishes every accepted append, flushes, and stops. Later appends fail with `Closed`.
     fn close(&self) -> BoxFuture<'_, Result<(), LogError>>;

@@ -419,7 +419,7 @@ pub fn encode_index_into(offsets: &[u32], out: &mut Vec<u8>) {
 /// Decodes an index entry into `out` (cleared first): at least one offset, strictly ascending.
 pub fn decode_index_into(bytes: &[u8], out: &mut Vec<u32>) -> Result<(), CorruptRecord> {
     out.clear();
-    if bytes.is_empty() || bytes.len() % 4 != 0 {
+    if bytes.is_empty() || !bytes.len().is_multiple_of(4) {
         return Err(corrupt(format!("index entry of {} bytes", bytes.len())));
     }
     out.reserve(bytes.len() / 4);
@@ -585,9 +585,9 @@ mod tests {
     fn ev(topic: &str, n: usize) -> NewEvent {
         NewEvent {
             topic: Topic::parse(topic).unwrap(),
-            event_type: (n % 3 == 0).then(|| format!("t{n}").into()),
-            msg_id: (n % 2 == 0).then(|| format!("m-{n}").into()),
-            data: if n % 2 == 0 {
+            event_type: n.is_multiple_of(3).then(|| format!("t{n}").into()),
+            msg_id: n.is_multiple_of(2).then(|| format!("m-{n}").into()),
+            data: if n.is_multiple_of(2) {
                 Data::Json(format!("{{\"n\":{n}}}").into())
             } else {
                 Data::Bytes(Bytes::from(vec![n as u8; n % 50]))

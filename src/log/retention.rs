@@ -108,6 +108,16 @@ impl RetentionPolicy {
             .unwrap_or(self.default)
     }
 
+    /// The limits of topics no rule matches.
+    pub fn default_limits(&self) -> Limits {
+        self.default
+    }
+
+    /// The rules, in the order they are tried.
+    pub fn rules(&self) -> &[(Pattern, Limits)] {
+        &self.rules
+    }
+
     /// Whether the policy can ever remove anything.
     pub fn removes_anything(&self) -> bool {
         self.max_total_bytes > 0

@@ -455,6 +455,30 @@ impl SledLog {
         rx.await.map_err(|_| LogError::Closed)?
     }
 
+    /// Statistics of the topics matching `filter` (all when `None`), in name order, at most
+    /// `limit`, from the registry in memory.
+    pub fn topics_now(&self, filter: Option<&Pattern>, limit: usize) -> Vec<TopicStats> {
+        let Ok(reg) = self.shared.registry.read() else {
+            return Vec::new();
+        };
+        let prefix = filter.map(Pattern::literal_prefix).unwrap_or("");
+        reg.range::<str, _>((
+            std::ops::Bound::Included(prefix),
+            std::ops::Bound::Unbounded,
+        ))
+        .take_while(|(t, _)| t.as_str().starts_with(prefix))
+        .filter(|(t, _)| filter.is_none_or(|p| p.matches(t)))
+        .take(limit)
+        .map(|(t, r)| stats(t, r))
+        .collect()
+    }
+
+    /// Statistics of one topic, from the registry in memory.
+    pub fn topic_now(&self, topic: &Topic) -> Option<TopicStats> {
+        let reg = self.shared.registry.read().ok()?;
+        reg.get(topic).map(|r| stats(topic, r))
+    }
+
     /// Number of topics ever published to.
     pub fn topic_count(&self) -> usize {
         self.shared.registry.read().map(|r| r.len()).unwrap_or(0)
@@ -516,25 +540,19 @@ impl EventLog for SledLog {
         EventId(self.shared.head.load(Ordering::Acquire))
     }
 
-    fn topics(&self, filter: Option<&Pattern>, limit: usize) -> Vec<TopicStats> {
-        let Ok(reg) = self.shared.registry.read() else {
-            return Vec::new();
-        };
-        let prefix = filter.map(Pattern::literal_prefix).unwrap_or("");
-        reg.range::<str, _>((
-            std::ops::Bound::Included(prefix),
-            std::ops::Bound::Unbounded,
-        ))
-        .take_while(|(t, _)| t.as_str().starts_with(prefix))
-        .filter(|(t, _)| filter.is_none_or(|p| p.matches(t)))
-        .take(limit)
-        .map(|(t, r)| stats(t, r))
-        .collect()
+    fn topics<'a>(
+        &'a self,
+        filter: Option<&'a Pattern>,
+        limit: usize,
+    ) -> BoxFuture<'a, Result<Vec<TopicStats>, LogError>> {
+        Box::pin(async move { Ok(self.topics_now(filter, limit)) })
     }
 
-    fn topic(&self, topic: &Topic) -> Option<TopicStats> {
-        let reg = self.shared.registry.read().ok()?;
-        reg.get(topic).map(|r| stats(topic, r))
+    fn topic<'a>(
+        &'a self,
+        topic: &'a Topic,
+    ) -> BoxFuture<'a, Result<Option<TopicStats>, LogError>> {
+        Box::pin(async move { Ok(self.topic_now(topic)) })
     }
 
     fn close(&self) -> BoxFuture<'_, Result<(), LogError>> {
@@ -575,6 +593,6 @@ fn stats(t: &Topic, r: &TopicRecord) -> TopicStats {
         first_id: (r.count > 0).then_some(r.first_id),
         last_id: r.last_id,
         count: r.count,
-        bytes: r.bytes,
+        bytes: Some(r.bytes),
     }
 }

@@ -106,10 +106,10 @@ impl SledLog {
             Some(v) => record::decode_count(&v).map_err(corrupt)?,
             None => 0,
         };
-        let mut all = self.topics(None, usize::MAX);
+        let mut all = self.topics_now(None, usize::MAX);
         let (events, bytes) = all
             .iter()
-            .fold((0, 0), |(n, b), t| (n + t.count, b + t.bytes));
+            .fold((0, 0), |(n, b), t| (n + t.count, b + t.bytes.unwrap_or(0)));
         let first_id = all.iter().filter_map(|t| t.first_id).min();
         let trimmed_topics = {
             let reg = self.shared.registry.read().map_err(|_| LogError::Closed)?;

@@ -16,9 +16,9 @@ fn open_with(dir: &std::path::Path, retention: RetentionPolicy) -> Arc<SledLog> 
 fn ev(topic: &str, n: u64) -> NewEvent {
     NewEvent {
         topic: Topic::parse(topic).unwrap(),
-        event_type: (n % 3 == 0).then(|| "kind".into()),
-        msg_id: (n % 2 == 0).then(|| format!("m{n}").into()),
-        data: if n % 5 == 0 {
+        event_type: n.is_multiple_of(3).then(|| "kind".into()),
+        msg_id: n.is_multiple_of(2).then(|| format!("m{n}").into()),
+        data: if n.is_multiple_of(5) {
             Data::Bytes(vec![n as u8, 0, 255].into())
         } else {
             Data::Json(format!("{{\"n\": {n}}}").into())

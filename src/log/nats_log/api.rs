@@ -1,0 +1,341 @@
+//! The few JetStream API calls the log makes by hand (the client crate does not offer them,
+//! or not with the fields they need): acknowledgements, stream state, per-subject counts and
+//! direct gets with `min_last_seq`.
+
+use std::time::Duration;
+
+use async_nats::{HeaderMap, Message};
+use bytes::Bytes;
+use serde::Deserialize;
+
+use super::Inner;
+use crate::log::LogError;
+
+/// JetStream's answer to a publish.
+#[derive(Debug, Deserialize)]
+pub struct PubAck {
+    /// The sequence stored (the last of a batch), or the original of a duplicate.
+    #[serde(default)]
+    pub seq: u64,
+    /// Whether the message repeated a `Nats-Msg-Id` within the window.
+    #[serde(default)]
+    pub duplicate: bool,
+    /// Messages committed by an atomic batch.
+    #[serde(default)]
+    pub count: Option<u64>,
+    #[serde(default)]
+    error: Option<ApiErr>,
+}
+
+/// An error JetStream answered with.
+#[derive(Debug, Clone, Deserialize)]
+pub struct ApiErr {
+    /// JetStream's error code (`err_code`).
+    #[serde(default)]
+    pub err_code: u64,
+    /// What it said.
+    #[serde(default)]
+    pub description: String,
+}
+
+/// JetStream error codes the log acts on.
+pub mod code {
+    /// The stream does not exist.
+    pub const STREAM_NOT_FOUND: u64 = 10059;
+    /// `Nats-Expected-Last-Msg-Id` did not match (the dedupe probe's "not a duplicate").
+    pub const WRONG_LAST_MSG_ID: u64 = 10070;
+    /// An atomic batch holds more messages than the server commits at once.
+    pub const BATCH_TOO_LARGE: u64 = 10199;
+    /// An atomic batch holds a `Nats-Msg-Id` already stored within the window.
+    pub const BATCH_HAS_DUPLICATE: u64 = 10201;
+}
+
+/// Reads a publish acknowledgement: `Ok` with the ack, `Err` with JetStream's error.
+pub fn parse_ack(payload: &[u8]) -> Result<Result<PubAck, ApiErr>, LogError> {
+    let ack: PubAck = serde_json::from_slice(payload).map_err(|e| {
+        LogError::Storage(format!(
+            "unreadable JetStream acknowledgement ({e}): {}",
+            String::from_utf8_lossy(payload)
+        ))
+    })?;
+    Ok(match ack.error.clone() {
+        Some(e) => Err(e),
+        None => Ok(ack),
+    })
+}
+
+/// The error an unanswered request becomes: nothing was acknowledged, a retry is safe.
+pub fn unavailable(e: impl std::fmt::Display) -> LogError {
+    LogError::Unavailable(format!("NATS JetStream: {e}"))
+}
+
+/// Sends a request and waits for its one answer.
+pub async fn request(
+    inner: &Inner,
+    subject: String,
+    headers: Option<HeaderMap>,
+    payload: Bytes,
+) -> Result<Message, LogError> {
+    let mut req = async_nats::Request::new()
+        .payload(payload)
+        .timeout(Some(inner.opts.timeout));
+    if let Some(h) = headers {
+        req = req.headers(h);
+    }
+    inner
+        .client
+        .send_request(subject, req)
+        .await
+        .map_err(unavailable)
+}
+
+/// Calls `$JS.API.<what>` with a JSON body and reads the JSON answer, refusing an error
+/// answer.
+async fn api<T: serde::de::DeserializeOwned>(
+    inner: &Inner,
+    what: String,
+    body: serde_json::Value,
+) -> Result<T, LogError> {
+    let m = request(
+        inner,
+        format!("$JS.API.{what}"),
+        None,
+        body.to_string().into(),
+    )
+    .await?;
+    #[derive(Deserialize)]
+    struct Wrapped {
+        #[serde(default)]
+        error: Option<ApiErr>,
+    }
+    if let Ok(Wrapped { error: Some(e) }) = serde_json::from_slice::<Wrapped>(&m.payload) {
+        return Err(if e.err_code == code::STREAM_NOT_FOUND {
+            LogError::Unavailable(format!("JetStream: {}", e.description))
+        } else {
+            LogError::Storage(format!("JetStream: {} ({})", e.description, e.err_code))
+        });
+    }
+    serde_json::from_slice(&m.payload)
+        .map_err(|e| LogError::Storage(format!("unreadable JetStream answer: {e}")))
+}
+
+/// The stream's first and last sequence.
+#[derive(Debug, Clone, Copy, Deserialize)]
+pub struct StreamState {
+    /// Oldest retained sequence (everything below was removed, or never stored).
+    #[serde(default)]
+    pub first_seq: u64,
+    /// Newest sequence ever stored.
+    #[serde(default)]
+    pub last_seq: u64,
+}
+
+/// The stream's state now (answered by the stream leader).
+pub async fn stream_state(inner: &Inner) -> Result<StreamState, LogError> {
+    #[derive(Deserialize)]
+    struct Info {
+        state: StreamState,
+    }
+    let info: Info = api(
+        inner,
+        format!("STREAM.INFO.{}", inner.wanted.name),
+        serde_json::json!({}),
+    )
+    .await?;
+    Ok(info.state)
+}
+
+/// The retained message count of every subject matching `filter`.
+pub async fn subject_counts(inner: &Inner, filter: &str) -> Result<Vec<(String, u64)>, LogError> {
+    #[derive(Deserialize)]
+    struct State {
+        #[serde(default)]
+        subjects: Option<std::collections::HashMap<String, u64>>,
+    }
+    #[derive(Deserialize)]
+    struct Info {
+        state: State,
+        #[serde(default)]
+        total: usize,
+    }
+    let mut out = Vec::new();
+    // The answer is paged (the server sends a bounded number of subjects per call).
+    loop {
+        let info: Info = api(
+            inner,
+            format!("STREAM.INFO.{}", inner.wanted.name),
+            serde_json::json!({ "subjects_filter": filter, "offset": out.len() }),
+        )
+        .await?;
+        let page = info.state.subjects.unwrap_or_default();
+        let got = page.len();
+        out.extend(page);
+        if got == 0 || out.len() >= info.total {
+            return Ok(out);
+        }
+    }
+}
+
+/// One message of a direct get.
+#[derive(Debug)]
+pub struct Stored {
+    /// Stream sequence.
+    pub seq: u64,
+    /// The subject it was published on.
+    pub subject: String,
+    /// Its headers as published.
+    pub headers: HeaderMap,
+    /// Its payload.
+    pub payload: Bytes,
+}
+
+/// What a batched direct get returned.
+#[derive(Debug, Default)]
+pub struct Batch {
+    /// Messages in sequence order.
+    pub messages: Vec<Stored>,
+    /// Whether every matching message after the start is in `messages` (as of a replica
+    /// holding at least `min_last_seq`).
+    pub exhausted: bool,
+}
+
+/// Status a direct get answers with when the replica asked cannot guarantee `min_last_seq`.
+const MIN_LAST_SEQ: u16 = 412;
+/// Times a direct get is asked again when no replica could guarantee `min_last_seq` yet.
+const LAGGING_REPLICA_TRIES: u32 = 20;
+
+/// Up to `batch` messages on subjects matching `filter` from sequence `start` on, from a
+/// replica that holds at least `min_last_seq`.
+pub async fn direct_batch(
+    inner: &Inner,
+    filter: &str,
+    start: u64,
+    batch: usize,
+    min_last_seq: u64,
+) -> Result<Batch, LogError> {
+    let body = serde_json::json!({
+        "seq": start.max(1),
+        "next_by_subj": filter,
+        "batch": batch,
+        "min_last_seq": min_last_seq,
+    });
+    for attempt in 0..LAGGING_REPLICA_TRIES {
+        match direct_batch_once(inner, &body, batch).await? {
+            Some(b) => return Ok(b),
+            None => tokio::time::sleep(Duration::from_millis(5 * u64::from(attempt + 1))).await,
+        }
+    }
+    Err(LogError::Unavailable(format!(
+        "no replica of the stream holds sequence {min_last_seq} yet"
+    )))
+}
+
+/// One batched direct get; `None` when the replica could not guarantee `min_last_seq`.
+async fn direct_batch_once(
+    inner: &Inner,
+    body: &serde_json::Value,
+    batch: usize,
+) -> Result<Option<Batch>, LogError> {
+    use futures_util::StreamExt;
+    let inbox = inner.client.new_inbox();
+    let mut sub = inner
+        .client
+        .subscribe(inbox.clone())
+        .await
+        .map_err(unavailable)?;
+    inner
+        .client
+        .publish_with_reply(
+            format!("$JS.API.DIRECT.GET.{}", inner.wanted.name),
+            inbox,
+            body.to_string().into(),
+        )
+        .await
+        .map_err(unavailable)?;
+    let mut out = Batch::default();
+    loop {
+        let m = tokio::time::timeout(inner.opts.timeout, sub.next())
+            .await
+            .map_err(|_| unavailable("a direct get timed out"))?
+            .ok_or_else(|| unavailable("the direct get's subscription ended"))?;
+        if let Some(status) = m.status {
+            match status.as_u16() {
+                // End of batch: `Nats-Num-Pending` says whether more matched.
+                204 => {
+                    let pending = header_u64(m.headers.as_ref(), "Nats-Num-Pending").unwrap_or(0);
+                    out.exhausted = pending == 0;
+                    return Ok(Some(out));
+                }
+                404 => {
+                    out.exhausted = true;
+                    return Ok(Some(out));
+                }
+                MIN_LAST_SEQ => return Ok(None),
+                503 => return Err(unavailable("no responders for a direct get")),
+                other => {
+                    return Err(LogError::Storage(format!(
+                        "direct get answered {other}: {}",
+                        m.description.unwrap_or_default()
+                    )))
+                }
+            }
+        }
+        let headers = m.headers.unwrap_or_default();
+        let seq = header_u64(Some(&headers), "Nats-Sequence")
+            .ok_or_else(|| LogError::Corrupt("a direct get answer without Nats-Sequence".into()))?;
+        let subject = headers
+            .get("Nats-Subject")
+            .map(|v| v.as_str().to_owned())
+            .unwrap_or_default();
+        let pending = header_u64(Some(&headers), "Nats-Num-Pending");
+        out.messages.push(Stored {
+            seq,
+            subject,
+            headers,
+            payload: m.payload,
+        });
+        if out.messages.len() >= batch {
+            out.exhausted = pending == Some(0);
+            return Ok(Some(out));
+        }
+    }
+}
+
+/// One message by a direct get (`{"last_by_subj": …}` or `{"seq": 0, "next_by_subj": …}`
+/// bodies); `None` when there is none.
+pub async fn direct_one(
+    inner: &Inner,
+    mut body: serde_json::Value,
+    min_last_seq: u64,
+) -> Result<Option<u64>, LogError> {
+    body["min_last_seq"] = min_last_seq.into();
+    for attempt in 0..LAGGING_REPLICA_TRIES {
+        let m = request(
+            inner,
+            format!("$JS.API.DIRECT.GET.{}", inner.wanted.name),
+            None,
+            body.to_string().into(),
+        )
+        .await?;
+        match m.status.map(|s| s.as_u16()) {
+            None => return Ok(header_u64(m.headers.as_ref(), "Nats-Sequence")),
+            Some(404) => return Ok(None),
+            Some(MIN_LAST_SEQ) => {
+                tokio::time::sleep(Duration::from_millis(5 * u64::from(attempt + 1))).await
+            }
+            Some(other) => {
+                return Err(LogError::Storage(format!(
+                    "direct get answered {other}: {}",
+                    m.description.unwrap_or_default()
+                )))
+            }
+        }
+    }
+    Err(LogError::Unavailable(format!(
+        "no replica of the stream holds sequence {min_last_seq} yet"
+    )))
+}
+
+fn header_u64(headers: Option<&HeaderMap>, name: &str) -> Option<u64> {
+    headers?.get(name)?.as_str().parse().ok()
+}

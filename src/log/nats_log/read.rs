@@ -1,0 +1,194 @@
+//! Reads by cursor and topic statistics, from the stream itself.
+//!
+//! A pattern set becomes a few subject filters; each is read with one batched direct get
+//! from the cursor, from a replica holding at least this gateway's head (`min_last_seq`),
+//! and the answers are merged by sequence. A read costs what it returns plus one request per
+//! filter, never the size of the stream.
+
+use std::collections::BTreeMap;
+
+use super::api::{self, Batch};
+use super::{subject, wire, Inner};
+use crate::envelope::{EventId, Gap, SharedEvent};
+use crate::log::{LogError, Page, TopicStats};
+use crate::topic::{Pattern, PatternSet, Topic};
+
+/// Most direct gets of topic statistics in flight at once.
+const STATS_IN_FLIGHT: usize = 16;
+
+/// Reads up to `limit` events matching `patterns` after `after`, up to the gateway's head.
+pub async fn read(
+    inner: &Inner,
+    patterns: &PatternSet,
+    after: u64,
+    limit: usize,
+) -> Result<Page, LogError> {
+    inner.check_ready()?;
+    let head = inner.head();
+    let limit = limit.max(1);
+    let mut after = after;
+    let mut gap = None;
+    // Retention removes the stream's oldest events (age, total bytes): a cursor below the
+    // stream's first sequence may have missed some, and is told so. Cursor 0 asks for the
+    // oldest retained event and has missed nothing.
+    if after > 0 && after < head {
+        let state = api::stream_state(inner).await?;
+        if state.first_seq > after + 1 {
+            gap = Some(Gap {
+                requested: after,
+                oldest: state.first_seq,
+            });
+            after = state.first_seq - 1;
+        }
+    }
+    if after >= head {
+        return Ok(Page {
+            gap,
+            events: Vec::new(),
+            through: EventId(head.max(after)),
+            complete: true,
+        });
+    }
+    let mut filters: Vec<String> = patterns
+        .patterns()
+        .iter()
+        .flat_map(|p| subject::pattern_filters(&inner.wanted.prefix, p))
+        .collect();
+    filters.sort();
+    filters.dedup();
+    let batches = futures_util::future::try_join_all(
+        filters
+            .iter()
+            .map(|f| api::direct_batch(inner, f, after + 1, limit, head)),
+    )
+    .await?;
+    let (events, through) = merge(inner, batches, after, head, limit);
+    Ok(Page {
+        gap,
+        events,
+        through: EventId(through),
+        complete: through >= head,
+    })
+}
+
+/// Merges the filters' answers: the events up to the highest sequence every filter has
+/// answered for (a filter that stopped at its batch size has answered only that far), in
+/// sequence order, each once, at most `limit`.
+fn merge(
+    inner: &Inner,
+    batches: Vec<Batch>,
+    after: u64,
+    head: u64,
+    limit: usize,
+) -> (Vec<SharedEvent>, u64) {
+    let mut through = head;
+    for b in &batches {
+        if !b.exhausted {
+            through = through.min(b.messages.last().map_or(after, |m| m.seq));
+        }
+    }
+    let mut by_seq: BTreeMap<u64, api::Stored> = BTreeMap::new();
+    for b in batches {
+        for m in b.messages {
+            if m.seq > after && m.seq <= through {
+                by_seq.entry(m.seq).or_insert(m);
+            }
+        }
+    }
+    let mut events = Vec::with_capacity(by_seq.len().min(limit));
+    for (seq, m) in by_seq {
+        if events.len() == limit {
+            break;
+        }
+        if let Some(e) = wire::decode(
+            &inner.wanted.prefix,
+            &m.subject,
+            seq,
+            Some(&m.headers),
+            m.payload,
+            0,
+        ) {
+            events.push(std::sync::Arc::new(e));
+        }
+        if events.len() == limit {
+            through = seq;
+        }
+    }
+    (events, through)
+}
+
+/// Statistics of the topics matching `filter`, in name order, at most `limit`.
+pub async fn topics(
+    inner: &Inner,
+    filter: Option<&Pattern>,
+    limit: usize,
+) -> Result<Vec<TopicStats>, LogError> {
+    inner.check_ready()?;
+    let filters = match filter {
+        Some(p) => subject::pattern_filters(&inner.wanted.prefix, p),
+        None => vec![inner.wanted.subjects()],
+    };
+    let mut counts: BTreeMap<String, (Topic, u64)> = BTreeMap::new();
+    for f in &filters {
+        for (subject, count) in api::subject_counts(inner, f).await? {
+            if let Some(t) = subject::subject_topic(&inner.wanted.prefix, &subject) {
+                counts.insert(t.as_str().to_owned(), (t, count));
+            }
+        }
+    }
+    use futures_util::StreamExt;
+    let head = inner.head();
+    let wanted: Vec<(Topic, u64)> = counts.into_values().take(limit).collect();
+    let stats: Vec<Result<Option<TopicStats>, LogError>> = futures_util::stream::iter(wanted)
+        .map(|(t, count)| async move { stats_of(inner, &t, count, head).await })
+        .buffered(STATS_IN_FLIGHT)
+        .collect()
+        .await;
+    let mut out = Vec::new();
+    for s in stats {
+        out.extend(s?);
+    }
+    Ok(out)
+}
+
+/// Statistics of one topic; `None` when the stream retains none of its events.
+pub async fn topic(inner: &Inner, topic: &Topic) -> Result<Option<TopicStats>, LogError> {
+    inner.check_ready()?;
+    let subject = subject::topic_subject(&inner.wanted.prefix, topic);
+    let count = api::subject_counts(inner, &subject)
+        .await?
+        .into_iter()
+        .find(|(s, _)| *s == subject)
+        .map_or(0, |(_, n)| n);
+    if count == 0 {
+        return Ok(None);
+    }
+    stats_of(inner, topic, count, inner.head()).await
+}
+
+async fn stats_of(
+    inner: &Inner,
+    topic: &Topic,
+    count: u64,
+    head: u64,
+) -> Result<Option<TopicStats>, LogError> {
+    let subject = subject::topic_subject(&inner.wanted.prefix, topic);
+    let first = api::direct_one(
+        inner,
+        serde_json::json!({ "seq": 1, "next_by_subj": subject }),
+        head,
+    );
+    let last = api::direct_one(inner, serde_json::json!({ "last_by_subj": subject }), head);
+    let (first, last) = futures_util::future::try_join(first, last).await?;
+    let (Some(first), Some(last)) = (first, last) else {
+        // Retention removed the topic's last events between the count and the gets.
+        return Ok(None);
+    };
+    Ok(Some(TopicStats {
+        topic: topic.as_str().to_owned(),
+        first_id: Some(first),
+        last_id: last,
+        count,
+        bytes: None,
+    }))
+}
