@@ -38,6 +38,10 @@ pub type Body = UnsyncBoxBody<Bytes, Infallible>;
 /// How long a request waits for the log to open before it is answered 503.
 pub const LOG_OPEN_WAIT: std::time::Duration = std::time::Duration::from_secs(30);
 
+/// How long a request waits for an open log that is momentarily unavailable (a gateway
+/// reconnecting to NATS) before it is answered 503.
+pub const LOG_AVAILABLE_WAIT: std::time::Duration = std::time::Duration::from_secs(1);
+
 /// What every handler can reach.
 pub struct AppState {
     /// The configuration in force.
@@ -149,13 +153,28 @@ impl AppState {
     /// waits for it, up to [`LOG_OPEN_WAIT`], rather than being refused: a browser's
     /// `EventSource` gives up for good on an error status, so a reconnect that lands in that
     /// window must be held, not answered 503. After the wait: 503.
+    ///
+    /// A log that is open but not available (a gateway that has lost NATS, or does not follow
+    /// its stream yet) is waited for up to [`LOG_AVAILABLE_WAIT`], then refused with its
+    /// reason (503 `log_unavailable`, `Retry-After`): a subscription opened before the
+    /// gateway follows its stream could miss events, and a publish cannot be acknowledged.
     pub async fn log(&self) -> Result<Arc<dyn EventLog>, ApiError> {
-        if let Some(log) = self.log.get() {
-            return Ok(log.clone());
+        let log = match self.log.get() {
+            Some(log) => log.clone(),
+            None => {
+                let mut opened = self.log_opened.subscribe();
+                let _ = tokio::time::timeout(LOG_OPEN_WAIT, opened.wait_for(|o| *o)).await;
+                self.log.get().cloned().ok_or_else(ApiError::not_ready)?
+            }
+        };
+        let deadline = tokio::time::Instant::now() + LOG_AVAILABLE_WAIT;
+        loop {
+            match log.check_available() {
+                Ok(()) => return Ok(log),
+                Err(e) if tokio::time::Instant::now() >= deadline => return Err(e.into()),
+                Err(_) => tokio::time::sleep(std::time::Duration::from_millis(25)).await,
+            }
         }
-        let mut opened = self.log_opened.subscribe();
-        let _ = tokio::time::timeout(LOG_OPEN_WAIT, opened.wait_for(|o| *o)).await;
-        self.log.get().cloned().ok_or_else(ApiError::not_ready)
     }
 
     /// The publish path (waits for the log like [`AppState::log`]).

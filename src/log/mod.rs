@@ -220,10 +220,17 @@ pub trait EventLog: Send + Sync + 'static {
     fn topic<'a>(&'a self, topic: &'a Topic)
         -> BoxFuture<'a, Result<Option<TopicStats>, LogError>>;
 
-    /// Whether the log can take appends and serve reads now (a remote engine may be
-    /// unreachable for a while); `/readyz` answers 503 while it cannot.
+    /// Whether the log can take appends and open subscriptions now (a remote engine may be
+    /// unreachable for a while); `Err` says why not ([`LogError::Unavailable`]). A
+    /// subscription opened while the log is available misses nothing committed after it.
+    fn check_available(&self) -> Result<(), LogError> {
+        Ok(())
+    }
+
+    /// Whether the server should be in a load balancer's rotation: available, and caught up
+    /// with what is stored (`/readyz` answers 503 otherwise).
     fn is_ready(&self) -> bool {
-        true
+        self.check_available().is_ok()
     }
 
     /// Finishes every accepted append, flushes, and stops. Later appends fail with `Closed`.

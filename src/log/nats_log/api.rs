@@ -1,8 +1,6 @@
 //! The few JetStream API calls the log makes by hand (the client crate does not offer them,
-//! or not with the fields they need): acknowledgements, stream state, per-subject counts and
-//! direct gets with `min_last_seq`.
-
-use std::time::Duration;
+//! or not with the fields they need): acknowledgements, stream state, per-subject counts,
+//! batched direct gets and leader gets.
 
 use async_nats::{HeaderMap, Message};
 use bytes::Bytes;
@@ -199,44 +197,21 @@ pub struct Batch {
     pub exhausted: bool,
 }
 
-/// Status a direct get answers with when the replica asked cannot guarantee `min_last_seq`.
-const MIN_LAST_SEQ: u16 = 412;
-/// Times a direct get is asked again when no replica could guarantee `min_last_seq` yet.
-const LAGGING_REPLICA_TRIES: u32 = 20;
-
-/// Up to `batch` messages on subjects matching `filter` from sequence `start` on, from a
-/// replica that holds at least `min_last_seq`.
+/// Up to `batch` messages on subjects matching `filter` from sequence `start` on, from
+/// whichever replica answers direct gets (any replica that is nearly caught up: it may lack
+/// the newest messages, never older ones, since each replica stores the stream in order).
 pub async fn direct_batch(
     inner: &Inner,
     filter: &str,
     start: u64,
     batch: usize,
-    min_last_seq: u64,
 ) -> Result<Batch, LogError> {
+    use futures_util::StreamExt;
     let body = serde_json::json!({
         "seq": start.max(1),
         "next_by_subj": filter,
         "batch": batch,
-        "min_last_seq": min_last_seq,
     });
-    for attempt in 0..LAGGING_REPLICA_TRIES {
-        match direct_batch_once(inner, &body, batch).await? {
-            Some(b) => return Ok(b),
-            None => tokio::time::sleep(Duration::from_millis(5 * u64::from(attempt + 1))).await,
-        }
-    }
-    Err(LogError::Unavailable(format!(
-        "no replica of the stream holds sequence {min_last_seq} yet"
-    )))
-}
-
-/// One batched direct get; `None` when the replica could not guarantee `min_last_seq`.
-async fn direct_batch_once(
-    inner: &Inner,
-    body: &serde_json::Value,
-    batch: usize,
-) -> Result<Option<Batch>, LogError> {
-    use futures_util::StreamExt;
     let inbox = inner.client.new_inbox();
     let mut sub = inner
         .client
@@ -264,13 +239,12 @@ async fn direct_batch_once(
                 204 => {
                     let pending = header_u64(m.headers.as_ref(), "Nats-Num-Pending").unwrap_or(0);
                     out.exhausted = pending == 0;
-                    return Ok(Some(out));
+                    return Ok(out);
                 }
                 404 => {
                     out.exhausted = true;
-                    return Ok(Some(out));
+                    return Ok(out);
                 }
-                MIN_LAST_SEQ => return Ok(None),
                 503 => return Err(unavailable("no responders for a direct get")),
                 other => {
                     return Err(LogError::Storage(format!(
@@ -296,44 +270,50 @@ async fn direct_batch_once(
         });
         if out.messages.len() >= batch {
             out.exhausted = pending == Some(0);
-            return Ok(Some(out));
+            return Ok(out);
         }
     }
 }
 
-/// One message by a direct get (`{"last_by_subj": …}` or `{"seq": 0, "next_by_subj": …}`
-/// bodies); `None` when there is none.
-pub async fn direct_one(
-    inner: &Inner,
-    mut body: serde_json::Value,
-    min_last_seq: u64,
-) -> Result<Option<u64>, LogError> {
-    body["min_last_seq"] = min_last_seq.into();
-    for attempt in 0..LAGGING_REPLICA_TRIES {
-        let m = request(
-            inner,
-            format!("$JS.API.DIRECT.GET.{}", inner.wanted.name),
-            None,
-            body.to_string().into(),
-        )
-        .await?;
-        match m.status.map(|s| s.as_u16()) {
-            None => return Ok(header_u64(m.headers.as_ref(), "Nats-Sequence")),
-            Some(404) => return Ok(None),
-            Some(MIN_LAST_SEQ) => {
-                tokio::time::sleep(Duration::from_millis(5 * u64::from(attempt + 1))).await
-            }
-            Some(other) => {
-                return Err(LogError::Storage(format!(
-                    "direct get answered {other}: {}",
-                    m.description.unwrap_or_default()
-                )))
-            }
-        }
+/// JetStream's "no message found" (a get past the last match).
+const NO_MESSAGE_FOUND: u64 = 10037;
+
+/// The sequence of one message, asked of the stream leader (`$JS.API.STREAM.MSG.GET`, which
+/// only the leader answers, so it never lags): bodies `{"seq": n, "next_by_subj": filter}`
+/// (the first match from `n` on) or `{"last_by_subj": subject}`. `None` when none matches.
+pub async fn leader_get(inner: &Inner, body: serde_json::Value) -> Result<Option<u64>, LogError> {
+    #[derive(Deserialize)]
+    struct Msg {
+        seq: u64,
     }
-    Err(LogError::Unavailable(format!(
-        "no replica of the stream holds sequence {min_last_seq} yet"
-    )))
+    #[derive(Deserialize)]
+    struct Answer {
+        #[serde(default)]
+        message: Option<Msg>,
+        #[serde(default)]
+        error: Option<ApiErr>,
+    }
+    let m = request(
+        inner,
+        format!("$JS.API.STREAM.MSG.GET.{}", inner.wanted.name),
+        None,
+        body.to_string().into(),
+    )
+    .await?;
+    let answer: Answer = serde_json::from_slice(&m.payload)
+        .map_err(|e| LogError::Storage(format!("unreadable JetStream answer: {e}")))?;
+    match (answer.message, answer.error) {
+        (Some(msg), _) => Ok(Some(msg.seq)),
+        (None, Some(e)) if e.err_code == NO_MESSAGE_FOUND => Ok(None),
+        (None, Some(e)) if e.err_code == code::STREAM_NOT_FOUND => Err(LogError::Unavailable(
+            format!("JetStream: {}", e.description),
+        )),
+        (None, Some(e)) => Err(LogError::Storage(format!(
+            "JetStream: {} ({})",
+            e.description, e.err_code
+        ))),
+        (None, None) => Err(LogError::Storage("an empty JetStream answer".into())),
+    }
 }
 
 fn header_u64(headers: Option<&HeaderMap>, name: &str) -> Option<u64> {

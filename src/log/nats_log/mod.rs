@@ -12,7 +12,8 @@
 //!   which every gateway shares;
 //! - **hub**: each gateway follows the stream in sequence order with an ordered consumer and
 //!   feeds its own hub; its head is the last sequence it handed over, and reads by cursor
-//!   (direct gets with `min_last_seq` = that head, so no replica answers with less) stop there.
+//!   (batched direct gets, checked against the stream leader when a replica may lag) are
+//!   complete up to that head and stop there.
 //!
 //! The gateway starts even when NATS is unreachable: it then answers 503 (`/readyz`,
 //! publishes with `Retry-After`) until it is connected, has checked its stream and follows it.
@@ -257,11 +258,13 @@ impl Inner {
                         );
                         s
                     }
-                    Err(_) => self
-                        .js
-                        .get_stream(&self.wanted.name)
-                        .await
-                        .map_err(|e| unavailable(&e))?,
+                    Err(e) => {
+                        tracing::debug!(error = %e, "creating the stream failed; reading it");
+                        self.js
+                            .get_stream(&self.wanted.name)
+                            .await
+                            .map_err(|e| unavailable(&e))?
+                    }
                 }
             }
             Err(e) => return Err(unavailable(&e)),
@@ -532,6 +535,10 @@ impl EventLog for NatsLog {
         topic: &'a Topic,
     ) -> BoxFuture<'a, Result<Option<TopicStats>, LogError>> {
         Box::pin(read::topic(&self.inner, topic))
+    }
+
+    fn check_available(&self) -> Result<(), LogError> {
+        self.inner.check_ready()
     }
 
     fn is_ready(&self) -> bool {

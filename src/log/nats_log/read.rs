@@ -1,9 +1,12 @@
 //! Reads by cursor and topic statistics, from the stream itself.
 //!
 //! A pattern set becomes a few subject filters; each is read with one batched direct get
-//! from the cursor, from a replica holding at least this gateway's head (`min_last_seq`),
-//! and the answers are merged by sequence. A read costs what it returns plus one request per
-//! filter, never the size of the stream.
+//! from the cursor, and the answers are merged by sequence. Any replica may answer a direct
+//! get, and a follower may not yet hold the newest messages (never older ones: it stores the
+//! stream in order). So when a replica says a filter has nothing more, the stream leader is
+//! asked for the filter's next match after what came back: one at or below this gateway's
+//! head means the replica lagged, and the filter is read again. A read costs what it returns
+//! plus two requests per filter, never the size of the stream.
 
 use std::collections::BTreeMap;
 
@@ -59,7 +62,7 @@ pub async fn read(
     let batches = futures_util::future::try_join_all(
         filters
             .iter()
-            .map(|f| api::direct_batch(inner, f, after + 1, limit, head)),
+            .map(|f| read_filter(inner, f, after, limit, head)),
     )
     .await?;
     let (events, through) = merge(inner, batches, after, head, limit);
@@ -69,6 +72,52 @@ pub async fn read(
         through: EventId(through),
         complete: through >= head,
     })
+}
+
+/// Times a filter is read again when the replica that answered lagged behind the head.
+const LAGGING_REPLICA_TRIES: u32 = 20;
+
+/// One filter's events after `after`: a batch that is complete up to `head` when it says it
+/// is exhausted (checked with the stream leader), else up to its last message.
+async fn read_filter(
+    inner: &Inner,
+    filter: &str,
+    after: u64,
+    limit: usize,
+    head: u64,
+) -> Result<Batch, LogError> {
+    for attempt in 0..LAGGING_REPLICA_TRIES {
+        let batch = api::direct_batch(inner, filter, after + 1, limit).await?;
+        if !batch.exhausted {
+            return Ok(batch);
+        }
+        let seen = batch.messages.last().map_or(after, |m| m.seq);
+        if seen >= head {
+            return Ok(batch);
+        }
+        let next = api::leader_get(
+            inner,
+            serde_json::json!({ "seq": seen + 1, "next_by_subj": filter }),
+        )
+        .await?;
+        match next {
+            Some(n) if n <= head => {
+                tracing::debug!(
+                    filter,
+                    seen,
+                    missed = n,
+                    head,
+                    "a lagging replica answered; reading again"
+                );
+                tokio::time::sleep(std::time::Duration::from_millis(2 * u64::from(attempt + 1)))
+                    .await;
+            }
+            _ => return Ok(batch),
+        }
+    }
+    Err(LogError::Unavailable(format!(
+        "the replicas answering reads of {filter} stay behind sequence {head}"
+    )))
 }
 
 /// Merges the filters' answers: the events up to the highest sequence every filter has
@@ -137,10 +186,9 @@ pub async fn topics(
         }
     }
     use futures_util::StreamExt;
-    let head = inner.head();
     let wanted: Vec<(Topic, u64)> = counts.into_values().take(limit).collect();
     let stats: Vec<Result<Option<TopicStats>, LogError>> = futures_util::stream::iter(wanted)
-        .map(|(t, count)| async move { stats_of(inner, &t, count, head).await })
+        .map(|(t, count)| async move { stats_of(inner, &t, count).await })
         .buffered(STATS_IN_FLIGHT)
         .collect()
         .await;
@@ -163,22 +211,20 @@ pub async fn topic(inner: &Inner, topic: &Topic) -> Result<Option<TopicStats>, L
     if count == 0 {
         return Ok(None);
     }
-    stats_of(inner, topic, count, inner.head()).await
+    stats_of(inner, topic, count).await
 }
 
 async fn stats_of(
     inner: &Inner,
     topic: &Topic,
     count: u64,
-    head: u64,
 ) -> Result<Option<TopicStats>, LogError> {
     let subject = subject::topic_subject(&inner.wanted.prefix, topic);
-    let first = api::direct_one(
+    let first = api::leader_get(
         inner,
         serde_json::json!({ "seq": 1, "next_by_subj": subject }),
-        head,
     );
-    let last = api::direct_one(inner, serde_json::json!({ "last_by_subj": subject }), head);
+    let last = api::leader_get(inner, serde_json::json!({ "last_by_subj": subject }));
     let (first, last) = futures_util::future::try_join(first, last).await?;
     let (Some(first), Some(last)) = (first, last) else {
         // Retention removed the topic's last events between the count and the gets.
