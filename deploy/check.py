@@ -412,7 +412,7 @@ def consistency():
     for name, text in sorted(texts.items()):
         code = "\n".join(l for l in text.splitlines() if not l.lstrip().startswith("#"))
         names = set(re.findall(r"\bTIDEWIRE_([A-Z0-9_]+)", code))
-        bad = sorted(n for n in names if n.lower() not in f.keys | NATS_KEYS and n not in ("CONFIG",))
+        bad = sorted(n for n in names if n.lower() not in f.keys and n not in ("CONFIG",))
         check(not bad, f"{name}: every TIDEWIRE_<KEY> names a config key ({bad or sorted(names) or 'none used'})")
 
 
@@ -543,11 +543,6 @@ COMPOSE_JS = DEPLOY / "docker-compose.jetstream.yml"
 NATS_CONF = DEPLOY / "nats" / "nats.conf"
 NGINX_JS = DEPLOY / "compose" / "nginx.jetstream.conf"
 K8S_JS = DEPLOY / "k8s" / "jetstream"
-# The config keys of the JetStream log backend (`--log nats`), fixed by the server's interface.
-# deploy/tidewire.toml (the sample every other key is checked against) may not list them yet;
-# a key in neither set is still refused.
-NATS_KEYS = {"log", "nats_urls", "nats_stream", "nats_replicas", "nats_creds_file", "nats_nkey_file",
-             "nats_user", "nats_password", "nats_tls_ca"}
 # JetStream atomic batch publish, which the gateways use, needs nats-server 2.12 or newer.
 MIN_NATS = (2, 12)
 
@@ -788,9 +783,15 @@ def consistency_jetstream(f):
     check(bool(stream), f"--nats-stream {stream}")
     check(replicas is not None and int(replicas) == 3 == len(nats_names),
           f"--nats-replicas {replicas}: R3 over the three nodes (losing one loses nothing)")
-    check(first.get("environment") == single.get("environment") and first.get("secrets") == single.get("secrets")
+    genv = dict(first.get("environment") or {})
+    total = int(genv.pop("TIDEWIRE_RETENTION_MAX_TOTAL_BYTES", 0))
+    check(genv == single.get("environment") and first.get("secrets") == single.get("secrets")
           and js.compose.get("secrets") == f.compose.get("secrets"),
-          "the JWT secret and environment are docker-compose.yml's (compose secret tidewire-jwt)")
+          "the JWT secret and environment are docker-compose.yml's (compose secret tidewire-jwt), "
+          "plus TIDEWIRE_RETENTION_MAX_TOTAL_BYTES")
+    mfs = nbytes(js.conf.get("jetstream", {}).get("max_file_store", "0"))
+    check(0 < total < mfs, f"retention_max_total_bytes {total} (the stream's max_bytes) is below each node's "
+          f"max_file_store {mfs}: a full store drops the oldest events instead of refusing publishes")
     hc = " ".join(first.get("healthcheck", {}).get("test", []))
     check(f"http://127.0.0.1:{port}/readyz" in hc, "the gateways' healthcheck is GET /readyz (connected, caught up)")
     dep = first.get("depends_on", {})
@@ -857,10 +858,14 @@ def consistency_jetstream(f):
     for k in ("securityContext", "terminationGracePeriodSeconds", "enableServiceLinks", "automountServiceAccountToken"):
         check(pod.get(k) == s_pod.get(k), f"pod {k} is statefulset.yaml's ({pod.get(k) if not isinstance(pod.get(k), dict) else '…'})")
     conf = js.gw_toml
-    unknown = sorted(set(conf) - (f.keys | NATS_KEYS))
+    unknown = sorted(set(conf) - f.keys)
     check(not unknown, f"every key of the gateway ConfigMap is a config key ({unknown or 'yes'})")
     check("listen" not in conf and "data_dir" not in conf, "the gateway ConfigMap leaves listen and data_dir to the flags")
     check(conf.get("log") == "nats", f"log = {conf.get('log')!r}")
+    total = conf.get("retention_max_total_bytes", 0)
+    mfs = nbytes(js.k8s_conf.get("jetstream", {}).get("max_file_store", "0"))
+    check(0 < total < mfs, f"retention_max_total_bytes {total} (the stream's max_bytes) is below each pod's "
+          f"max_file_store {mfs}")
     check(conf.get("nats_stream") == stream, f"nats_stream {conf.get('nats_stream')!r} = compose's --nats-stream {stream!r}")
     nrep = js.sts["spec"]["replicas"]
     check(replicas is not None and conf.get("nats_replicas") == int(replicas) == nrep,
@@ -1051,8 +1056,12 @@ def stop_cluster(cfg, nodes, label):
             if cfg["prestop"]:
                 pre = [a.replace(cfg["conf"].get("pid_file", "\0"), str(n["dir"] / "nats.pid")) for a in cfg["prestop"]]
                 nats_bin = p.args[0]
-                subprocess.run([nats_bin if pre[0] == "nats-server" else pre[0]] + pre[1:], capture_output=True)
-                time.sleep(0.2)
+                r = subprocess.run([nats_bin if pre[0] == "nats-server" else pre[0]] + pre[1:], capture_output=True)
+                deadline = time.monotonic() + 5
+                while time.monotonic() < deadline and "lame duck" not in (n["dir"] / "nats.log").read_text().lower():
+                    time.sleep(0.05)
+                check(r.returncode == 0 and "lame duck" in (n["dir"] / "nats.log").read_text().lower(),
+                      f"{label}: {n['name']}: the preStop command puts it in lame-duck mode (through its pid_file)")
             p.send_signal(getattr(signal, cfg["signal"]))
             try:
                 rc = p.wait(timeout=cfg["timeout"])
@@ -1122,8 +1131,110 @@ def start_gateway(name, binary, argv, env, tmp):
     return {"name": name, "proc": p, "base": f"http://127.0.0.1:{port}", "log": log, "path": tmp / f"{name}.log"}
 
 
-def gateways(label, binary, nats_bin, cfg, gw_argvs, env, tmp, secret, stream, replicas, stop_timeout):
-    """Starts cfg's NATS cluster and the gateways over it, and checks them together."""
+def through_nginx(label, gws, site_text, auth, tmp, first_id):
+    """nginx with the compose site (listen and upstreams moved to loopback) in front of the
+    gateways: publishes round-robin over both, and SSE (Last-Event-ID), WebSocket (since) and
+    long-poll (since) through it see every event once, in id order."""
+    import base64 as b64
+    port = free_port()
+    text = re.sub(r"^(\s*listen\s+)\d+;", rf"\g<1>127.0.0.1:{port};", site_text, flags=re.M)
+    ups = iter(g["base"].split("//", 1)[1] for g in gws)
+    text = re.sub(r"^(\s*server\s+)tidewire-\d+:\d+;", lambda m: f"{m.group(1)}{next(ups)};", text, flags=re.M)
+    d = tmp / f"{label}-nginx"
+    d.mkdir()
+    (d / "site.conf").write_text(text)
+    (d / "nginx.conf").write_text(
+        f"daemon off;\nmaster_process off;\nworker_processes 1;\npid {d}/nginx.pid;\nerror_log {d}/error.log warn;\n"
+        f"events {{ worker_connections 256; }}\nhttp {{\n  access_log off;\n"
+        + "".join(f"  {k}_temp_path {d}/{k};\n" for k in ("client_body", "proxy", "fastcgi", "uwsgi", "scgi"))
+        + f"  include {d}/site.conf;\n}}\n")
+    p = subprocess.Popen(["/usr/sbin/nginx", "-c", str(d / "nginx.conf"), "-p", str(d), "-e", str(d / "error.log")],
+                         stdout=subprocess.DEVNULL, stderr=subprocess.STDOUT)
+    base = f"http://127.0.0.1:{port}"
+    try:
+        deadline = time.monotonic() + 10
+        while time.monotonic() < deadline and http("GET", base + "/healthz")[0] != 200:
+            time.sleep(0.1)
+        def published(g):
+            status, out = http("GET", g["base"] + "/metrics", headers=auth)
+            m = re.search(rb"(?m)^tidewire_publish_requests_total (\d+)", out) if status == 200 else None
+            return int(m.group(1)) if m else None
+
+        before = [published(g) for g in gws]
+        ids = []
+        for i in range(4):
+            status, out = http("POST", base + "/v1/topics/deploy/nginx/events", json.dumps({"data": i}).encode(),
+                               {"content-type": "application/json", **auth})
+            ids.append(json.loads(out).get("last_id") if status == 201 else None)
+        after = [published(g) for g in gws]
+        per = [b - a if None not in (a, b) else None for a, b in zip(before, after)]
+        check(None not in ids and ids == sorted(ids) and ids[0] > first_id and None not in per and min(per) > 0,
+              f"{label} nginx: 4 publishes get 201, ids {ids}, spread over the gateways {per} "
+              "(tidewire_publish_requests_total)")
+        want = [i for i in ids if i is not None]
+
+        def raw(request, until, timeout=5):
+            """Sends one request over a socket; returns what arrives until until(bytes) or timeout."""
+            s = socket.create_connection(("127.0.0.1", port), timeout=timeout)
+            s.sendall(request)
+            buf, end = b"", time.monotonic() + timeout
+            try:
+                while time.monotonic() < end and not until(buf):
+                    s.settimeout(max(0.05, end - time.monotonic()))
+                    chunk = s.recv(65536)
+                    if not chunk:
+                        break
+                    buf += chunk
+            except OSError:
+                pass
+            s.close()
+            return buf
+
+        hdr = "".join(f"{k}: {v}\r\n" for k, v in auth.items())
+        sse_ids = lambda b: [int(m) for m in re.findall(rb"(?m)^id:\s*(\d+)\s*$", b)]
+        got = raw((f"GET /v1/sse?topic=deploy/nginx HTTP/1.1\r\nHost: t\r\nAccept: text/event-stream\r\n"
+                   f"Last-Event-ID: {first_id}\r\n{hdr}\r\n").encode(), lambda b: set(want) <= set(sse_ids(b)))
+        check(got.startswith(b"HTTP/1.1 200") and sse_ids(got)[:len(want)] == want,
+              f"{label} nginx: SSE with Last-Event-ID {first_id} gets {sse_ids(got)} (wanted {want})")
+
+        def ws_ids(b):
+            b = b.split(b"\r\n\r\n", 1)[1] if b"\r\n\r\n" in b else b""
+            out = []
+            while len(b) >= 2:
+                n, off = b[1] & 0x7F, 2
+                if n == 126:
+                    n, off = int.from_bytes(b[2:4], "big"), 4
+                elif n == 127:
+                    n, off = int.from_bytes(b[2:10], "big"), 10
+                if len(b) < off + n:
+                    break
+                if b[0] & 0x0F == 1:
+                    try:
+                        out.append(json.loads(b[off:off + n]).get("id"))
+                    except ValueError:
+                        pass
+                b = b[off + n:]
+            return [i for i in out if i is not None]
+
+        key = b64.b64encode(os.urandom(16)).decode()
+        got = raw((f"GET /v1/ws?topic=deploy/nginx&since={first_id} HTTP/1.1\r\nHost: t\r\nUpgrade: websocket\r\n"
+                   f"Connection: Upgrade\r\nSec-WebSocket-Key: {key}\r\nSec-WebSocket-Version: 13\r\n"
+                   f"Sec-WebSocket-Protocol: tidewire.v1.json\r\n{hdr}\r\n").encode(),
+                  lambda b: set(want) <= set(ws_ids(b)))
+        check(got.startswith(b"HTTP/1.1 101") and ws_ids(got)[:len(want)] == want,
+              f"{label} nginx: WebSocket upgrade (101) with since={first_id} gets {ws_ids(got)}")
+        status, out = http("GET", base + f"/v1/poll?topic=deploy/nginx&since={first_id}&timeout=5", headers=auth)
+        pids = [e.get("id") for e in json.loads(out).get("events", [])] if status == 200 else []
+        check(pids == want, f"{label} nginx: long-poll since={first_id} gets {pids}")
+    finally:
+        p.terminate()
+        p.wait()
+
+
+def gateways(label, binary, nats_bin, cfg, gw_argvs, env, tmp, secret, stream, replicas, limits, stop_timeout,
+             nginx_site=None):
+    """Starts cfg's NATS cluster and the gateways over it, and checks them together (and through
+    nginx_site, an nginx site whose upstream lists them, when given)."""
     print(f"# {label}: {len(gw_argvs)} gateways over {cfg['label']} (3 nodes on loopback)")
     nodes = start_cluster(nats_bin, cfg, tmp)
     gws = []
@@ -1184,6 +1295,8 @@ def gateways(label, binary, nats_bin, cfg, gw_argvs, env, tmp, secret, stream, r
         events = json.loads(out).get("events", []) if status == 200 else []
         check([e.get("id") for e in events][:1] == [second],
               f"{label}: {a['name']} resumes after {first} with {b['name']}'s event ({[e.get('id') for e in events]})")
+        if nginx_site is not None and second is not None:
+            through_nginx(label, gws, nginx_site, auth, tmp, second)
         _, jsz = get_json(f"http://127.0.0.1:{nodes[0]['http']}/jsz?streams=true&config=true")
         found = [s for acc in (jsz or {}).get("account_details", []) for s in acc.get("stream_detail", [])
                  if s.get("name") == stream]
@@ -1191,6 +1304,10 @@ def gateways(label, binary, nats_bin, cfg, gw_argvs, env, tmp, secret, stream, r
         check(sc.get("num_replicas") == replicas and sc.get("storage") == "file",
               f"{label}: the stream {stream} is R{sc.get('num_replicas')}, {sc.get('storage')} storage "
               f"(wanted R{replicas}, file)")
+        check(sc.get("max_bytes") == limits["max_bytes"] and sc.get("max_age") == limits["max_age_ns"]
+              and sc.get("discard") == "old",
+              f"{label}: the stream's max_bytes {sc.get('max_bytes')}, max_age {sc.get('max_age')} ns, discard "
+              f"{sc.get('discard')} (wanted {limits['max_bytes']}, {limits['max_age_ns']}, old)")
         for g in gws:
             t0 = time.monotonic()
             g["proc"].send_signal(signal.SIGTERM)
@@ -1217,6 +1334,7 @@ def run_jetstream(binary, nats_bin):
         print("#   the gateways cannot run with this binary: build one with the NATS log backend")
         return
     cfgs = {c["tag"]: c for c in js.nats_configs()}
+    age_ns = f.sample["retention_max_age_secs"] * 10**9
     with tempfile.TemporaryDirectory(prefix="tidewire-deploy-check.") as d:
         tmp = Path(d)
         secret = tmp / "jwt-secret"
@@ -1229,7 +1347,10 @@ def run_jetstream(binary, nats_bin):
         env["TIDEWIRE_JWT_SECRET_FILE"] = str(secret)
         cmd = first["command"]
         gateways("compose", binary, nats_bin, cfgs["compose"], argvs, env, tmp, secret,
-                 flag(cmd, "--nats-stream"), int(flag(cmd, "--nats-replicas")), seconds(first["stop_grace_period"]))
+                 flag(cmd, "--nats-stream"), int(flag(cmd, "--nats-replicas")),
+                 {"max_bytes": int(env["TIDEWIRE_RETENTION_MAX_TOTAL_BYTES"]), "max_age_ns": age_ns},
+                 seconds(first["stop_grace_period"]),
+                 nginx_site=NGINX_JS.read_text())
 
         # k8s: the Deployment's args with the ConfigMap's file (JWT path moved), one per replica.
         conf = js.gw_toml_text.replace(js.gw_toml["jwt_secret_file"], str(secret))
@@ -1241,6 +1362,8 @@ def run_jetstream(binary, nats_bin):
         pod = js.deploy["spec"]["template"]["spec"]
         gateways("k8s", binary, nats_bin, cfgs["k8s"], [[f.binary] + args] * js.deploy["spec"]["replicas"], env, tmp,
                  secret, js.gw_toml["nats_stream"], js.gw_toml["nats_replicas"],
+                 {"max_bytes": js.gw_toml["retention_max_total_bytes"],
+                  "max_age_ns": js.gw_toml.get("retention_max_age_secs", f.sample["retention_max_age_secs"]) * 10**9},
                  float(pod["terminationGracePeriodSeconds"]))
 
 
