@@ -24,7 +24,7 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use async_nats::jetstream;
-use async_nats::jetstream::consumer::{pull, DeliverPolicy};
+use async_nats::jetstream::consumer::{pull, AckPolicy, DeliverPolicy};
 use futures_util::{FutureExt, StreamExt};
 use tokio::sync::{watch, Semaphore};
 
@@ -50,6 +50,13 @@ const BATCHES_IN_FLIGHT: usize = 16;
 const FOLLOW_BATCH: usize = 1024;
 /// A gateway further behind its stream than this many events is not ready.
 const READY_LAG: u64 = 1000;
+/// Heartbeat the follower's consumer sends while idle; two missed ones (the node holding the
+/// consumer died) make the gateway follow again through a new consumer.
+const FOLLOW_HEARTBEAT: Duration = Duration::from_secs(1);
+/// How long one pull request of the follower stays open.
+const FOLLOW_EXPIRES: Duration = Duration::from_secs(10);
+/// A follower consumer nobody pulls from any more (its gateway died) is removed after this.
+const CONSUMER_INACTIVE: Duration = Duration::from_secs(30);
 /// How often a gateway looks at its stream's state (lag, readiness).
 const WATCH_EVERY: Duration = Duration::from_millis(500);
 
@@ -386,21 +393,39 @@ async fn follow(inner: &Arc<Inner>) -> Result<(), String> {
         .get_stream(&inner.wanted.name)
         .await
         .map_err(|e| e.to_string())?;
+    // An ephemeral, unacknowledged, in-memory consumer: what an ordered consumer is, with
+    // a short heartbeat of our own, so a consumer lost with its NATS node is noticed in
+    // seconds. Any gap or repeat in its sequence ends this run, and the next one starts
+    // after the head again: nothing is skipped or handed over twice.
     let consumer = stream
-        .create_consumer(pull::OrderedConfig {
+        .create_consumer(pull::Config {
             filter_subject: inner.wanted.subjects(),
             deliver_policy: DeliverPolicy::ByStartSequence {
                 start_sequence: inner.head() + 1,
             },
+            ack_policy: AckPolicy::None,
+            max_deliver: 1,
+            num_replicas: 1,
+            memory_storage: true,
+            inactive_threshold: CONSUMER_INACTIVE,
             ..Default::default()
         })
         .await
         .map_err(|e| e.to_string())?;
-    let mut messages = consumer.messages().await.map_err(|e| e.to_string())?;
+    let mut messages = consumer
+        .stream()
+        .max_messages_per_batch(FOLLOW_BATCH)
+        .heartbeat(FOLLOW_HEARTBEAT)
+        .expires(FOLLOW_EXPIRES)
+        .messages()
+        .await
+        .map_err(|e| e.to_string())?;
     inner.following.store(true, Ordering::Release);
     inner.metrics.nats().following.set(1);
     tracing::info!(from = inner.head() + 1, "following the JetStream stream");
     let mut closed = inner.closed.subscribe();
+    // The consumer's own sequence of the last message handed over: each must be the next.
+    let mut delivered = 0u64;
     loop {
         let first = tokio::select! {
             m = messages.next() => m,
@@ -426,27 +451,45 @@ async fn follow(inner: &Arc<Inner>) -> Result<(), String> {
                 None => break,
             }
         }
-        hand_over(inner, run);
-        if let Some(why) = failed {
+        let in_order = hand_over(inner, run, &mut delivered);
+        if let Some(why) = failed.or(in_order.err()) {
             return Err(why);
         }
     }
 }
 
 /// Moves the head over `run` and hands its events to the hub (in that order: a subscriber
-/// that registers in between reads them from the log and drops them live by id).
-fn hand_over(inner: &Inner, run: Vec<jetstream::Message>) {
+/// that registers in between reads them from the log and drops them live by id). `Err` when
+/// the consumer skipped or repeated a message: what came before it is handed over, and the
+/// caller starts again after the head.
+fn hand_over(
+    inner: &Inner,
+    run: Vec<jetstream::Message>,
+    delivered: &mut u64,
+) -> Result<(), String> {
     let mut events: Vec<SharedEvent> = Vec::with_capacity(run.len());
     let mut topics: Vec<Topic> = Vec::new();
     let mut last = inner.head();
+    let mut broken = None;
     for m in run {
-        let Ok(info) = m.info() else { continue };
+        let info = match m.info() {
+            Ok(info) => info,
+            Err(e) => {
+                broken = Some(format!("a message without its metadata: {e}"));
+                break;
+            }
+        };
+        if info.consumer_sequence != *delivered + 1 || info.stream_sequence <= last {
+            broken = Some(format!(
+                "the consumer delivered {} (stream {}) after {} (stream {})",
+                info.consumer_sequence, info.stream_sequence, delivered, last
+            ));
+            break;
+        }
+        *delivered = info.consumer_sequence;
         let seq = info.stream_sequence;
         let stored_ms =
             u64::try_from(info.published.unix_timestamp_nanos() / 1_000_000).unwrap_or(0);
-        if seq <= last {
-            continue;
-        }
         last = seq;
         let m = m.split().0;
         let Some(event) = wire::decode(
@@ -468,6 +511,10 @@ fn hand_over(inner: &Inner, run: Vec<jetstream::Message>) {
     inner.set_head(last);
     if !events.is_empty() {
         inner.hub.publish(events.into(), &topics);
+    }
+    match broken {
+        Some(why) => Err(why),
+        None => Ok(()),
     }
 }
 
