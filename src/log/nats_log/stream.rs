@@ -2,7 +2,8 @@
 //! that an existing stream is one tidewire can serve. Pure functions, free of I/O.
 //!
 //! What maps onto the stream, and what is refused:
-//! - the dedupe window is the stream's `duplicate_window`;
+//! - the dedupe window is the stream's `duplicate_window` (at most `max_age`, as JetStream
+//!   requires);
 //! - the default `retention_max_age_secs` is the stream's `max_age`, and
 //!   `retention_max_total_bytes` its `max_bytes` (oldest first, `discard: old`);
 //! - per-topic counts and bytes, and per-pattern rules with limits, have no exact JetStream
@@ -58,12 +59,19 @@ impl Wanted {
                 rule.0.as_str()
             ));
         }
+        let max_age = Duration::from_secs(default.max_age_secs);
         Ok(Wanted {
             name: name.to_owned(),
             prefix: prefix.to_owned(),
             replicas,
-            dedupe_window,
-            max_age: Duration::from_secs(default.max_age_secs),
+            // JetStream refuses a duplicate window longer than the stream's max_age (an
+            // event older than that is gone, and so is what its msg_id could be compared to).
+            dedupe_window: if max_age.is_zero() {
+                dedupe_window
+            } else {
+                dedupe_window.min(max_age)
+            },
+            max_age,
             max_bytes: retention.max_total_bytes,
         })
     }
