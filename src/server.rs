@@ -238,7 +238,7 @@ async fn open_nats(
         dedupe_window: Duration::from_secs(config.dedupe_window_secs),
         retention: config
             .retention_policy()
-            .map_err(|e| LogError::Open(e.to_string()))?,
+            .map_err(|e| LogError::Config(e.to_string()))?,
     };
     let log = NatsLog::open(opts, hub, metrics).await?;
     tracing::info!(

@@ -253,7 +253,7 @@ impl From<LogError> for ApiError {
                 "storage_full",
                 format!("the event was not stored: {m}"),
             ),
-            LogError::Corrupt(m) | LogError::Open(m) => {
+            LogError::Corrupt(m) | LogError::Open(m) | LogError::Config(m) => {
                 Self::new(StatusCode::INTERNAL_SERVER_ERROR, "internal", m)
             }
             LogError::Unavailable(m) => ApiError {

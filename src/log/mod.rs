@@ -53,6 +53,10 @@ pub enum LogError {
     /// The data directory cannot be used (foreign content, wrong format, cannot open).
     #[error("cannot open the data directory: {0}")]
     Open(String),
+    /// The log cannot be served as configured (a remote stream set up otherwise, a setting
+    /// its engine cannot keep); retrying will not help.
+    #[error("the log cannot be served as configured: {0}")]
+    Config(String),
     /// The log's engine cannot be reached right now (NATS down, no stream leader, no answer
     /// in time). Nothing of the append is acknowledged; a retry with the same `msg_id`s is
     /// stored once whatever happened to this one.

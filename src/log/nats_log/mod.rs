@@ -131,7 +131,7 @@ impl NatsLog {
             opts.dedupe_window,
             &opts.retention,
         )
-        .map_err(LogError::Open)?;
+        .map_err(LogError::Config)?;
         let client = connect(&opts, &metrics).await?;
         let js = jetstream::new(client.clone());
         let (head_tx, _) = watch::channel(0);
@@ -155,7 +155,7 @@ impl NatsLog {
         let first = tokio::time::timeout(inner.opts.timeout, inner.ensure_stream()).await;
         let initial = match first {
             Ok(Ok(last)) => Some(last),
-            Ok(Err(Check::Refused(why))) => return Err(LogError::Open(why)),
+            Ok(Err(Check::Refused(why))) => return Err(LogError::Config(why)),
             Ok(Err(Check::Unavailable(why))) => {
                 tracing::warn!(error = %why, "NATS JetStream is not available yet; retrying");
                 None
@@ -188,12 +188,12 @@ async fn connect(opts: &NatsOptions, metrics: &Metrics) -> Result<async_nats::Cl
         });
     if let Some(path) = &opts.creds_file {
         o = o.credentials_file(path).await.map_err(|e| {
-            LogError::Open(format!("NATS credentials file {}: {e}", path.display()))
+            LogError::Config(format!("NATS credentials file {}: {e}", path.display()))
         })?;
     }
     if let Some(path) = &opts.nkey_file {
         let seed = std::fs::read_to_string(path)
-            .map_err(|e| LogError::Open(format!("nkey seed file {}: {e}", path.display())))?;
+            .map_err(|e| LogError::Config(format!("nkey seed file {}: {e}", path.display())))?;
         o = o.nkey(seed.trim().to_owned());
     }
     if let Some((user, password)) = &opts.user_password {
@@ -224,12 +224,12 @@ async fn connect(opts: &NatsOptions, metrics: &Metrics) -> Result<async_nats::Cl
     for url in &opts.urls {
         addrs.push(
             url.parse::<async_nats::ServerAddr>()
-                .map_err(|e| LogError::Open(format!("NATS URL {url:?}: {e}")))?,
+                .map_err(|e| LogError::Config(format!("NATS URL {url:?}: {e}")))?,
         );
     }
     o.connect(addrs)
         .await
-        .map_err(|e| LogError::Open(format!("NATS: {e}")))
+        .map_err(|e| LogError::Config(format!("NATS: {e}")))
 }
 
 /// Why the stream could not be set up.
