@@ -264,7 +264,12 @@ impl From<LogError> for ApiError {
                     format!("nothing was acknowledged: {m}; retry (with the same msg_id)"),
                 )
             },
-            LogError::TooLarge(m) => Self::new(StatusCode::PAYLOAD_TOO_LARGE, "too_many_events", m),
+            LogError::TooManyEvents(m) => {
+                Self::new(StatusCode::PAYLOAD_TOO_LARGE, "too_many_events", m)
+            }
+            LogError::PayloadTooLarge(m) => {
+                Self::new(StatusCode::PAYLOAD_TOO_LARGE, "payload_too_large", m)
+            }
         }
     }
 }

@@ -64,7 +64,11 @@ pub enum LogError {
     Unavailable(String),
     /// The append is larger than the engine commits atomically; nothing was stored.
     #[error("{0}")]
-    TooLarge(String),
+    TooManyEvents(String),
+    /// An event is larger than the engine stores (a NATS server's `max_payload`); nothing
+    /// was stored.
+    #[error("{0}")]
+    PayloadTooLarge(String),
 }
 
 /// When an append is acknowledged relative to the flush (fsync) that makes it durable.

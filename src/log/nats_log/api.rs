@@ -84,7 +84,17 @@ pub async fn request(
         .client
         .send_request(subject, req)
         .await
-        .map_err(unavailable)
+        .map_err(|e| match e.kind() {
+            async_nats::client::RequestErrorKind::MaxPayloadExceeded => too_big(&e),
+            _ => unavailable(e),
+        })
+}
+
+/// The error a message larger than the NATS servers take becomes (nothing was sent).
+pub fn too_big(e: &dyn std::fmt::Display) -> LogError {
+    LogError::PayloadTooLarge(format!(
+        "an event is larger than the NATS servers' max_payload ({e}); nothing was stored"
+    ))
 }
 
 /// Calls `$JS.API.<what>` with a JSON body and reads the JSON answer, refusing an error

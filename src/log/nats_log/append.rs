@@ -23,6 +23,9 @@ use crate::log::{Appended, LogError};
 
 /// A `Nats-Expected-Last-Msg-Id` no stored message has (tidewire's ids all contain `|`).
 const NO_SUCH_MSG_ID: &str = "tidewire-dedupe-probe";
+/// Room kept for an event's headers and subject within a NATS message (a topic is at most
+/// 200 bytes, a msg_id 256 before base64, a type 128).
+const MESSAGE_OVERHEAD: usize = 2048;
 /// Rounds of "send the batch, set its repeats aside" before giving up (each round can only
 /// find repeats stored concurrently by someone else).
 const DEDUPE_ROUNDS: usize = 4;
@@ -36,6 +39,20 @@ pub async fn append(inner: &Arc<Inner>, events: Vec<NewEvent>) -> Result<Appende
     let unique_count = events.len() - repeats_within(&events).iter().flatten().count();
     if unique_count > inner.opts.max_batch {
         return Err(too_large(inner.opts.max_batch, unique_count));
+    }
+    // Checked before anything is sent: a batch cut short by a refused message would hold one
+    // of JetStream's in-flight batch slots until it times out.
+    let max_payload = inner.client.server_info().max_payload;
+    if let Some(e) = events
+        .iter()
+        .find(|e| max_payload > 0 && e.data.len() + MESSAGE_OVERHEAD > max_payload)
+    {
+        return Err(LogError::PayloadTooLarge(format!(
+            "an event of {} bytes on {} is larger than the NATS servers take (max_payload {max_payload} \
+             bytes, headers included); nothing was stored",
+            e.data.len(),
+            e.topic.as_str()
+        )));
     }
     let started = Instant::now();
     let time = now_ms();
@@ -138,7 +155,7 @@ pub async fn append(inner: &Arc<Inner>, events: Vec<NewEvent>) -> Result<Appende
 }
 
 fn too_large(limit: usize, n: usize) -> LogError {
-    LogError::TooLarge(format!(
+    LogError::TooManyEvents(format!(
         "JetStream stores at most {limit} events atomically in one batch (nats_max_batch); \
          this one has {n}: split it"
     ))
@@ -156,7 +173,7 @@ fn message(inner: &Inner, event: &NewEvent, time: u64) -> (String, HeaderMap, By
 /// Maps JetStream's refusal of a publish onto the log's errors.
 fn refused(inner: &Inner, e: api::ApiErr) -> LogError {
     match e.err_code {
-        code::BATCH_TOO_LARGE => LogError::TooLarge(format!(
+        code::BATCH_TOO_LARGE => LogError::TooManyEvents(format!(
             "JetStream refused the batch as larger than it commits atomically ({}); at most {} \
              events per publish (nats_max_batch) if the server keeps its default",
             e.description, inner.opts.max_batch
@@ -199,7 +216,10 @@ async fn publish_batch(
                 .client
                 .publish_with_headers(subject, headers, payload)
                 .await
-                .map_err(api::unavailable)?;
+                .map_err(|e| match e.kind() {
+                    async_nats::client::PublishErrorKind::MaxPayloadExceeded => api::too_big(&e),
+                    _ => api::unavailable(e),
+                })?;
             continue;
         }
         headers.insert("Nats-Batch-Commit", "1");
