@@ -65,7 +65,7 @@ pub async fn read(
             .map(|f| read_filter(inner, f, after, limit, head)),
     )
     .await?;
-    let (events, through) = merge(inner, batches, after, head, limit);
+    let (events, through) = merge(&inner.wanted.prefix, batches, after, head, limit);
     Ok(Page {
         gap,
         events,
@@ -124,7 +124,7 @@ async fn read_filter(
 /// answered for (a filter that stopped at its batch size has answered only that far), in
 /// sequence order, each once, at most `limit`.
 fn merge(
-    inner: &Inner,
+    prefix: &str,
     batches: Vec<Batch>,
     after: u64,
     head: u64,
@@ -149,14 +149,7 @@ fn merge(
         if events.len() == limit {
             break;
         }
-        if let Some(e) = wire::decode(
-            &inner.wanted.prefix,
-            &m.subject,
-            seq,
-            Some(&m.headers),
-            m.payload,
-            0,
-        ) {
+        if let Some(e) = wire::decode(prefix, &m.subject, seq, Some(&m.headers), m.payload, 0) {
             events.push(std::sync::Arc::new(e));
         }
         if events.len() == limit {
@@ -237,4 +230,95 @@ async fn stats_of(
         count,
         bytes: None,
     }))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::envelope::{Data, NewEvent};
+
+    const P: &str = "tidewire.r";
+
+    fn stored(seq: u64, topic: &str) -> api::Stored {
+        let event = NewEvent {
+            topic: Topic::parse(topic).unwrap(),
+            event_type: None,
+            msg_id: None,
+            data: Data::Json(seq.to_string().into()),
+        };
+        let (headers, payload) = wire::encode(&event, 1);
+        api::Stored {
+            seq,
+            subject: subject::topic_subject(P, &event.topic),
+            headers,
+            payload,
+        }
+    }
+
+    fn batch(seqs: &[(u64, &str)], exhausted: bool) -> Batch {
+        Batch {
+            messages: seqs.iter().map(|(s, t)| stored(*s, t)).collect(),
+            exhausted,
+        }
+    }
+
+    fn ids(events: &[SharedEvent]) -> Vec<u64> {
+        events.iter().map(|e| e.id.0).collect()
+    }
+
+    #[test]
+    fn a_filter_cut_short_by_its_batch_size_bounds_what_the_page_claims() {
+        // Filter one stopped at its batch size at 5; filter two said it has nothing more.
+        let (events, through) = merge(
+            P,
+            vec![
+                batch(&[(2, "a"), (5, "a")], false),
+                batch(&[(3, "b"), (9, "b")], true),
+            ],
+            1,
+            20,
+            100,
+        );
+        assert_eq!(
+            ids(&events),
+            vec![2, 3, 5],
+            "9 waits until filter one got past it"
+        );
+        assert_eq!(through, 5);
+    }
+
+    #[test]
+    fn overlapping_filters_give_each_event_once_in_order_and_limit_cuts_the_page() {
+        let (events, through) = merge(
+            P,
+            vec![
+                batch(&[(4, "a"), (6, "a/b")], true),
+                batch(&[(6, "a/b"), (7, "a/c")], true),
+            ],
+            3,
+            10,
+            100,
+        );
+        assert_eq!(ids(&events), vec![4, 6, 7]);
+        assert_eq!(through, 10, "complete up to the head");
+        let (events, through) = merge(
+            P,
+            vec![batch(&[(4, "a"), (6, "a/b"), (7, "a/c")], true)],
+            3,
+            10,
+            2,
+        );
+        assert_eq!(ids(&events), vec![4, 6]);
+        assert_eq!(
+            through, 6,
+            "the next page starts after the last event given"
+        );
+    }
+
+    #[test]
+    fn nothing_past_the_head_is_given() {
+        let (events, through) = merge(P, vec![batch(&[(4, "a"), (12, "a")], true)], 0, 10, 100);
+        assert_eq!(ids(&events), vec![4]);
+        assert_eq!(through, 10);
+    }
 }
