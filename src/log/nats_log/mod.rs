@@ -609,7 +609,8 @@ impl EventLog for NatsLog {
     }
 }
 
-/// Counts of `(topic → first index)`: which events of an append repeat an earlier one.
+/// For each event of an append, the index of the earlier event of the same append whose
+/// `(topic, msg_id)` it repeats (`None`: the first with it, or no `msg_id`).
 fn repeats_within(events: &[NewEvent]) -> Vec<Option<usize>> {
     let mut first: HashMap<(&str, &str), usize> = HashMap::new();
     events
@@ -626,4 +627,35 @@ fn repeats_within(events: &[NewEvent]) -> Vec<Option<usize>> {
             }
         })
         .collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::envelope::Data;
+
+    fn event(topic: &str, msg_id: Option<&str>) -> NewEvent {
+        NewEvent {
+            topic: Topic::parse(topic).unwrap(),
+            event_type: None,
+            msg_id: msg_id.map(Into::into),
+            data: Data::Json("1".into()),
+        }
+    }
+
+    #[test]
+    fn repeats_within_an_append_name_the_first_event_with_their_topic_and_msg_id() {
+        let events = [
+            event("a", Some("m")),
+            event("b", Some("m")),
+            event("a", None),
+            event("a", Some("m")),
+            event("b", Some("m")),
+            event("a", None),
+        ];
+        assert_eq!(
+            repeats_within(&events),
+            vec![None, None, None, Some(0), Some(1), None]
+        );
+    }
 }
