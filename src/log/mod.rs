@@ -20,7 +20,7 @@ use crate::envelope::{EventId, Gap, NewEvent, SharedEvent};
 use crate::topic::{Pattern, PatternSet, Topic};
 
 mod blobs;
-mod nats_log;
+pub mod nats_log;
 pub mod record;
 pub mod retention;
 mod sled_log;

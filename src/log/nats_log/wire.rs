@@ -11,7 +11,8 @@
 //!   duplicate window is per stream; the topic in the id makes it per `(topic, msg_id)`, as
 //!   the contract wants, and base64 keeps any `msg_id` a valid header value.
 
-use async_nats::{HeaderMap, HeaderValue};
+pub use async_nats::HeaderMap;
+use async_nats::HeaderValue;
 use base64::engine::general_purpose::URL_SAFE_NO_PAD;
 use base64::Engine as _;
 use bytes::Bytes;
