@@ -1121,12 +1121,14 @@ impl LoggedServer {
     async fn spawn(dir: &Path, env_secret: &str) -> LoggedServer {
         let addr = free_addr();
         let log = dir.join("stderr.log");
+        let backend = common::backend_flags(&dir.join("data")).await;
         let child = Command::new(env!("CARGO_BIN_EXE_tidewire"))
             .arg("serve")
             .arg("--listen")
             .arg(addr.to_string())
             .arg("--data-dir")
             .arg(dir.join("data"))
+            .args(&backend)
             .env("RUST_LOG", "tidewire=debug")
             .env("TIDEWIRE_JWT_SECRET", env_secret)
             .env("TIDEWIRE_JWT_LEEWAY_SECS", "0")

@@ -280,16 +280,19 @@ async fn kill_9_rounds_lose_no_acknowledged_event_and_every_subscriber_resumes_e
         assert_eq!(got.len(), all.len(), "{name} missed events");
     }
     drop(server);
-    let verify = std::process::Command::new(env!("CARGO_BIN_EXE_tidewire"))
-        .args(["verify", "--data-dir"])
-        .arg(&dir)
-        .output()
-        .unwrap();
-    assert!(
-        verify.status.success(),
-        "verify: {}",
-        String::from_utf8_lossy(&verify.stdout)
-    );
+    // `verify` checks a sled data dir; on NATS the checks above are the whole story.
+    if common::backend() == common::Backend::Sled {
+        let verify = std::process::Command::new(env!("CARGO_BIN_EXE_tidewire"))
+            .args(["verify", "--data-dir"])
+            .arg(&dir)
+            .output()
+            .unwrap();
+        assert!(
+            verify.status.success(),
+            "verify: {}",
+            String::from_utf8_lossy(&verify.stdout)
+        );
+    }
     eprintln!(
         "crash loop: {rounds} rounds, {} acknowledged, {} stored, every check passed",
         acked.len(),

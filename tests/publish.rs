@@ -681,7 +681,7 @@ async fn json_base64_data_round_trips_identically() {
         &server.url("/v1/topics/bin/json"),
     )
     .await;
-    assert_eq!(stats["bytes"], raw.len() as u64);
+    assert_eq!(stats["bytes"], common::stat_bytes(raw.len() as u64));
     server.stop().await;
 }
 
@@ -1484,7 +1484,7 @@ async fn ids_continue_after_a_restart_on_the_same_data_dir() {
     let (_, _, stats) = request(&client, reqwest::Method::GET, &server.url("/v1/topics/r/a")).await;
     assert_eq!(
         stats,
-        json!({"topic":"r/a","first_id":1,"last_id":3,"count":3,"bytes":3})
+        json!({"topic":"r/a","first_id":1,"last_id":3,"count":3,"bytes":common::stat_bytes(3)})
     );
     server.stop().await;
 
@@ -1537,11 +1537,12 @@ async fn topics_api_lists_exact_stats_filters_by_pattern_and_reports_one_topic()
         let url = server.url(&path);
         async move { request(&client, reqwest::Method::GET, &url).await }
     };
-    let a_temp = json!({"topic":"sensors/a/temp","first_id":1,"last_id":6,"count":2,"bytes":18});
-    let other = json!({"topic":"other","first_id":2,"last_id":2,"count":1,"bytes":7});
-    let b_temp = json!({"topic":"sensors/b/temp","first_id":3,"last_id":4,"count":2,"bytes":3});
-    let a_hum = json!({"topic":"sensors/a/hum","first_id":5,"last_id":5,"count":1,"bytes":6});
-    let a_bin = json!({"topic":"sensors/a/bin","first_id":7,"last_id":7,"count":1,"bytes":5});
+    let a_temp = json!({"topic":"sensors/a/temp","first_id":1,"last_id":6,"count":2,"bytes":common::stat_bytes(18)});
+    let other =
+        json!({"topic":"other","first_id":2,"last_id":2,"count":1,"bytes":common::stat_bytes(7)});
+    let b_temp = json!({"topic":"sensors/b/temp","first_id":3,"last_id":4,"count":2,"bytes":common::stat_bytes(3)});
+    let a_hum = json!({"topic":"sensors/a/hum","first_id":5,"last_id":5,"count":1,"bytes":common::stat_bytes(6)});
+    let a_bin = json!({"topic":"sensors/a/bin","first_id":7,"last_id":7,"count":1,"bytes":common::stat_bytes(5)});
 
     let (status, headers, body) = get("/v1/topics".into()).await;
     assert_eq!(status, 200);

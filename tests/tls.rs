@@ -293,6 +293,7 @@ impl InProcess {
             tls_key: Some(files.key.clone()),
             ..Config::default()
         };
+        common::use_backend(&mut config).await;
         tune(&mut config);
         let (stop_tx, stop_rx) = oneshot::channel::<()>();
         let task = tokio::spawn(async move {
@@ -339,12 +340,14 @@ struct TlsBin {
 impl TlsBin {
     async fn spawn(data_dir: &Path, files: &Files, ca_pem: &str) -> TlsBin {
         let addr = common::free_addr();
+        let backend = common::backend_flags(data_dir).await;
         let mut child = Command::new(env!("CARGO_BIN_EXE_tidewire"))
             .arg("serve")
             .arg("--listen")
             .arg(addr.to_string())
             .arg("--data-dir")
             .arg(data_dir)
+            .args(&backend)
             .args(files.flags())
             .env("RUST_LOG", "tidewire=info")
             .stdin(Stdio::null())

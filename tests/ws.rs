@@ -684,22 +684,20 @@ async fn a_peer_that_stops_answering_pings_is_closed_and_an_answering_one_is_not
             Some(Ok(_)) => continue,
         }
     }
-    let http = reqwest::Client::new();
-    let metrics = http
-        .get(server.url("/metrics"))
-        .send()
-        .await
-        .unwrap()
-        .text()
-        .await
-        .unwrap();
-    assert!(
-        metrics.contains("tidewire_ws_unresponsive_closed_total 1"),
-        "{metrics}"
-    );
-    assert!(
-        metrics.contains("tidewire_live_subscribers{transport=\"ws\"} 1"),
-        "{metrics}"
+    // The socket's task leaves `live_subscribers` when it ends, just after its close frame is
+    // out: the client can read that frame first, so wait for the gauge to follow.
+    let base = server.url("");
+    let deadline = Instant::now() + PATIENCE;
+    while metric(&base, "tidewire_live_subscribers{transport=\"ws\"}").await != 1.0 {
+        assert!(
+            Instant::now() < deadline,
+            "live_subscribers never went down to the one answering socket"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    assert_eq!(
+        metric(&base, "tidewire_ws_unresponsive_closed_total").await,
+        1.0
     );
     sync(&mut alive, Enc::Json).await;
     server.stop().await;

@@ -1,11 +1,18 @@
 //! Shared test harness: the real server (in-process via `server::run`, or the release-shaped
 //! binary as a child process) on a loopback port with sled in a temp dir, plus small helpers
 //! around independent clients (reqwest for HTTP, eventsource-stream for SSE).
+//!
+//! `TIDEWIRE_TEST_BACKEND=nats` (default `sled`) runs the same servers on the JetStream log:
+//! [`TestServer`] and [`BinServer`] then give each data dir a single-node nats-server of its
+//! own (see [`nats::for_data_dir`]) and set `log = nats`, `nats_urls`, `nats_stream`. Tests
+//! that are about the sled engine itself return early through [`sled_only`].
 #![allow(dead_code)]
 
 pub mod browser;
 
 pub mod auth;
+
+pub mod nats;
 
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
@@ -23,10 +30,73 @@ use tokio::task::JoinHandle;
 /// Generous bound for anything a test waits on; never a performance assertion.
 pub const PATIENCE: Duration = Duration::from_secs(20);
 
+/// The log the servers of this test run use, from `TIDEWIRE_TEST_BACKEND`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Backend {
+    /// The embedded sled log (the default).
+    Sled,
+    /// A JetStream stream on a nats-server the harness starts.
+    Nats,
+}
+
+/// `TIDEWIRE_TEST_BACKEND`: `sled` (also when unset or empty) or `nats`; anything else fails
+/// the test rather than silently testing sled.
+pub fn backend() -> Backend {
+    match std::env::var("TIDEWIRE_TEST_BACKEND").as_deref() {
+        Err(_) | Ok("") | Ok("sled") => Backend::Sled,
+        Ok("nats") => Backend::Nats,
+        Ok(other) => panic!("TIDEWIRE_TEST_BACKEND={other:?}: expected \"sled\" or \"nats\""),
+    }
+}
+
+/// For tests about the sled engine itself (they open the data dir, watch its fsyncs, fill its
+/// disk): `true`, after saying so on stderr, when the backend is not sled. Use as
+/// `if common::sled_only("why") { return; }`.
+pub fn sled_only(why: &str) -> bool {
+    if backend() == Backend::Sled {
+        return false;
+    }
+    eprintln!("skipped with TIDEWIRE_TEST_BACKEND=nats: {why}");
+    true
+}
+
+/// Points `config` at the test backend: nothing for sled; for nats, the single-node NATS of
+/// `config.data_dir` (started on first use) and its stream.
+pub async fn use_backend(config: &mut Config) -> Option<std::sync::Arc<nats::NatsCluster>> {
+    if backend() != Backend::Nats {
+        return None;
+    }
+    let node = nats::for_data_dir(&config.data_dir).await;
+    config.log = tidewire::config::LogBackend::Nats;
+    config.nats_urls = node.url_list();
+    config.nats_stream = nats::TEST_STREAM.into();
+    Some(node)
+}
+
+/// The `tidewire serve` flags that select the test backend for `data_dir` (none for sled;
+/// `--log nats --nats-url URL --nats-stream NAME` for nats), for tests that spawn the binary
+/// themselves.
+pub async fn backend_flags(data_dir: &Path) -> Vec<String> {
+    if backend() != Backend::Nats {
+        return Vec::new();
+    }
+    let node = nats::for_data_dir(data_dir).await;
+    vec![
+        "--log".into(),
+        "nats".into(),
+        "--nats-url".into(),
+        node.urls(),
+        "--nats-stream".into(),
+        nats::TEST_STREAM.into(),
+    ]
+}
+
 /// A server running inside the test process on `127.0.0.1:0`.
 pub struct TestServer {
     pub addr: SocketAddr,
     pub dir: PathBuf,
+    /// The NATS the server's log is on (`TIDEWIRE_TEST_BACKEND=nats`).
+    pub nats: Option<std::sync::Arc<nats::NatsCluster>>,
     stop: Option<oneshot::Sender<()>>,
     task: Option<JoinHandle<()>>,
 }
@@ -37,7 +107,8 @@ impl TestServer {
         Self::start_with(tmp.path(), |_| {}).await
     }
 
-    /// Starts a server on `dir`, after `tune` has adjusted the configuration.
+    /// Starts a server on `dir` (data in `dir/data`, or on its NATS with the nats backend),
+    /// after `tune` has adjusted the configuration.
     pub async fn start_with(dir: &Path, tune: impl FnOnce(&mut Config)) -> TestServer {
         let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind");
         let addr = listener.local_addr().expect("local addr");
@@ -45,6 +116,7 @@ impl TestServer {
             data_dir: dir.join("data"),
             ..Config::default()
         };
+        let nats = use_backend(&mut config).await;
         tune(&mut config);
         let (stop_tx, stop_rx) = oneshot::channel::<()>();
         let task = tokio::spawn(async move {
@@ -58,6 +130,7 @@ impl TestServer {
         let server = TestServer {
             addr,
             dir: dir.to_path_buf(),
+            nats,
             stop: Some(stop_tx),
             task: Some(task),
         };
@@ -338,12 +411,14 @@ impl BinServer {
         extra: &[&str],
         env: &[(&str, &str)],
     ) -> Result<BinServer, String> {
+        let backend = backend_flags(data_dir).await;
         let mut child = Command::new(env!("CARGO_BIN_EXE_tidewire"))
             .arg("serve")
             .arg("--listen")
             .arg(addr.to_string())
             .arg("--data-dir")
             .arg(data_dir)
+            .args(&backend)
             .args(extra)
             // `TIDEWIRE_TEST_LOG=debug` shows the child's debug log when chasing a failure.
             .env(
@@ -452,8 +527,34 @@ pub async fn metric_via(client: &reqwest::Client, base: &str, series: &str) -> f
         .unwrap_or(0.0)
 }
 
-/// Removes events `..=through` from the stopped server's log, as retention would.
+/// What a topic's stats say in `bytes` when its events hold `payload` bytes: that number on
+/// sled; `null` on NATS, where JetStream keeps no per-subject byte count (by design).
+pub fn stat_bytes(payload: u64) -> Value {
+    match backend() {
+        Backend::Sled => Value::from(payload),
+        Backend::Nats => Value::Null,
+    }
+}
+
+/// Removes events `..=through` from the stopped server's log (the server started on `dir`),
+/// as retention would: on sled through the log itself; on NATS by purging the stream below
+/// `through + 1`, which moves its first sequence as JetStream's own limits do.
 pub async fn retain_after(dir: &std::path::Path, through: u64) {
+    if backend() == Backend::Nats {
+        let nats = nats::for_data_dir(&dir.join("data")).await;
+        let client = nats.connect().await;
+        let answer = client
+            .request(
+                format!("$JS.API.STREAM.PURGE.{}", nats::TEST_STREAM),
+                serde_json::json!({ "seq": through + 1 }).to_string().into(),
+            )
+            .await
+            .expect("purge the stream");
+        let answer: Value = serde_json::from_slice(&answer.payload).expect("purge answer");
+        assert_eq!(answer["success"], true, "purge: {answer}");
+        assert_eq!(answer["purged"], through, "purge: {answer}");
+        return;
+    }
     let log = tidewire::log::SledLog::open(
         &tidewire::log::LogOptions {
             dir: dir.join("data"),
