@@ -107,11 +107,8 @@ pub fn decode(
     let data = if header(DATA) == Some("bytes") {
         Data::Bytes(payload)
     } else {
-        match std::str::from_utf8(&payload)
-            .ok()
-            .filter(|s| is_compact_json(s))
-        {
-            Some(text) => Data::Json(text.into()),
+        match std::str::from_utf8(&payload).ok().and_then(json_data) {
+            Some(text) => Data::Json(text),
             None => Data::Bytes(payload),
         }
     };
@@ -127,10 +124,11 @@ pub fn decode(
     ))
 }
 
-/// Whether `text` is one JSON value on one line, as tidewire stores JSON data (what the
-/// envelope renderers insert verbatim).
-fn is_compact_json(text: &str) -> bool {
-    !text.contains(['\n', '\r']) && serde_json::from_str::<serde::de::IgnoredAny>(text).is_ok()
+/// `text` as JSON data the way a publish would have stored it (one value, on one line, that
+/// a `serde_json::Value` holds within the depth limit), or `None` when it is no such data.
+fn json_data(text: &str) -> Option<Box<str>> {
+    let raw: &serde_json::value::RawValue = serde_json::from_str(text).ok()?;
+    crate::codec::compact_json(raw.get()).ok()
 }
 
 #[cfg(test)]
@@ -176,6 +174,18 @@ mod tests {
             assert_eq!(back.body, e);
             assert_eq!(back.id, EventId(7));
             assert_eq!(back.time, 1_700_000_000_123);
+        }
+    }
+
+    #[test]
+    fn json_no_publish_could_have_stored_is_read_as_bytes() {
+        for text in ["1e400", "\"\\ud800\"", "{\"a\":\n1}"] {
+            let e = decode(P, "tidewire.w.x", 1, None, Bytes::from(text), 0).unwrap();
+            match (&e.body.data, text) {
+                (Data::Json(j), "{\"a\":\n1}") => assert_eq!(&**j, "{\"a\":1}"),
+                (Data::Bytes(_), "1e400" | "\"\\ud800\"") => {}
+                (other, _) => panic!("{text:?} read as {other:?}"),
+            }
         }
     }
 
