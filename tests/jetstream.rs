@@ -1,0 +1,1048 @@
+//! The JetStream log from outside: tidewire gateways (the release-shaped binary, `--log nats`)
+//! over real nats-server processes on loopback, one node or a 3-node cluster with an R3
+//! stream. Whatever `TIDEWIRE_TEST_BACKEND` says, these tests are about the JetStream mode.
+//!
+//! The chaos loop runs 10 rounds; `TIDEWIRE_CHAOS_ROUNDS=N` runs more, and
+//! `TIDEWIRE_CHAOS_SEED=S` replays the kills of a run that printed that seed.
+
+mod common;
+
+use std::collections::{BTreeMap, HashMap, HashSet};
+use std::net::SocketAddr;
+use std::path::Path;
+use std::process::{Child, Command, Stdio};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use common::nats::NatsCluster;
+use common::{free_addr, get_json, post, PATIENCE};
+use futures_util::StreamExt;
+use serde_json::{json, Value};
+
+/// A tidewire gateway child process over a JetStream stream.
+struct Gateway {
+    addr: SocketAddr,
+    child: Child,
+    args: Vec<String>,
+    env: Vec<(String, String)>,
+    dir: std::path::PathBuf,
+}
+
+impl Gateway {
+    /// Starts a gateway over `urls` and `stream` (R`replicas` when it creates it) and waits
+    /// until `/readyz` says 200.
+    async fn start(dir: &Path, urls: &str, stream: &str, replicas: usize) -> Gateway {
+        let g = Self::spawn(dir, urls, stream, replicas, &[]);
+        g.wait_ready().await;
+        g
+    }
+
+    /// Starts a gateway without waiting for it to be ready.
+    fn spawn(dir: &Path, urls: &str, stream: &str, replicas: usize, extra: &[&str]) -> Gateway {
+        Self::spawn_with_env(dir, urls, stream, replicas, extra, &[])
+    }
+
+    /// [`Gateway::spawn`] with extra environment variables (configuration keys).
+    fn spawn_with_env(
+        dir: &Path,
+        urls: &str,
+        stream: &str,
+        replicas: usize,
+        extra: &[&str],
+        env: &[(&str, &str)],
+    ) -> Gateway {
+        let mut args: Vec<String> = vec![
+            "--log".into(),
+            "nats".into(),
+            "--nats-url".into(),
+            urls.into(),
+            "--nats-stream".into(),
+            stream.into(),
+            "--nats-replicas".into(),
+            replicas.to_string(),
+        ];
+        args.extend(extra.iter().map(|s| s.to_string()));
+        let env = env
+            .iter()
+            .map(|(k, v)| (k.to_string(), v.to_string()))
+            .collect();
+        Self::spawn_on(free_addr(), dir, args, env)
+    }
+
+    fn spawn_on(
+        addr: SocketAddr,
+        dir: &Path,
+        args: Vec<String>,
+        env: Vec<(String, String)>,
+    ) -> Gateway {
+        let child = Command::new(env!("CARGO_BIN_EXE_tidewire"))
+            .arg("serve")
+            .arg("--listen")
+            .arg(addr.to_string())
+            .arg("--data-dir")
+            .arg(dir)
+            .args(&args)
+            .env(
+                "RUST_LOG",
+                std::env::var("TIDEWIRE_TEST_LOG").unwrap_or_else(|_| "warn".into()),
+            )
+            .env_remove("TIDEWIRE_CONFIG")
+            .envs(env.iter().map(|(k, v)| (k, v)))
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(Stdio::inherit())
+            .spawn()
+            .expect("spawn tidewire");
+        Gateway {
+            addr,
+            child,
+            args,
+            env,
+            dir: dir.to_path_buf(),
+        }
+    }
+
+    async fn wait_ready(&self) {
+        common::wait_ready(self.addr).await;
+    }
+
+    fn url(&self, path: &str) -> String {
+        format!("http://{}{}", self.addr, path)
+    }
+
+    fn kill9(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+
+    /// Starts the killed gateway again on the same address, ready.
+    async fn restart(&mut self) {
+        self.kill9();
+        let again = Self::spawn_on(self.addr, &self.dir, self.args.clone(), self.env.clone());
+        *self = again;
+        self.wait_ready().await;
+    }
+}
+
+impl Drop for Gateway {
+    fn drop(&mut self) {
+        self.kill9();
+    }
+}
+
+fn client() -> reqwest::Client {
+    reqwest::Client::builder()
+        .timeout(PATIENCE)
+        .build()
+        .expect("client")
+}
+
+/// Publishes a JSON batch to `base`; returns (status, body).
+async fn publish_batch(c: &reqwest::Client, base: &str, events: &[Value]) -> (u16, Value) {
+    post(
+        c,
+        &format!("{base}/v1/events"),
+        "application/json",
+        Value::Array(events.to_vec()).to_string(),
+    )
+    .await
+}
+
+/// Reads `n` SSE events from `url` (with `Last-Event-ID: cursor` when given): their ids and
+/// envelopes, in order.
+async fn sse_take(url: &str, cursor: Option<u64>, n: usize) -> Vec<Value> {
+    let mut stream = common::sse(url, cursor).await;
+    let mut out = Vec::new();
+    while out.len() < n {
+        let ev = common::next_event(&mut stream).await;
+        out.push(serde_json::from_str::<Value>(&ev.data).expect("envelope"));
+    }
+    out
+}
+
+fn ids(events: &[Value]) -> Vec<u64> {
+    events
+        .iter()
+        .map(|e| e["id"].as_u64().expect("id"))
+        .collect()
+}
+
+#[tokio::test]
+async fn two_gateways_over_an_r3_cluster_serve_one_log() {
+    let tmp = tempfile::tempdir().unwrap();
+    let cluster = NatsCluster::three(tmp.path()).await;
+    let urls = cluster.urls();
+    let a = Gateway::start(&tmp.path().join("a"), &urls, "shared", 3).await;
+    let b = Gateway::start(&tmp.path().join("b"), &urls, "shared", 3).await;
+    let info = cluster.stream_info("shared").await;
+    assert_eq!(info["config"]["num_replicas"], 3, "{info}");
+    let c = client();
+
+    // A live subscriber on B receives what is published on A, and B's own batch, in order.
+    let live_b = tokio::spawn({
+        let url = b.url("/v1/sse?topic=plant/**");
+        async move { sse_take(&url, None, 8).await }
+    });
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let mut published = Vec::new();
+    for i in 0..5 {
+        let (status, body) = post(
+            &c,
+            &a.url("/v1/topics/plant/line.1/events"),
+            "application/json",
+            json!({"data": {"i": i}, "msg_id": format!("a-{i}")}).to_string(),
+        )
+        .await;
+        assert_eq!(status, 201, "{body}");
+        published.push(body["first_id"].as_u64().unwrap());
+    }
+    let (status, body) = publish_batch(
+        &c,
+        &b.url(""),
+        &[
+            json!({"topic": "plant", "data": "root"}),
+            json!({"topic": "plant/line.2", "data": 2, "msg_id": "b-0"}),
+            json!({"topic": "plant/line.1/x", "data": 3}),
+        ],
+    )
+    .await;
+    assert_eq!(status, 201, "{body}");
+    let (first, last) = (
+        body["first_id"].as_u64().unwrap(),
+        body["last_id"].as_u64().unwrap(),
+    );
+    assert_eq!(last - first + 1, 3, "a batch's ids are contiguous: {body}");
+    published.extend(first..=last);
+    let received = tokio::time::timeout(PATIENCE, live_b)
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!(
+        ids(&received),
+        published,
+        "B delivers A's and B's events in id order"
+    );
+    assert_eq!(
+        received[5]["topic"], "plant",
+        "plant/** matches plant itself"
+    );
+
+    // A retry of A's publish that reaches B is recognised, with the original id.
+    let (status, body) = post(
+        &c,
+        &b.url("/v1/topics/plant/line.1/events"),
+        "application/json",
+        json!({"data": {"i": 3}, "msg_id": "a-3"}).to_string(),
+    )
+    .await;
+    assert_eq!(status, 201, "{body}");
+    assert_eq!(body["count"], 0, "{body}");
+    assert_eq!(body["duplicate_of"], json!([published[3]]), "{body}");
+
+    // A subscriber that read up to the third event on A resumes on B: the rest, once, in order.
+    let rest = sse_take(
+        &b.url("/v1/sse?topic=plant/**"),
+        Some(published[2]),
+        published.len() - 3,
+    )
+    .await;
+    assert_eq!(ids(&rest), published[3..].to_vec());
+    // Long-poll and the topics API on A see the same log.
+    let all = common::poll_all(&c, &a.url(""), "plant/**").await;
+    assert_eq!(ids(&all), published);
+    let stats = get_json(&c, &a.url("/v1/topics/plant/line.1")).await;
+    assert_eq!(stats["count"], 5, "{stats}");
+    assert_eq!(stats["first_id"], published[0], "{stats}");
+    assert_eq!(stats["last_id"], published[4], "{stats}");
+    assert!(
+        stats["bytes"].is_null(),
+        "JetStream keeps no per-subject bytes: {stats}"
+    );
+
+    // The command-line clients read the same log through either gateway.
+    let run = |args: Vec<String>| {
+        let out = Command::new(env!("CARGO_BIN_EXE_tidewire"))
+            .args(&args)
+            .output()
+            .expect("run tidewire");
+        assert!(
+            out.status.success(),
+            "{args:?}: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        String::from_utf8(out.stdout)
+            .unwrap()
+            .lines()
+            .map(|l| serde_json::from_str::<Value>(l).expect("one envelope per line"))
+            .collect::<Vec<Value>>()
+    };
+    let exported = run(vec![
+        "export".into(),
+        "--server".into(),
+        b.url(""),
+        "--topic".into(),
+        "plant/**".into(),
+    ]);
+    assert_eq!(ids(&exported), published, "export --server through B");
+    let tailed = run(vec![
+        "tail".into(),
+        "plant/**".into(),
+        "--since".into(),
+        published[1].to_string(),
+        "--count".into(),
+        (published.len() - 2).to_string(),
+        "--server".into(),
+        a.url(""),
+    ]);
+    assert_eq!(ids(&tailed), published[2..].to_vec(), "tail through A");
+}
+
+#[tokio::test]
+async fn a_batch_larger_than_jetstream_commits_atomically_is_refused_whole_and_a_mixed_batch_keeps_its_new_events_contiguous(
+) {
+    let tmp = tempfile::tempdir().unwrap();
+    let nats = NatsCluster::single(tmp.path()).await;
+    let g = Gateway::spawn(
+        &tmp.path().join("g"),
+        &nats.urls(),
+        "batches",
+        1,
+        &["--max-body-bytes", "4000000"],
+    );
+    g.wait_ready().await;
+    let c = client();
+
+    // An event larger than NATS's max_payload (1 MiB) is refused, not half-sent.
+    let huge = "x".repeat(2 << 20);
+    let (status, body) = publish_batch(
+        &c,
+        &g.url(""),
+        &[
+            json!({"topic": "big", "data": 1}),
+            json!({"topic": "big", "data": huge}),
+        ],
+    )
+    .await;
+    assert_eq!(status, 413, "{body}");
+    assert_eq!(body["error"]["code"], "payload_too_large", "{body}");
+
+    let big: Vec<Value> = (0..1001)
+        .map(|i| json!({"topic": "big", "data": i}))
+        .collect();
+    let (status, body) = publish_batch(&c, &g.url(""), &big).await;
+    assert_eq!(status, 413, "{body}");
+    assert_eq!(body["error"]["code"], "too_many_events", "{body}");
+    let message = body["error"]["message"].as_str().unwrap();
+    assert!(
+        message.contains("1000"),
+        "the message names the limit: {message}"
+    );
+    let (status, body) = publish_batch(&c, &g.url(""), &big[..1000]).await;
+    assert_eq!(status, 201, "exactly the limit is fine: {body}");
+    assert_eq!(body["count"], 1000);
+    assert_eq!(common::poll_all(&c, &g.url(""), "big").await.len(), 1000);
+
+    // Two stored events with msg_ids, then a batch repeating one of them among new ones.
+    let (_, first) = publish_batch(
+        &c,
+        &g.url(""),
+        &[
+            json!({"topic": "m/a", "data": 1, "msg_id": "x"}),
+            json!({"topic": "m/b", "data": 2, "msg_id": "y"}),
+        ],
+    )
+    .await;
+    let (x, y) = (
+        first["first_id"].as_u64().unwrap(),
+        first["last_id"].as_u64().unwrap(),
+    );
+    let (status, body) = publish_batch(
+        &c,
+        &g.url(""),
+        &[
+            json!({"topic": "m/a", "data": 3, "msg_id": "new-1"}),
+            json!({"topic": "m/b", "data": 2, "msg_id": "y"}),
+            json!({"topic": "m/a", "data": 4}),
+            // The same msg_id on another topic is another event.
+            json!({"topic": "m/c", "data": 5, "msg_id": "x"}),
+            json!({"topic": "m/a", "data": 1, "msg_id": "x"}),
+            json!({"topic": "m/a", "data": 3, "msg_id": "new-1"}),
+        ],
+    )
+    .await;
+    assert_eq!(status, 201, "{body}");
+    assert_eq!(body["count"], 3, "{body}");
+    let (f, l) = (
+        body["first_id"].as_u64().unwrap(),
+        body["last_id"].as_u64().unwrap(),
+    );
+    assert_eq!(
+        l - f + 1,
+        3,
+        "the new events of a mixed batch are contiguous: {body}"
+    );
+    assert_eq!(body["duplicate_of"], json!([y, x, f]), "{body}");
+    let stored = common::poll_all(&c, &g.url(""), "m/**").await;
+    let data: Vec<Value> = stored.iter().map(|e| e["data"].clone()).collect();
+    assert_eq!(data, vec![json!(1), json!(2), json!(3), json!(4), json!(5)]);
+}
+
+#[tokio::test]
+async fn with_nats_unreachable_the_gateway_answers_503_then_serves_once_nats_is_back() {
+    let tmp = tempfile::tempdir().unwrap();
+    let nats = NatsCluster::single(tmp.path()).await;
+    nats.node(0).kill9();
+    let g = Gateway::spawn(&tmp.path().join("g"), &nats.urls(), "late", 1, &[]);
+    let c = client();
+    // The process answers, but is not ready, and refuses to acknowledge anything.
+    let deadline = Instant::now() + PATIENCE;
+    let health = loop {
+        if let Ok(r) = c.get(g.url("/healthz")).send().await {
+            break r.status().as_u16();
+        }
+        assert!(Instant::now() < deadline, "the gateway never answered");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    };
+    assert_eq!(health, 200);
+    let ready = c.get(g.url("/readyz")).send().await.unwrap();
+    assert_eq!(ready.status(), 503);
+    let r = c
+        .post(g.url("/v1/topics/t/events"))
+        .header("content-type", "application/json")
+        .body(r#"{"data":1,"msg_id":"early"}"#)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 503);
+    assert!(r.headers().contains_key("retry-after"), "{:?}", r.headers());
+    let body: Value = r.json().await.unwrap();
+    assert_eq!(body["error"]["code"], "log_unavailable", "{body}");
+
+    nats.node(0).restart().await;
+    g.wait_ready().await;
+    let (status, body) = post(
+        &c,
+        &g.url("/v1/topics/t/events"),
+        "application/json",
+        r#"{"data":1,"msg_id":"early"}"#,
+    )
+    .await;
+    assert_eq!(status, 201, "{body}");
+    assert_eq!(
+        body["first_id"], 1,
+        "nothing was half-stored before: {body}"
+    );
+    assert_eq!(body["count"], 1);
+}
+
+#[tokio::test]
+async fn an_existing_stream_tidewire_cannot_serve_stops_the_gateway_with_the_reason() {
+    let tmp = tempfile::tempdir().unwrap();
+    let nats = NatsCluster::single(tmp.path()).await;
+    let client = nats.connect().await;
+    let js = async_nats::jetstream::new(client);
+    js.create_stream(async_nats::jetstream::stream::Config {
+        name: "foreign".into(),
+        subjects: vec!["tidewire.foreign.>".into()],
+        max_messages_per_subject: 10,
+        ..Default::default()
+    })
+    .await
+    .expect("create a stream without atomic batches");
+    let mut g = Gateway::spawn(&tmp.path().join("g"), &nats.urls(), "foreign", 1, &[]);
+    let deadline = Instant::now() + PATIENCE;
+    let status = loop {
+        if let Some(st) = g.child.try_wait().unwrap() {
+            break st;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "the gateway kept running on a stream it cannot serve"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    };
+    assert!(!status.success(), "{status}");
+    drop(g);
+    // The reason is on stderr; run it once more, capturing it.
+    let out = Command::new(env!("CARGO_BIN_EXE_tidewire"))
+        .args(["serve", "--listen"])
+        .arg(free_addr().to_string())
+        .arg("--data-dir")
+        .arg(tmp.path().join("g2"))
+        .args([
+            "--log",
+            "nats",
+            "--nats-url",
+            &nats.urls(),
+            "--nats-stream",
+            "foreign",
+        ])
+        .env_remove("TIDEWIRE_CONFIG")
+        .output()
+        .expect("run tidewire");
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success());
+    for needle in ["allow_atomic", "max_msgs_per_subject", "foreign"] {
+        assert!(stderr.contains(needle), "{needle} not in:\n{stderr}");
+    }
+}
+
+/// What a chaos round's publishers got acknowledged: key → id, and each batch's keys.
+#[derive(Default)]
+struct Acked {
+    keys: HashMap<String, u64>,
+    batches: Vec<Vec<String>>,
+}
+
+/// Publishes until `stop`, like a device: each event (or batch of 3) has msg_ids, and is
+/// retried, on whichever gateway answers, until it is acknowledged.
+async fn device(
+    name: String,
+    gateways: Vec<String>,
+    acked: Arc<Mutex<Acked>>,
+    stop: tokio::sync::watch::Receiver<bool>,
+) {
+    let c = reqwest::Client::builder()
+        .timeout(Duration::from_secs(8))
+        .build()
+        .unwrap();
+    let mut n = 0u64;
+    while !*stop.borrow() {
+        let batch = n % 3 == 2;
+        let keys: Vec<String> = if batch {
+            (0..3).map(|k| format!("{name}-{n}-{k}")).collect()
+        } else {
+            vec![format!("{name}-{n}")]
+        };
+        let body: Vec<Value> = keys
+            .iter()
+            .map(|k| json!({"topic": format!("chaos/{name}"), "data": {"k": k, "n": keys.len()}, "msg_id": k}))
+            .collect();
+        let mut attempt = 0usize;
+        let receipt = loop {
+            let base = &gateways[(n as usize + attempt) % gateways.len()];
+            attempt += 1;
+            if let Ok(r) = c
+                .post(format!("{base}/v1/events"))
+                .header("content-type", "application/json")
+                .body(Value::Array(body.clone()).to_string())
+                .send()
+                .await
+            {
+                if r.status() == 201 {
+                    if let Ok(v) = r.json::<Value>().await {
+                        break v;
+                    }
+                } else {
+                    assert!(
+                        r.status() == 503 || r.status().is_server_error(),
+                        "a publish was refused with {}",
+                        r.status()
+                    );
+                }
+            }
+            assert!(attempt < 400, "{name}: a publish was never acknowledged");
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        };
+        // Stored now, or earlier by a try whose answer was lost: ids either way.
+        let mut ids: Vec<u64> = Vec::new();
+        let count = receipt["count"].as_u64().unwrap();
+        if count > 0 {
+            let first = receipt["first_id"].as_u64().unwrap();
+            ids.extend(first..first + count);
+        }
+        if let Some(d) = receipt["duplicate_of"].as_array() {
+            ids.extend(d.iter().map(|v| v.as_u64().unwrap()));
+        }
+        assert_eq!(ids.len(), keys.len(), "{name}: receipt {receipt}");
+        ids.sort_unstable();
+        {
+            let mut a = acked.lock().unwrap();
+            for (k, id) in keys.iter().zip(ids) {
+                a.keys.insert(k.clone(), id);
+            }
+            if batch {
+                a.batches.push(keys);
+            }
+        }
+        n += 1;
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+}
+
+/// An SSE subscriber that follows `chaos/**` from cursor 0, moving to another gateway with its
+/// cursor whenever its stream ends or fails, until it has seen `until`.
+async fn follower(
+    gateways: Vec<String>,
+    until: tokio::sync::watch::Receiver<u64>,
+) -> Vec<(u64, String)> {
+    let mut seen: Vec<(u64, String)> = Vec::new();
+    let mut cursor = 0u64;
+    let mut turn = 0usize;
+    loop {
+        let target = *until.borrow();
+        if target > 0 && cursor >= target {
+            return seen;
+        }
+        let base = &gateways[turn % gateways.len()];
+        turn += 1;
+        let resp = reqwest::Client::new()
+            .get(format!("{base}/v1/sse?topic=chaos/**"))
+            .header("last-event-id", cursor.to_string())
+            .send()
+            .await;
+        let Ok(resp) = resp else {
+            tokio::time::sleep(Duration::from_millis(100)).await;
+            continue;
+        };
+        if resp.status() != 200 {
+            tokio::time::sleep(Duration::from_millis(100)).await;
+            continue;
+        }
+        let mut events = resp.bytes_stream().eventsource();
+        loop {
+            let target = *until.borrow();
+            if target > 0 && cursor >= target {
+                return seen;
+            }
+            let next = tokio::time::timeout(Duration::from_secs(3), events.next()).await;
+            let ev = match next {
+                Ok(Some(Ok(ev))) => ev,
+                // Ended, failed, or quiet: check the target, then carry on (maybe elsewhere).
+                Ok(_) => break,
+                Err(_) => continue,
+            };
+            if ev.event == "gap" {
+                panic!("a gap without retention: {}", ev.data);
+            }
+            let env: Value = serde_json::from_str(&ev.data).expect("envelope");
+            let id = env["id"].as_u64().unwrap();
+            assert!(
+                id > cursor,
+                "id {id} after cursor {cursor}: a duplicate or a step back"
+            );
+            cursor = id;
+            seen.push((id, env["data"]["k"].as_str().unwrap_or_default().to_owned()));
+        }
+    }
+}
+
+/// A WebSocket subscriber like [`follower`]: `since=cursor` on each (re)connect.
+async fn ws_follower(
+    gateways: Vec<String>,
+    until: tokio::sync::watch::Receiver<u64>,
+) -> Vec<(u64, String)> {
+    let mut seen: Vec<(u64, String)> = Vec::new();
+    let mut cursor = 0u64;
+    let mut turn = 0usize;
+    loop {
+        let target = *until.borrow();
+        if target > 0 && cursor >= target {
+            return seen;
+        }
+        let base = gateways[turn % gateways.len()].replacen("http://", "ws://", 1);
+        turn += 1;
+        let url = format!("{base}/v1/ws?topic=chaos/**&since={cursor}");
+        let Ok((mut ws, _)) = tokio_tungstenite::connect_async(url).await else {
+            tokio::time::sleep(Duration::from_millis(100)).await;
+            continue;
+        };
+        loop {
+            let target = *until.borrow();
+            if target > 0 && cursor >= target {
+                return seen;
+            }
+            let frame = match tokio::time::timeout(Duration::from_secs(3), ws.next()).await {
+                Ok(Some(Ok(f))) => f,
+                Ok(_) => break,
+                Err(_) => continue,
+            };
+            let Ok(text) = frame.to_text() else { continue };
+            if text.is_empty() {
+                continue;
+            }
+            let v: Value = serde_json::from_str(text).expect("a JSON frame");
+            match v["op"].as_str() {
+                Some("gap") => panic!("a gap without retention: {v}"),
+                Some(_) => continue,
+                None => {}
+            }
+            let id = v["id"].as_u64().unwrap();
+            assert!(id > cursor, "ws: id {id} after cursor {cursor}");
+            cursor = id;
+            seen.push((id, v["data"]["k"].as_str().unwrap_or_default().to_owned()));
+        }
+    }
+}
+
+use eventsource_stream::Eventsource;
+
+#[tokio::test]
+async fn chaos_kill9_of_nats_nodes_and_gateways_loses_no_acknowledged_event() {
+    let rounds: usize = std::env::var("TIDEWIRE_CHAOS_ROUNDS")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(10);
+    let tmp = tempfile::tempdir().unwrap();
+    let cluster = NatsCluster::three(tmp.path()).await;
+    let urls = cluster.urls();
+    let mut gateways = [
+        Gateway::start(&tmp.path().join("a"), &urls, "chaos", 3).await,
+        Gateway::start(&tmp.path().join("b"), &urls, "chaos", 3).await,
+    ];
+    let bases: Vec<String> = gateways.iter().map(|g| g.url("")).collect();
+    let acked = Arc::new(Mutex::new(Acked::default()));
+    let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
+    let (until_tx, until_rx) = tokio::sync::watch::channel(0u64);
+    let mut reversed = bases.clone();
+    reversed.reverse();
+    let subscribers = vec![
+        tokio::spawn(follower(bases.clone(), until_rx.clone())),
+        tokio::spawn(follower(reversed.clone(), until_rx.clone())),
+        tokio::spawn(ws_follower(bases.clone(), until_rx.clone())),
+        tokio::spawn(ws_follower(reversed, until_rx.clone())),
+    ];
+    let devices: Vec<_> = (0..3)
+        .map(|i| {
+            let mut order = bases.clone();
+            order.rotate_left(i % 2);
+            tokio::spawn(device(
+                format!("d{i}"),
+                order,
+                acked.clone(),
+                stop_rx.clone(),
+            ))
+        })
+        .collect();
+    // Random kills, reproducible: the seed is printed, and TIDEWIRE_CHAOS_SEED replays it.
+    let seed: u64 = std::env::var("TIDEWIRE_CHAOS_SEED")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or_else(|| {
+            std::time::SystemTime::now()
+                .duration_since(std::time::UNIX_EPOCH)
+                .map(|d| d.as_nanos() as u64)
+                .unwrap_or(1)
+        })
+        | 1;
+    eprintln!("chaos: TIDEWIRE_CHAOS_SEED={seed}");
+    let mut rng = seed;
+    let mut next = move || {
+        rng ^= rng << 13;
+        rng ^= rng >> 7;
+        rng ^= rng << 17;
+        rng
+    };
+    let mut killed: Vec<String> = Vec::new();
+    for round in 0..rounds {
+        tokio::time::sleep(Duration::from_millis(700 + next() % 600)).await;
+        let victim = next() % 5;
+        if victim < 3 {
+            // A NATS node; every other round the stream leader itself.
+            let i = if round % 2 == 0 {
+                cluster
+                    .stream_leader("chaos")
+                    .await
+                    .unwrap_or(victim as usize)
+            } else {
+                victim as usize
+            };
+            killed.push(format!("nats n{i}"));
+            cluster.node(i).kill9();
+            tokio::time::sleep(Duration::from_millis(500 + next() % 1000)).await;
+            cluster.node(i).restart().await;
+        } else {
+            let i = (victim - 3) as usize;
+            killed.push(format!("gateway {i}"));
+            gateways[i].kill9();
+            tokio::time::sleep(Duration::from_millis(300 + next() % 700)).await;
+            gateways[i].restart().await;
+        }
+    }
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    stop_tx.send_replace(true);
+    for d in devices {
+        tokio::time::timeout(Duration::from_secs(60), d)
+            .await
+            .expect("a device never finished its last publish")
+            .expect("device");
+    }
+    cluster.wait_healthy().await;
+    let c = client();
+    let acked = std::mem::take(&mut *acked.lock().unwrap());
+    // A gateway serves the stream as far as it has followed it; after a fault its follower
+    // may still be catching up. A long-poll from just below the newest acknowledged id
+    // returns once the gateway has followed that far.
+    let newest = acked.keys.values().copied().max().unwrap_or(0);
+    for base in &bases {
+        let url = format!(
+            "{base}/v1/poll?topic=chaos/**&since={}&timeout=5",
+            newest - 1
+        );
+        // A gateway just back from a fault may answer 503 for a moment: ask again.
+        let deadline = Instant::now() + PATIENCE * 2;
+        loop {
+            let body = get_json(&c, &url).await;
+            if body["events"].as_array().is_some_and(|e| !e.is_empty()) {
+                break;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "{base} did not follow the stream up to {newest}: {body}"
+            );
+            tokio::time::sleep(Duration::from_millis(200)).await;
+        }
+    }
+    let stored = common::poll_all(&c, &bases[0], "chaos/**").await;
+    let head = stored
+        .last()
+        .map(|e| e["id"].as_u64().unwrap())
+        .unwrap_or(0);
+    until_tx.send_replace(head.max(1));
+    eprintln!(
+        "chaos: {rounds} rounds ({}), {} events acknowledged ({} in batches of 3), {} stored",
+        killed.join(", "),
+        acked.keys.len(),
+        acked.batches.len() * 3,
+        stored.len()
+    );
+    // Every acknowledged event is stored exactly once, under the id its receipt named.
+    let mut by_key: HashMap<String, Vec<u64>> = HashMap::new();
+    for e in &stored {
+        let k = e["data"]["k"].as_str().unwrap().to_owned();
+        by_key.entry(k).or_default().push(e["id"].as_u64().unwrap());
+    }
+    for (k, ids) in &by_key {
+        assert_eq!(ids.len(), 1, "{k} stored {} times: {ids:?}", ids.len());
+    }
+    for (k, id) in &acked.keys {
+        assert_eq!(by_key.get(k), Some(&vec![*id]), "acknowledged {k} as {id}");
+    }
+    // Batches are whole or absent, with contiguous ids.
+    let mut batch_of: HashMap<&str, usize> = HashMap::new();
+    for e in &stored {
+        let k = e["data"]["k"].as_str().unwrap();
+        if e["data"]["n"] == 3 {
+            let stem = k.rsplit_once('-').unwrap().0;
+            *batch_of.entry(stem).or_default() += 1;
+        }
+    }
+    for (stem, n) in &batch_of {
+        assert_eq!(*n, 3, "batch {stem} is partly stored");
+    }
+    for keys in &acked.batches {
+        let ids: Vec<u64> = keys.iter().map(|k| by_key[k][0]).collect();
+        assert!(
+            ids.windows(2).all(|w| w[1] == w[0] + 1),
+            "batch {keys:?} has ids {ids:?}"
+        );
+    }
+    // Every subscriber received exactly the stored events, in order.
+    let expected: Vec<(u64, String)> = stored
+        .iter()
+        .map(|e| {
+            (
+                e["id"].as_u64().unwrap(),
+                e["data"]["k"].as_str().unwrap().to_owned(),
+            )
+        })
+        .collect();
+    for s in subscribers {
+        let seen = tokio::time::timeout(Duration::from_secs(60), s)
+            .await
+            .expect("a subscriber never caught up")
+            .expect("subscriber");
+        assert_eq!(
+            seen.len(),
+            expected.len(),
+            "a subscriber missed or repeated events"
+        );
+        assert!(
+            seen == expected,
+            "a subscriber's events differ from the stored ones"
+        );
+    }
+    let distinct: HashSet<u64> = expected.iter().map(|e| e.0).collect();
+    assert_eq!(distinct.len(), expected.len());
+    let per_topic: BTreeMap<String, usize> = stored.iter().fold(BTreeMap::new(), |mut m, e| {
+        *m.entry(e["topic"].as_str().unwrap().to_owned())
+            .or_default() += 1;
+        m
+    });
+    assert_eq!(per_topic.len(), 3, "{per_topic:?}");
+}
+
+#[tokio::test]
+async fn with_the_whole_cluster_down_for_a_while_subscribers_continue_exactly_once_it_is_back() {
+    let tmp = tempfile::tempdir().unwrap();
+    let cluster = NatsCluster::three(tmp.path()).await;
+    let g = Gateway::start(&tmp.path().join("g"), &cluster.urls(), "outage", 3).await;
+    let c = client();
+    let mut before = Vec::new();
+    for i in 0..3 {
+        before.push(common::publish_one(&c, &g.url(""), "o/t", json!(i)).await);
+    }
+    // A subscriber that has seen the first event (and reads the second before the outage),
+    // reconnecting with its cursor when needed.
+    let mut stream = common::sse(&g.url("/v1/sse?topic=o/**"), Some(before[0])).await;
+    let second: Value = serde_json::from_str(&common::next_event(&mut stream).await.data).unwrap();
+    let mut seen = vec![before[0], second["id"].as_u64().unwrap()];
+    for node in &cluster.nodes {
+        node.kill9();
+    }
+    // While NATS is away: not ready, and a publish is refused with a retryable 503.
+    let deadline = Instant::now() + PATIENCE;
+    while c.get(g.url("/readyz")).send().await.unwrap().status() == 200 {
+        assert!(
+            Instant::now() < deadline,
+            "still ready with every NATS node down"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let r = c
+        .post(g.url("/v1/topics/o/t/events"))
+        .header("content-type", "application/json")
+        .body(r#"{"data":"during","msg_id":"during"}"#)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 503);
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    for node in &cluster.nodes {
+        node.respawn().await;
+    }
+    cluster.wait_healthy().await;
+    g.wait_ready().await;
+    let (status, body) = post(
+        &c,
+        &g.url("/v1/topics/o/t/events"),
+        "application/json",
+        r#"{"data":"during","msg_id":"during"}"#,
+    )
+    .await;
+    assert_eq!(status, 201, "{body}");
+    let mut expected = before.clone();
+    expected.push(body["first_id"].as_u64().unwrap());
+    for i in 3..5 {
+        expected.push(common::publish_one(&c, &g.url(""), "o/t", json!(i)).await);
+    }
+    // The stream either stayed open or ended cleanly; either way the cursor takes it on.
+    while seen.len() < expected.len() {
+        let next = tokio::time::timeout(PATIENCE, stream.next())
+            .await
+            .expect("quiet too long");
+        match next {
+            Some(Ok(ev)) => {
+                let env: Value = serde_json::from_str(&ev.data).unwrap();
+                seen.push(env["id"].as_u64().unwrap());
+            }
+            _ => {
+                stream = common::sse(&g.url("/v1/sse?topic=o/**"), seen.last().copied()).await;
+            }
+        }
+    }
+    assert_eq!(
+        seen, expected,
+        "every event once, in order, across the outage"
+    );
+}
+
+#[tokio::test]
+async fn stream_max_age_is_the_retention_and_an_expired_cursor_gets_the_gap_on_every_transport() {
+    let tmp = tempfile::tempdir().unwrap();
+    let nats = NatsCluster::single(tmp.path()).await;
+    // Per-topic limits cannot be kept truthfully on JetStream: refused at start, with why.
+    let out = Command::new(env!("CARGO_BIN_EXE_tidewire"))
+        .args(["serve", "--listen"])
+        .arg(free_addr().to_string())
+        .arg("--data-dir")
+        .arg(tmp.path().join("refused"))
+        .args([
+            "--log",
+            "nats",
+            "--nats-url",
+            &nats.urls(),
+            "--nats-stream",
+            "ret",
+        ])
+        .env("TIDEWIRE_RETENTION_MAX_EVENTS", "10")
+        .env_remove("TIDEWIRE_CONFIG")
+        .output()
+        .expect("run tidewire");
+    assert!(!out.status.success());
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(stderr.contains("retention_max_events"), "{stderr}");
+
+    let g = Gateway::spawn_with_env(
+        &tmp.path().join("g"),
+        &nats.urls(),
+        "ret",
+        1,
+        &[],
+        &[("TIDEWIRE_RETENTION_MAX_AGE_SECS", "1")],
+    );
+    g.wait_ready().await;
+    let info = nats.stream_info("ret").await;
+    assert_eq!(info["config"]["max_age"], 1_000_000_000u64, "{info}");
+    let c = client();
+    let base = g.url("");
+    let mut old = Vec::new();
+    for i in 0..3 {
+        old.push(common::publish_one(&c, &base, "r/t", json!(i)).await);
+    }
+    let first_old = old[0];
+    // JetStream removes them once they are a second old.
+    let deadline = Instant::now() + PATIENCE;
+    loop {
+        tokio::time::sleep(Duration::from_millis(300)).await;
+        let info = nats.stream_info("ret").await;
+        if info["state"]["messages"] == 0 {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "JetStream kept the events past max_age: {info}"
+        );
+    }
+    let new: Vec<u64> = vec![
+        common::publish_one(&c, &g.url(""), "r/t", json!("a")).await,
+        common::publish_one(&c, &g.url(""), "r/t", json!("b")).await,
+    ];
+    let gap = json!({"requested": first_old, "oldest": new[0]});
+    // SSE: `event: gap` first, then the retained events.
+    let mut stream = common::sse(&g.url("/v1/sse?topic=r/**"), Some(first_old)).await;
+    let ev = common::next_event(&mut stream).await;
+    assert_eq!(ev.event, "gap");
+    assert_eq!(serde_json::from_str::<Value>(&ev.data).unwrap(), gap);
+    assert_eq!(common::read_ids(&mut stream, 2).await, new);
+    // Long-poll: `"gap"` beside the events.
+    let body = get_json(
+        &c,
+        &g.url(&format!("/v1/poll?topic=r/**&since={first_old}&timeout=0")),
+    )
+    .await;
+    assert_eq!(body["gap"], gap, "{body}");
+    assert_eq!(ids(body["events"].as_array().unwrap()), new);
+    // WebSocket: a gap frame first.
+    let (mut ws, _) = tokio_tungstenite::connect_async(format!(
+        "ws://{}/v1/ws?topic=r/**&since={first_old}",
+        g.addr
+    ))
+    .await
+    .expect("ws");
+    let frame = tokio::time::timeout(PATIENCE, ws.next())
+        .await
+        .unwrap()
+        .unwrap()
+        .unwrap();
+    let v: Value = serde_json::from_str(frame.to_text().unwrap()).unwrap();
+    assert_eq!(v["op"], "gap", "{v}");
+    assert_eq!(v["requested"], first_old, "{v}");
+    assert_eq!(v["oldest"], new[0], "{v}");
+    let stats = get_json(&c, &g.url("/v1/topics/r/t")).await;
+    assert_eq!(
+        (stats["count"].clone(), stats["first_id"].clone()),
+        (json!(2), json!(new[0])),
+        "{stats}"
+    );
+}
