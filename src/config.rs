@@ -501,6 +501,23 @@ impl Config {
         if self.nats_user.is_some() != self.nats_password.is_some() {
             return bad("nats_user and nats_password must be set together".into());
         }
+        // Settings of the embedded log that a gateway cannot honour: refused, not ignored.
+        if self.fsync != FsyncPolicy::Always {
+            return bad(format!(
+                "fsync = {} does not apply with log = \"nats\": JetStream acknowledges after its \
+                 replicas store an event and fsyncs per its own sync_interval (set \
+                 `jetstream {{ sync_interval: always }}` on the NATS servers for acknowledged = on disk)",
+                self.fsync
+            ));
+        }
+        if self.storage_max_disk_bytes != 0 {
+            return bad(
+                "storage_max_disk_bytes does not apply with log = \"nats\" (the gateway stores \
+                 nothing): bound the stream with retention_max_total_bytes, and NATS's store \
+                 with its own jetstream max_file_store"
+                    .into(),
+            );
+        }
         let methods = [
             self.nats_creds_file.is_some(),
             self.nats_nkey_file.is_some(),
@@ -551,6 +568,63 @@ mod tests {
             ..c
         };
         assert!(c.validate().is_ok());
+    }
+
+    #[test]
+    fn a_gateway_refuses_settings_it_cannot_honour_and_says_which() {
+        let nats = Config {
+            log: LogBackend::Nats,
+            ..Config::default()
+        };
+        assert!(nats.validate().is_ok());
+        for (bad, needle) in [
+            (
+                Config {
+                    fsync: FsyncPolicy::Never,
+                    ..nats.clone()
+                },
+                "fsync",
+            ),
+            (
+                Config {
+                    storage_max_disk_bytes: 1 << 30,
+                    ..nats.clone()
+                },
+                "storage_max_disk_bytes",
+            ),
+            (
+                Config {
+                    nats_stream: "has.dot".into(),
+                    ..nats.clone()
+                },
+                "nats_stream",
+            ),
+            (
+                Config {
+                    nats_user: Some("u".into()),
+                    ..nats.clone()
+                },
+                "nats_password",
+            ),
+            (
+                Config {
+                    nats_urls: vec![],
+                    ..nats.clone()
+                },
+                "NATS URL",
+            ),
+        ] {
+            let why = bad.validate().unwrap_err().to_string();
+            assert!(why.contains(needle), "{needle}: {why}");
+            // The same settings are fine on the embedded log.
+            if needle != "nats_password" && needle != "nats_stream" && needle != "NATS URL" {
+                let sled = Config {
+                    log: LogBackend::Sled,
+                    ..bad
+                };
+                assert!(sled.validate().is_ok(), "{needle}");
+            }
+        }
     }
 
     #[test]

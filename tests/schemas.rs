@@ -1061,18 +1061,35 @@ async fn topics_api_answers_match_the_topic_schemas() {
         .iter()
         .map(|t| t["topic"].as_str().unwrap())
         .collect();
-    assert_eq!(names, ["g/bytes", "g/even", "g/odd", "gone/t"]);
+    // The sled log remembers a topic whose events retention removed (count 0, first_id null);
+    // JetStream forgets a subject with no messages left (README, Scale-out: differences).
+    let sled = common::backend() == common::Backend::Sled;
+    if sled {
+        assert_eq!(names, ["g/bytes", "g/even", "g/odd", "gone/t"]);
+    } else {
+        assert_eq!(names, ["g/even", "g/odd"]);
+    }
     s.check(
         "topic-list.schema.json",
         &get("/v1/topics?pattern=g/*&limit=2").await,
     );
-    for t in ["g/odd", "g/bytes", "gone/t"] {
+    for t in names.iter().chain(["g/odd"].iter()) {
         let one = get(&format!("/v1/topics/{t}")).await;
         s.check("topic-stats.schema.json", &one);
-        assert_eq!(one["topic"], t);
+        assert_eq!(one["topic"], *t);
     }
-    // Retention removed every event of gone/t.
-    assert_eq!(get("/v1/topics/gone/t").await["first_id"], Value::Null);
+    if sled {
+        // Retention removed every event of gone/t.
+        assert_eq!(get("/v1/topics/gone/t").await["first_id"], Value::Null);
+    } else {
+        let r = client
+            .get(server.url("/v1/topics/gone/t"))
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(r.status(), 404);
+        s.check("error.schema.json", &r.json::<Value>().await.unwrap());
+    }
     let health: Value = get("/healthz").await;
     assert_eq!(health, json!({"status": "ok"}));
     server.stop().await;

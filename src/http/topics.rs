@@ -67,7 +67,8 @@ pub async fn list(
     Ok(json_response(StatusCode::OK, body))
 }
 
-/// One topic's statistics, 404 when nothing was ever published to it; 403 when `access` may
+/// One topic's statistics, 404 when nothing was ever published to it (on JetStream: when
+/// none of its events is retained); 403 when `access` may
 /// not subscribe to it.
 pub async fn one(
     state: &Arc<AppState>,
@@ -81,7 +82,11 @@ pub async fn one(
         ApiError::new(
             StatusCode::NOT_FOUND,
             "unknown_topic",
-            format!("nothing was ever published to {name:?}"),
+            if state.config.log == crate::config::LogBackend::Nats {
+                format!("{name:?} has no retained event (nothing was published to it, or all of its events expired)")
+            } else {
+                format!("nothing was ever published to {name:?}")
+            },
         )
     })?;
     let body = serde_json::to_string(&stats)
