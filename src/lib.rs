@@ -16,7 +16,8 @@
 //! - [`envelope`]: the event and its wire forms (JSON, SSE frame, MessagePack), each built once.
 //! - [`codec`]: publish bodies (JSON, NDJSON, MessagePack, text, bytes, gzip) to events.
 //! - [`publish`]: the publish path, from validated events to a durable receipt.
-//! - [`log`]: the durable log behind a narrow trait; [`log::SledLog`] is the embedded engine.
+//! - [`log`]: the durable log behind a narrow trait; [`log::SledLog`] is the embedded engine,
+//!   [`log::NatsLog`] the gateways' engine over a NATS JetStream stream (`--log nats`).
 //! - [`hub`]: live fan-out of committed events, bounded per subscriber.
 //! - [`subscription`]: history from a cursor, then live, without gap or duplicate.
 //! - [`http`]: routing, errors and the HTTP transports (publish, SSE, WebSocket, topics, health).
