@@ -7,11 +7,14 @@
 //!   are contiguous and it is stored whole or not at all;
 //! - **ack**: `append` resolves after JetStream's acknowledgement (the stream's replicas hold
 //!   the events; on disk as soon as the servers run with `sync_interval: always`), and after
-//!   this gateway's own subscribers have been handed the events;
+//!   this gateway's own subscribers have been handed the events (waited for at most
+//!   `nats_timeout_ms`: the ack stands either way, the events being stored);
 //! - **dedupe**: JetStream's `Nats-Msg-Id` window (per stream, so the id names the topic),
 //!   which every gateway shares;
-//! - **hub**: each gateway follows the stream in sequence order with an ordered consumer and
-//!   feeds its own hub; its head is the last sequence it handed over, and reads by cursor
+//! - **hub**: each gateway follows the stream in sequence order with an ephemeral consumer
+//!   whose delivery sequence it checks (a gap or a repeat, or a consumer lost with its node,
+//!   makes it follow again from after its head) and feeds its own hub; its head is the last
+//!   sequence it handed over, and reads by cursor
 //!   (batched direct gets, checked against the stream leader when a replica may lag) are
 //!   complete up to that head and stop there.
 //!
