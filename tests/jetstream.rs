@@ -130,6 +130,22 @@ impl Drop for Gateway {
     }
 }
 
+/// Runs a gateway over `urls` and `stream` that must refuse to start; returns what it said.
+fn refused_start(urls: &str, dir: &Path, stream: &str, env: &[(&str, &str)]) -> String {
+    let out = Command::new(env!("CARGO_BIN_EXE_tidewire"))
+        .args(["serve", "--listen"])
+        .arg(free_addr().to_string())
+        .arg("--data-dir")
+        .arg(dir)
+        .args(["--log", "nats", "--nats-url", urls, "--nats-stream", stream])
+        .envs(env.iter().copied())
+        .env_remove("TIDEWIRE_CONFIG")
+        .output()
+        .expect("run tidewire");
+    assert!(!out.status.success(), "it started");
+    String::from_utf8_lossy(&out.stderr).into_owned()
+}
+
 fn client() -> reqwest::Client {
     reqwest::Client::builder()
         .timeout(PATIENCE)
@@ -464,24 +480,7 @@ async fn an_existing_stream_tidewire_cannot_serve_stops_the_gateway_with_the_rea
     assert!(!status.success(), "{status}");
     drop(g);
     // The reason is on stderr; run it once more, capturing it.
-    let out = Command::new(env!("CARGO_BIN_EXE_tidewire"))
-        .args(["serve", "--listen"])
-        .arg(free_addr().to_string())
-        .arg("--data-dir")
-        .arg(tmp.path().join("g2"))
-        .args([
-            "--log",
-            "nats",
-            "--nats-url",
-            &nats.urls(),
-            "--nats-stream",
-            "foreign",
-        ])
-        .env_remove("TIDEWIRE_CONFIG")
-        .output()
-        .expect("run tidewire");
-    let stderr = String::from_utf8_lossy(&out.stderr);
-    assert!(!out.status.success());
+    let stderr = refused_start(&nats.urls(), &tmp.path().join("g2"), "foreign", &[]);
     for needle in ["allow_atomic", "max_msgs_per_subject", "foreign"] {
         assert!(stderr.contains(needle), "{needle} not in:\n{stderr}");
     }
@@ -952,25 +951,12 @@ async fn stream_max_age_is_the_retention_and_an_expired_cursor_gets_the_gap_on_e
     let tmp = tempfile::tempdir().unwrap();
     let nats = NatsCluster::single(tmp.path()).await;
     // Per-topic limits cannot be kept truthfully on JetStream: refused at start, with why.
-    let out = Command::new(env!("CARGO_BIN_EXE_tidewire"))
-        .args(["serve", "--listen"])
-        .arg(free_addr().to_string())
-        .arg("--data-dir")
-        .arg(tmp.path().join("refused"))
-        .args([
-            "--log",
-            "nats",
-            "--nats-url",
-            &nats.urls(),
-            "--nats-stream",
-            "ret",
-        ])
-        .env("TIDEWIRE_RETENTION_MAX_EVENTS", "10")
-        .env_remove("TIDEWIRE_CONFIG")
-        .output()
-        .expect("run tidewire");
-    assert!(!out.status.success());
-    let stderr = String::from_utf8_lossy(&out.stderr);
+    let stderr = refused_start(
+        &nats.urls(),
+        &tmp.path().join("refused"),
+        "ret",
+        &[("TIDEWIRE_RETENTION_MAX_EVENTS", "10")],
+    );
     assert!(stderr.contains("retention_max_events"), "{stderr}");
 
     let g = Gateway::spawn_with_env(
