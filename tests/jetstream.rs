@@ -1032,3 +1032,89 @@ async fn stream_max_age_is_the_retention_and_an_expired_cursor_gets_the_gap_on_e
         "{stats}"
     );
 }
+
+#[tokio::test]
+async fn concurrent_publishes_share_commits_yet_each_keeps_its_contiguous_ids_and_its_repeats() {
+    let tmp = tempfile::tempdir().unwrap();
+    let nats = NatsCluster::single(tmp.path()).await;
+    let g = Gateway::start(&tmp.path().join("g"), &nats.urls(), "group", 1).await;
+    let base = g.url("");
+    // 24 publishers at once, 15 requests each, of 1 to 3 events with msg_ids; every fifth
+    // request repeats one of the previous publisher's keys (which may be in flight at the
+    // same moment) beside new events.
+    let tasks: Vec<_> = (0..24)
+        .map(|t| {
+            let base = base.clone();
+            tokio::spawn(async move {
+                let c = client();
+                let mut receipts = Vec::new();
+                for r in 0..15 {
+                    let n = 1 + (t + r) % 3;
+                    let mut keys: Vec<String> = (0..n).map(|k| format!("p{t}-{r}-{k}")).collect();
+                    if r % 5 == 4 {
+                        keys.insert(0, format!("p{}-{}-0", (t + 23) % 24, r - 2));
+                    }
+                    let body: Vec<Value> = keys
+                        .iter()
+                        .map(|k| json!({"topic": format!("grp/{}", k.len() % 3), "data": {"k": k}, "msg_id": k}))
+                        .collect();
+                    let (status, receipt) = publish_batch(&c, &base, &body).await;
+                    assert_eq!(status, 201, "{receipt}");
+                    receipts.push((keys, receipt));
+                }
+                receipts
+            })
+        })
+        .collect();
+    let mut all: Vec<(Vec<String>, Value)> = Vec::new();
+    for t in tasks {
+        all.extend(
+            tokio::time::timeout(Duration::from_secs(120), t)
+                .await
+                .unwrap()
+                .unwrap(),
+        );
+    }
+    let c = client();
+    let stored = common::poll_all(&c, &base, "grp/*").await;
+    let id_of: HashMap<String, u64> = stored
+        .iter()
+        .map(|e| {
+            (
+                e["data"]["k"].as_str().unwrap().to_owned(),
+                e["id"].as_u64().unwrap(),
+            )
+        })
+        .collect();
+    assert_eq!(id_of.len(), stored.len(), "a key stored twice");
+    for (keys, receipt) in &all {
+        let count = receipt["count"].as_u64().unwrap();
+        let dups = receipt["duplicate_of"]
+            .as_array()
+            .cloned()
+            .unwrap_or_default();
+        assert_eq!(count as usize + dups.len(), keys.len(), "{receipt}");
+        if count > 0 {
+            // The new events of one request: contiguous ids, in the request's order.
+            let first = receipt["first_id"].as_u64().unwrap();
+            let new: Vec<&String> = keys.iter().filter(|k| id_of[*k] >= first).collect();
+            let ids: Vec<u64> = new.iter().map(|k| id_of[*k]).collect();
+            assert_eq!(
+                ids,
+                (first..first + count).collect::<Vec<_>>(),
+                "{keys:?} {receipt}"
+            );
+        }
+        for d in dups {
+            let d = d.as_u64().unwrap();
+            assert!(
+                keys.iter().any(|k| id_of[k] == d),
+                "{receipt} names {d}, not one of {keys:?}"
+            );
+        }
+    }
+    let expected: usize = (0..24)
+        .map(|t| (0..15).map(|r| 1 + (t + r) % 3).sum::<usize>())
+        .sum();
+    assert_eq!(stored.len(), expected, "every key once");
+}

@@ -1,4 +1,5 @@
-//! Appending on JetStream: one event is one publish, a batch is one atomic batch.
+//! Appending on JetStream: an append is one atomic batch (one publish for a lone event),
+//! shared with the appends queued at the same moment.
 //!
 //! Repeats of a `(topic, msg_id)` are found three ways: within the append itself (before
 //! anything is sent); by JetStream for a single publish (`duplicate: true` names the
@@ -8,13 +9,21 @@
 //! JetStream answers with the original for a repeat (the duplicate check comes first) and
 //! with an error, storing nothing, for a new one. The repeats are set aside and the rest is
 //! sent again as one atomic batch, so the new events of a mixed batch keep contiguous ids.
+//!
+//! Group commit: concurrent appends are queued and sent together as one atomic batch (up to
+//! `nats_max_batch` events), each append's events contiguous within it, so a burst of small
+//! publishes costs JetStream one commit (and, with `sync_interval: always`, one fsync) instead
+//! of one each. A combined batch that JetStream refuses because some member repeats a
+//! `msg_id` is sent again member by member, the slow path above.
 
+use std::collections::HashSet;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::Instant;
 
 use async_nats::HeaderMap;
 use bytes::Bytes;
+use tokio::sync::oneshot;
 
 use super::api::{self, code};
 use super::{now_ms, repeats_within, subject, wire, Inner};
@@ -54,7 +63,6 @@ pub async fn append(inner: &Arc<Inner>, events: Vec<NewEvent>) -> Result<Appende
             e.topic.as_str()
         )));
     }
-    let started = Instant::now();
     let time = now_ms();
     let within = repeats_within(&events);
     // The original id of each event found to repeat one stored earlier.
@@ -67,30 +75,32 @@ pub async fn append(inner: &Arc<Inner>, events: Vec<NewEvent>) -> Result<Appende
         if send.is_empty() {
             break;
         }
-        if send.len() == 1 {
-            let i = send[0];
-            let ack = publish_one(inner, &events[i], time).await?;
-            if ack.duplicate {
-                stored_before[i] = Some(ack.seq);
-                break;
-            }
-            stored = Some((ack.seq, send));
-            break;
-        }
-        match publish_batch(inner, &events, &send, time).await? {
-            Ok(last) => {
-                let first = last + 1 - send.len() as u64;
+        let messages: Vec<Message> = send
+            .iter()
+            .map(|&i| message(inner, &events[i], time))
+            .collect();
+        let outcome = if round == 0 {
+            grouped(inner, messages).await?
+        } else {
+            send_alone(inner, &messages).await?
+        };
+        match outcome {
+            Outcome::Stored(first) => {
                 stored = Some((first, send));
                 break;
             }
-            Err(()) if round + 1 < DEDUPE_ROUNDS => {
+            Outcome::Duplicate(seq) => {
+                stored_before[send[0]] = Some(seq);
+                break;
+            }
+            Outcome::Conflict if round + 1 < DEDUPE_ROUNDS => {
                 for &i in &send {
                     if events[i].msg_id.is_some() {
                         stored_before[i] = probe(inner, &events[i]).await?;
                     }
                 }
             }
-            Err(()) => {
+            Outcome::Conflict => {
                 return Err(LogError::Unavailable(
                     "the batch kept meeting msg_ids stored concurrently; retry it".into(),
                 ))
@@ -119,7 +129,6 @@ pub async fn append(inner: &Arc<Inner>, events: Vec<NewEvent>) -> Result<Appende
             duplicate_of.push(EventId(ids[i]));
         }
     }
-    inner.metrics.observe_commit(started.elapsed());
     if !duplicate_of.is_empty() {
         inner.metrics.observe_duplicates(duplicate_of.len() as u64);
     }
@@ -161,13 +170,148 @@ fn too_large(limit: usize, n: usize) -> LogError {
     ))
 }
 
-fn message(inner: &Inner, event: &NewEvent, time: u64) -> (String, HeaderMap, Bytes) {
+/// One event as a NATS message: subject, headers, payload.
+type Message = (String, HeaderMap, Bytes);
+
+fn message(inner: &Inner, event: &NewEvent, time: u64) -> Message {
     let (headers, payload) = wire::encode(event, time);
     (
         subject::topic_subject(&inner.wanted.prefix, &event.topic),
         headers,
         payload,
     )
+}
+
+/// What sending some messages came to.
+#[derive(Debug, Clone, Copy)]
+pub enum Outcome {
+    /// Stored, the first with this id and the rest after it.
+    Stored(u64),
+    /// One message, not stored again: it repeats this stored id's `msg_id`.
+    Duplicate(u64),
+    /// Refused whole: some message repeats a stored `msg_id`.
+    Conflict,
+}
+
+/// An append's messages waiting to go out in a combined batch.
+pub struct Pending {
+    messages: Vec<Message>,
+    reply: oneshot::Sender<Result<Outcome, LogError>>,
+}
+
+/// Most payload bytes one combined batch gathers from the queue (one append alone may hold
+/// more).
+const GROUP_BYTES: usize = 4 << 20;
+
+/// Sends `messages` with whatever other appends are queued now, and says what became of them.
+async fn grouped(inner: &Inner, messages: Vec<Message>) -> Result<Outcome, LogError> {
+    let (reply, answer) = oneshot::channel();
+    inner
+        .queue
+        .lock()
+        .map_err(|_| LogError::Closed)?
+        .push_back(Pending { messages, reply });
+    inner.queued.notify_one();
+    answer.await.map_err(|_| LogError::Closed)?
+}
+
+/// Takes queued appends and sends each group as one atomic batch, until the log closes.
+/// Several run at once, so batches are pipelined.
+pub async fn commit_groups(inner: Arc<Inner>) {
+    let mut closed = inner.closed.subscribe();
+    loop {
+        let group = loop {
+            if let Some(group) = take_group(&inner) {
+                break group;
+            }
+            tokio::select! {
+                _ = inner.queued.notified() => {}
+                _ = closed.changed() => return,
+            }
+        };
+        // Another append queued meanwhile is someone else's to take.
+        if inner.queue.lock().is_ok_and(|q| !q.is_empty()) {
+            inner.queued.notify_one();
+        }
+        let started = Instant::now();
+        let messages: Vec<Message> = group.iter().flat_map(|p| p.messages.clone()).collect();
+        let result = send_alone(&inner, &messages).await;
+        inner.metrics.observe_commit(started.elapsed());
+        match result {
+            Ok(Outcome::Stored(mut next)) => {
+                for p in group {
+                    let n = p.messages.len() as u64;
+                    let _ = p.reply.send(Ok(Outcome::Stored(next)));
+                    next += n;
+                }
+            }
+            Ok(other) => {
+                // A repeat (of one message: a group of one) or a conflict somewhere in the
+                // group: each append sorts out its own.
+                for p in group {
+                    let _ = p.reply.send(Ok(other));
+                }
+            }
+            Err(e) => {
+                for p in group {
+                    let _ = p.reply.send(Err(e.clone()));
+                }
+            }
+        }
+    }
+}
+
+/// The queued appends that fit one batch, oldest first; `None` when none is queued.
+fn take_group(inner: &Inner) -> Option<Vec<Pending>> {
+    let mut q = inner.queue.lock().ok()?;
+    let mut group: Vec<Pending> = Vec::new();
+    let (mut events, mut bytes) = (0usize, 0usize);
+    // Two appends repeating one `(topic, msg_id)` never share a batch: the second must be
+    // told it repeats the first, which only a batch of its own finds out.
+    let msg_ids = |p: &Pending| -> Vec<String> {
+        p.messages
+            .iter()
+            .filter_map(|m| m.1.get(wire::MSG_ID).map(|v| v.as_str().to_owned()))
+            .collect()
+    };
+    let mut taken_ids: HashSet<String> = HashSet::new();
+    while let Some(next) = q.front() {
+        let n = next.messages.len();
+        let b: usize = next.messages.iter().map(|m| m.2.len()).sum();
+        let its_ids = msg_ids(next);
+        if !group.is_empty()
+            && (events + n > inner.opts.max_batch
+                || bytes + b > GROUP_BYTES
+                || its_ids.iter().any(|id| taken_ids.contains(id)))
+        {
+            break;
+        }
+        events += n;
+        bytes += b;
+        taken_ids.extend(its_ids);
+        group.extend(q.pop_front());
+    }
+
+    (!group.is_empty()).then_some(group)
+}
+
+/// Sends `messages` now: one publish, or one atomic batch.
+async fn send_alone(inner: &Inner, messages: &[Message]) -> Result<Outcome, LogError> {
+    match messages {
+        [] => Err(LogError::Storage("empty batch".into())),
+        [one] => {
+            let ack = publish_one(inner, one.clone()).await?;
+            Ok(if ack.duplicate {
+                Outcome::Duplicate(ack.seq)
+            } else {
+                Outcome::Stored(ack.seq)
+            })
+        }
+        many => Ok(match publish_batch(inner, many).await? {
+            Ok(last) => Outcome::Stored(last + 1 - many.len() as u64),
+            Err(()) => Outcome::Conflict,
+        }),
+    }
 }
 
 /// Maps JetStream's refusal of a publish onto the log's errors.
@@ -183,30 +327,27 @@ fn refused(inner: &Inner, e: api::ApiErr) -> LogError {
     }
 }
 
-/// Publishes one event and waits for its acknowledgement.
-async fn publish_one(inner: &Inner, event: &NewEvent, time: u64) -> Result<api::PubAck, LogError> {
-    let (subject, headers, payload) = message(inner, event, time);
+/// Publishes one message and waits for its acknowledgement.
+async fn publish_one(
+    inner: &Inner,
+    (subject, headers, payload): Message,
+) -> Result<api::PubAck, LogError> {
     let answer = api::request(inner, subject, Some(headers), payload).await?;
     api::parse_ack(&answer.payload)?.map_err(|e| refused(inner, e))
 }
 
-/// Publishes `events[send]` as one atomic batch. `Ok(Ok(last))`: stored, the last id;
-/// `Ok(Err(()))`: refused whole because an event repeats a stored `msg_id`.
-async fn publish_batch(
-    inner: &Inner,
-    events: &[NewEvent],
-    send: &[usize],
-    time: u64,
-) -> Result<Result<u64, ()>, LogError> {
+/// Publishes `messages` as one atomic batch. `Ok(Ok(last))`: stored, the last id;
+/// `Ok(Err(()))`: refused whole because a message repeats a stored `msg_id`.
+async fn publish_batch(inner: &Inner, messages: &[Message]) -> Result<Result<u64, ()>, LogError> {
     let _slot = inner
         .batches
         .acquire()
         .await
         .map_err(|_| LogError::Closed)?;
     let id = batch_id();
-    let n = send.len();
-    for (k, &i) in send.iter().enumerate() {
-        let (subject, mut headers, payload) = message(inner, &events[i], time);
+    let n = messages.len();
+    for (k, (subject, headers, payload)) in messages.iter().enumerate() {
+        let (subject, mut headers, payload) = (subject.clone(), headers.clone(), payload.clone());
         headers.insert("Nats-Batch-Id", id.as_str());
         headers.insert("Nats-Batch-Sequence", (k + 1).to_string());
         if k + 1 < n {

@@ -49,6 +49,8 @@ use stream::Wanted;
 
 /// Most atomic batches one gateway has in flight at once (JetStream allows 50 per stream).
 const BATCHES_IN_FLIGHT: usize = 16;
+/// Combined batches one gateway sends at once (each holds every append queued meanwhile).
+const COMMITTERS: usize = 8;
 /// Most events the follower hands the hub as one batch.
 const FOLLOW_BATCH: usize = 1024;
 /// A gateway further behind its stream than this many events is not ready.
@@ -115,6 +117,9 @@ struct Inner {
     refused: Mutex<Option<String>>,
     closed: watch::Sender<bool>,
     batches: Semaphore,
+    /// Appends waiting to go out together (see [`append::commit_groups`]).
+    queue: Mutex<std::collections::VecDeque<append::Pending>>,
+    queued: tokio::sync::Notify,
 }
 
 impl NatsLog {
@@ -153,6 +158,8 @@ impl NatsLog {
             refused: Mutex::new(None),
             closed,
             batches: Semaphore::new(BATCHES_IN_FLIGHT),
+            queue: Mutex::new(std::collections::VecDeque::new()),
+            queued: tokio::sync::Notify::new(),
         });
         // A first check in the foreground, so a misconfigured stream stops the start.
         let first = tokio::time::timeout(inner.opts.timeout, inner.ensure_stream()).await;
@@ -170,6 +177,9 @@ impl NatsLog {
         };
         if let Some(last) = initial {
             inner.set_head(last);
+        }
+        for _ in 0..COMMITTERS {
+            tokio::spawn(append::commit_groups(inner.clone()));
         }
         tokio::spawn(supervise(inner.clone(), initial.is_some()));
         tokio::spawn(watch_stream(inner.clone()));
