@@ -45,7 +45,8 @@ pub async fn append(inner: &Arc<Inner>, events: Vec<NewEvent>) -> Result<Appende
         return Err(LogError::Storage("empty append".into()));
     }
     inner.check_ready()?;
-    let unique_count = events.len() - repeats_within(&events).iter().flatten().count();
+    let within = repeats_within(&events);
+    let unique_count = events.len() - within.iter().flatten().count();
     if unique_count > inner.opts.max_batch {
         return Err(too_large(inner.opts.max_batch, unique_count));
     }
@@ -64,7 +65,6 @@ pub async fn append(inner: &Arc<Inner>, events: Vec<NewEvent>) -> Result<Appende
         )));
     }
     let time = now_ms();
-    let within = repeats_within(&events);
     // The original id of each event found to repeat one stored earlier.
     let mut stored_before: Vec<Option<u64>> = vec![None; events.len()];
     let mut stored: Option<(u64, Vec<usize>)> = None;
@@ -82,7 +82,7 @@ pub async fn append(inner: &Arc<Inner>, events: Vec<NewEvent>) -> Result<Appende
         let outcome = if round == 0 {
             grouped(inner, messages).await?
         } else {
-            send_alone(inner, &messages).await?
+            send_alone(inner, messages).await?
         };
         match outcome {
             Outcome::Stored(first) => {
@@ -234,27 +234,31 @@ pub async fn commit_groups(inner: Arc<Inner>) {
             inner.queued.notify_one();
         }
         let started = Instant::now();
-        let messages: Vec<Message> = group.iter().flat_map(|p| p.messages.clone()).collect();
-        let result = send_alone(&inner, &messages).await;
+        let mut messages: Vec<Message> = Vec::new();
+        let mut replies = Vec::with_capacity(group.len());
+        for p in group {
+            replies.push((p.messages.len() as u64, p.reply));
+            messages.extend(p.messages);
+        }
+        let result = send_alone(&inner, messages).await;
         inner.metrics.observe_commit(started.elapsed());
         match result {
             Ok(Outcome::Stored(mut next)) => {
-                for p in group {
-                    let n = p.messages.len() as u64;
-                    let _ = p.reply.send(Ok(Outcome::Stored(next)));
+                for (n, reply) in replies {
+                    let _ = reply.send(Ok(Outcome::Stored(next)));
                     next += n;
                 }
             }
             Ok(other) => {
                 // A repeat (of one message: a group of one) or a conflict somewhere in the
                 // group: each append sorts out its own.
-                for p in group {
-                    let _ = p.reply.send(Ok(other));
+                for (_, reply) in replies {
+                    let _ = reply.send(Ok(other));
                 }
             }
             Err(e) => {
-                for p in group {
-                    let _ = p.reply.send(Err(e.clone()));
+                for (_, reply) in replies {
+                    let _ = reply.send(Err(e.clone()));
                 }
             }
         }
@@ -296,22 +300,23 @@ fn take_group(inner: &Inner) -> Option<Vec<Pending>> {
 }
 
 /// Sends `messages` now: one publish, or one atomic batch.
-async fn send_alone(inner: &Inner, messages: &[Message]) -> Result<Outcome, LogError> {
-    match messages {
-        [] => Err(LogError::Storage("empty batch".into())),
-        [one] => {
-            let ack = publish_one(inner, one.clone()).await?;
-            Ok(if ack.duplicate {
-                Outcome::Duplicate(ack.seq)
-            } else {
-                Outcome::Stored(ack.seq)
-            })
-        }
-        many => Ok(match publish_batch(inner, many).await? {
-            Ok(last) => Outcome::Stored(last + 1 - many.len() as u64),
+async fn send_alone(inner: &Inner, mut messages: Vec<Message>) -> Result<Outcome, LogError> {
+    if messages.len() > 1 {
+        let n = messages.len() as u64;
+        return Ok(match publish_batch(inner, messages).await? {
+            Ok(last) => Outcome::Stored(last + 1 - n),
             Err(()) => Outcome::Conflict,
-        }),
+        });
     }
+    let Some(one) = messages.pop() else {
+        return Err(LogError::Storage("empty batch".into()));
+    };
+    let ack = publish_one(inner, one).await?;
+    Ok(if ack.duplicate {
+        Outcome::Duplicate(ack.seq)
+    } else {
+        Outcome::Stored(ack.seq)
+    })
 }
 
 /// Maps JetStream's refusal of a publish onto the log's errors.
@@ -338,7 +343,7 @@ async fn publish_one(
 
 /// Publishes `messages` as one atomic batch. `Ok(Ok(last))`: stored, the last id;
 /// `Ok(Err(()))`: refused whole because a message repeats a stored `msg_id`.
-async fn publish_batch(inner: &Inner, messages: &[Message]) -> Result<Result<u64, ()>, LogError> {
+async fn publish_batch(inner: &Inner, messages: Vec<Message>) -> Result<Result<u64, ()>, LogError> {
     let _slot = inner
         .batches
         .acquire()
@@ -346,8 +351,7 @@ async fn publish_batch(inner: &Inner, messages: &[Message]) -> Result<Result<u64
         .map_err(|_| LogError::Closed)?;
     let id = batch_id();
     let n = messages.len();
-    for (k, (subject, headers, payload)) in messages.iter().enumerate() {
-        let (subject, mut headers, payload) = (subject.clone(), headers.clone(), payload.clone());
+    for (k, (subject, mut headers, payload)) in messages.into_iter().enumerate() {
         headers.insert("Nats-Batch-Id", id.as_str());
         headers.insert("Nats-Batch-Sequence", (k + 1).to_string());
         if k + 1 < n {
