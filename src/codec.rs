@@ -570,6 +570,72 @@ impl From<MsgpackEnvelope> for RawEnvelope {
     }
 }
 
+/// `Ok` when `body` is exactly one well-formed MessagePack value (whatever it holds); else
+/// why it is not MessagePack: truncated, a byte the format never uses (0xc1), bytes after it.
+/// Walks the markers without building anything, iteratively, so nesting costs no stack.
+fn msgpack_well_formed(body: &[u8]) -> Result<(), String> {
+    let mut at = 0usize;
+    let mut pending: u64 = 1;
+    let truncated = || "not MessagePack: the body ends inside a value".to_string();
+    let take = |at: &mut usize, n: usize| -> Result<usize, String> {
+        let start = *at;
+        let end = start
+            .checked_add(n)
+            .filter(|e| *e <= body.len())
+            .ok_or_else(truncated)?;
+        *at = end;
+        Ok(start)
+    };
+    let uint = |at: &mut usize, n: usize| -> Result<u64, String> {
+        let start = take(at, n)?;
+        Ok(body[start..start + n]
+            .iter()
+            .fold(0u64, |v, b| (v << 8) | u64::from(*b)))
+    };
+    while pending > 0 {
+        pending -= 1;
+        let marker = body[take(&mut at, 1)?];
+        let (skip, children): (u64, u64) = match marker {
+            0x00..=0x7f | 0xe0..=0xff | 0xc0 | 0xc2 | 0xc3 => (0, 0),
+            0x80..=0x8f => (0, 2 * u64::from(marker & 0x0f)),
+            0x90..=0x9f => (0, u64::from(marker & 0x0f)),
+            0xa0..=0xbf => (u64::from(marker & 0x1f), 0),
+            0xc1 => return Err("not MessagePack: byte 0xc1 is never used".into()),
+            0xc4 | 0xd9 => (uint(&mut at, 1)?, 0),
+            0xc5 | 0xda => (uint(&mut at, 2)?, 0),
+            0xc6 | 0xdb => (uint(&mut at, 4)?, 0),
+            0xc7 => (uint(&mut at, 1)? + 1, 0),
+            0xc8 => (uint(&mut at, 2)? + 1, 0),
+            0xc9 => (uint(&mut at, 4)? + 1, 0),
+            0xca => (4, 0),
+            0xcb => (8, 0),
+            0xcc | 0xd0 => (1, 0),
+            0xcd | 0xd1 => (2, 0),
+            0xce | 0xd2 => (4, 0),
+            0xcf | 0xd3 => (8, 0),
+            0xd4 => (2, 0),
+            0xd5 => (3, 0),
+            0xd6 => (5, 0),
+            0xd7 => (9, 0),
+            0xd8 => (17, 0),
+            0xdc => (0, uint(&mut at, 2)?),
+            0xdd => (0, uint(&mut at, 4)?),
+            0xde => (0, 2 * uint(&mut at, 2)?),
+            0xdf => (0, 2 * uint(&mut at, 4)?),
+        };
+        take(&mut at, usize::try_from(skip).map_err(|_| truncated())?)?;
+        // Each child takes at least one byte: more of them than bytes left is a cut body.
+        if children > (body.len() - at) as u64 {
+            return Err(truncated());
+        }
+        pending += children;
+    }
+    if at < body.len() {
+        return Err("trailing bytes after the MessagePack value".into());
+    }
+    Ok(())
+}
+
 fn msgpack_error(e: rmp_serde::decode::Error) -> DecodeError {
     use rmp_serde::decode::Error as E;
     match e {
@@ -584,22 +650,28 @@ fn decode_msgpack(body: &[u8]) -> Result<Vec<RawEnvelope>, DecodeError> {
         return Err(DecodeError::Malformed("empty body".into()));
     };
     let mut de = rmp_serde::Deserializer::new(std::io::Cursor::new(body));
+    // On failure, whether the body is MessagePack at all decides between 400 and 422.
+    let refused = |e| match msgpack_well_formed(body) {
+        Ok(()) => msgpack_error(e),
+        Err(why) => DecodeError::Malformed(why),
+    };
     let envs: Vec<RawEnvelope> = match first {
         0x90..=0x9f | 0xdc | 0xdd => Vec::<MapOnly<MsgpackEnvelope>>::deserialize(&mut de)
-            .map_err(msgpack_error)?
+            .map_err(refused)?
             .into_iter()
             .map(|e| e.0.into())
             .collect(),
         0x80..=0x8f | 0xde | 0xdf => {
             vec![MapOnly::<MsgpackEnvelope>::deserialize(&mut de)
-                .map_err(msgpack_error)?
+                .map_err(refused)?
                 .0
                 .into()]
         }
         _ => {
+            msgpack_well_formed(body).map_err(DecodeError::Malformed)?;
             return Err(DecodeError::Invalid(
                 "a MessagePack body is an envelope map or an array of them".into(),
-            ))
+            ));
         }
     };
     if (de.position() as usize) < body.len() {
@@ -608,6 +680,51 @@ fn decode_msgpack(body: &[u8]) -> Result<Vec<RawEnvelope>, DecodeError> {
         ));
     }
     Ok(envs)
+}
+
+#[cfg(test)]
+mod msgpack_form_tests {
+    //! [`msgpack_well_formed`] against rmpv's encoder: every value it writes is well formed,
+    //! no strict prefix of one is.
+    use super::*;
+    use proptest::prelude::*;
+    use rmpv::Value;
+
+    fn value() -> impl Strategy<Value = Value> {
+        let leaf = prop_oneof![
+            Just(Value::Nil),
+            any::<bool>().prop_map(Value::Boolean),
+            any::<i64>().prop_map(Value::from),
+            any::<u64>().prop_map(Value::from),
+            any::<f32>().prop_map(Value::F32),
+            any::<f64>().prop_map(Value::F64),
+            ".{0,40}".prop_map(Value::from),
+            proptest::collection::vec(any::<u8>(), 0..300).prop_map(Value::Binary),
+            (any::<i8>(), proptest::collection::vec(any::<u8>(), 0..20))
+                .prop_map(|(t, d)| Value::Ext(t, d)),
+        ];
+        leaf.prop_recursive(4, 64, 8, |inner| {
+            prop_oneof![
+                proptest::collection::vec(inner.clone(), 0..20).prop_map(Value::Array),
+                proptest::collection::vec((inner.clone(), inner), 0..20).prop_map(Value::Map),
+            ]
+        })
+    }
+
+    proptest! {
+        #[test]
+        fn what_rmpv_writes_is_well_formed_and_no_prefix_of_it_is(v in value()) {
+            let mut bytes = Vec::new();
+            rmpv::encode::write_value(&mut bytes, &v).unwrap();
+            prop_assert_eq!(msgpack_well_formed(&bytes), Ok(()));
+            for cut in 0..bytes.len() {
+                prop_assert!(msgpack_well_formed(&bytes[..cut]).is_err(), "prefix {}", cut);
+            }
+            let mut more = bytes.clone();
+            more.push(0);
+            prop_assert!(msgpack_well_formed(&more).is_err());
+        }
+    }
 }
 
 #[cfg(test)]
@@ -765,6 +882,51 @@ mod tests {
             decode(BodyFormat::Json, b"42"),
             Err(DecodeError::Invalid(_))
         ));
+    }
+
+    #[test]
+    fn in_every_format_bytes_that_are_not_the_format_are_400_and_the_format_without_an_envelope_422(
+    ) {
+        let malformed: [(BodyFormat, &[u8]); 9] = [
+            (BodyFormat::Json, b"{\"data\":"),
+            (BodyFormat::Json, b"{data: 1}"),
+            (BodyFormat::Ndjson, b"{\"data\":1}\n{oops}\n"),
+            // Truncated: a map of one entry whose key is cut short.
+            (BodyFormat::Msgpack, b"\x81\xa4da"),
+            // 0xc1 is a byte MessagePack never uses: alone, and as the value of `data`.
+            (BodyFormat::Msgpack, b"\xc1"),
+            (BodyFormat::Msgpack, b"\x81\xa4data\xc1"),
+            (BodyFormat::Msgpack, b"\x91\x81\xa4data\xc1"),
+            // A whole value, then more.
+            (BodyFormat::Msgpack, b"\x81\xa4data\x01\x01"),
+            (BodyFormat::Text, b"\xff\xfe"),
+        ];
+        for (format, body) in malformed {
+            let r = decode(format, body);
+            assert!(
+                matches!(r, Err(DecodeError::Malformed(_))),
+                "{format:?} {body:?}: {r:?}"
+            );
+        }
+        let not_envelopes: [(BodyFormat, &[u8]); 8] = [
+            (BodyFormat::Json, b"42"),
+            (BodyFormat::Json, b"{\"nodata\":1}"),
+            (BodyFormat::Ndjson, b"{\"data\":1}\n[1]\n"),
+            (BodyFormat::Ndjson, b"\"text\"\n"),
+            // Well-formed MessagePack: a number, a string, a map without `data`, an array
+            // holding a number.
+            (BodyFormat::Msgpack, b"\x01"),
+            (BodyFormat::Msgpack, b"\xa1x"),
+            (BodyFormat::Msgpack, b"\x81\xa4nope\x01"),
+            (BodyFormat::Msgpack, b"\x91\x01"),
+        ];
+        for (format, body) in not_envelopes {
+            let r = decode(format, body);
+            assert!(
+                matches!(r, Err(DecodeError::Invalid(_))),
+                "{format:?} {body:?}: {r:?}"
+            );
+        }
     }
 
     #[test]

@@ -1294,6 +1294,13 @@ async fn malformed_bodies_are_400_and_store_nothing() {
             false,
         ),
         ("application/msgpack", vec![0x81, 0xa4, b'd'], false),
+        // 0xc1 is a byte MessagePack never uses: alone, and as the value of `data`.
+        ("application/msgpack", vec![0xc1], false),
+        (
+            "application/msgpack",
+            vec![0x81, 0xa4, b'd', b'a', b't', b'a', 0xc1],
+            false,
+        ),
         ("text/plain", vec![0xff, 0xfe, 0x00], false),
         // Not gzip at all, though it says so.
         ("application/json", br#"{"data":1}"#.to_vec(), true),
@@ -1331,6 +1338,37 @@ async fn well_formed_json_that_is_not_an_envelope_is_422() {
             &server.url("/v1/topics/notenv/events"),
             "application/json",
             body,
+        )
+        .await;
+        assert_error(status, &resp, 422, "invalid_envelope");
+    }
+    assert_topic_absent(&client, &server, "notenv").await;
+    assert_next_id(&client, &server, 1).await;
+    server.stop().await;
+}
+
+#[tokio::test]
+async fn well_formed_ndjson_and_msgpack_that_are_not_envelopes_are_422() {
+    let tmp = tempfile::tempdir().unwrap();
+    let server = TestServer::start(&tmp).await;
+    let client = reqwest::Client::new();
+    let cases: Vec<(&str, Vec<u8>)> = vec![
+        ("application/x-ndjson", b"{\"data\":1}\n[1]\n".to_vec()),
+        ("application/x-ndjson", b"\"text\"\n".to_vec()),
+        // MessagePack: a number, a map without `data`, an array holding a number.
+        ("application/msgpack", vec![0x01]),
+        (
+            "application/msgpack",
+            vec![0x81, 0xa4, b'n', b'o', b'p', b'e', 0x01],
+        ),
+        ("application/msgpack", vec![0x91, 0x01]),
+    ];
+    for (ct, body) in cases {
+        let (status, resp) = post(
+            &client,
+            &server.url("/v1/topics/notenv/events"),
+            ct,
+            body.clone(),
         )
         .await;
         assert_error(status, &resp, 422, "invalid_envelope");
