@@ -288,6 +288,8 @@ async fn a_publisher_over_its_rate_gets_429_with_retry_after_and_nothing_stored(
     )
     .await;
     assert_eq!(st, 429, "{v}");
+    // The limiter holds this publisher's bucket, and /metrics says so while it refuses.
+    assert_eq!(metric(&base, "tidewire_rate_limiter_keys").await, 1.0);
     assert_eq!(topic_count(&base, "rl/a").await, 4);
     assert_eq!(topic_count(&base, "rl/b").await, 0);
     assert!(

@@ -89,7 +89,12 @@ impl PublishRateLimiter {
             return Ok(());
         };
         self.maybe_sweep(limiter);
-        match limiter.check_key(key) {
+        let checked = limiter.check_key(key);
+        // The gauge says what the limiter holds whenever it is scraped: the key just checked
+        // is in it now (refused or not), until a sweep finds its bucket full again.
+        self.keys
+            .set(i64::try_from(limiter.len()).unwrap_or(i64::MAX));
+        match checked {
             Ok(()) => Ok(()),
             Err(not_until) => Err(not_until
                 .wait_time_from(limiter.clock().now())

@@ -304,7 +304,12 @@ impl Inner {
     fn set_head(&self, seq: u64) {
         self.head.store(seq, Ordering::Release);
         self.head_tx.send_replace(seq);
-        self.stream_last.fetch_max(seq, Ordering::AcqRel);
+        let last = self.stream_last.fetch_max(seq, Ordering::AcqRel).max(seq);
+        // The lag gauge moves with the head, not only when the watcher looks.
+        self.metrics
+            .nats()
+            .lag_events
+            .set(i64::try_from(last - seq).unwrap_or(i64::MAX));
     }
 
     fn head(&self) -> u64 {
