@@ -22,9 +22,9 @@ use tokio::sync::watch;
 use crate::auth::{Authenticator, KeyError};
 use crate::config::{Config, LogBackend};
 use crate::http::h1_stream::{self, Sniffed};
-use crate::http::{self, AppState};
+use crate::http::{self, refuse, AppState};
 use crate::hub::Hub;
-use crate::limits::{conn, ClientAddr, ConnWatch, Expiry, TrackedBody, WatchedIo};
+use crate::limits::{ClientAddr, ConnWatch, Expiry, TrackedBody, WatchedIo};
 use crate::log::{
     DedupeOptions, EventLog, LogError, LogOptions, NatsLog, NatsOptions, SledLog, SpaceLimits,
 };
@@ -280,7 +280,7 @@ async fn accept_loop(
     let graceful = GracefulShutdown::new();
     let builder = Arc::new(http_builder(&state.config));
     let head_limit = parser_cap(&state.config);
-    let refusals = Arc::new(tokio::sync::Semaphore::new(conn::REFUSALS_IN_FLIGHT));
+    let refusals = Arc::new(tokio::sync::Semaphore::new(refuse::REFUSALS_IN_FLIGHT));
     let secs = |s: u64| (s > 0).then(|| Duration::from_secs(s));
     let (header_timeout, idle_timeout) = (
         secs(state.config.header_read_timeout_secs),
@@ -317,13 +317,14 @@ async fn accept_loop(
                     tokio::spawn(async move {
                         let _slot = slot;
                         match tls {
-                            None => conn::refuse(TokioIo::new(stream), refusal).await,
+                            None => refuse::refuse_connection(TokioIo::new(stream), refusal).await,
                             Some(tls) => {
                                 let handshake = tls.accept(stream);
                                 if let Ok(Ok(done)) =
-                                    tokio::time::timeout(conn::REFUSAL_WAIT, handshake).await
+                                    tokio::time::timeout(refuse::REFUSAL_WAIT, handshake).await
                                 {
-                                    conn::refuse(TokioIo::new(done.stream), refusal).await;
+                                    refuse::refuse_connection(TokioIo::new(done.stream), refusal)
+                                        .await;
                                 }
                             }
                         }

@@ -239,6 +239,17 @@ impl From<AuthError> for ApiError {
     }
 }
 
+impl From<crate::limits::LimitError> for ApiError {
+    fn from(e: crate::limits::LimitError) -> Self {
+        use crate::limits::LimitError as L;
+        match e {
+            L::HeadersTooLarge(max) => Self::headers_too_large(max),
+            L::ServerAtCapacity(max) => Self::server_at_capacity(max),
+            L::TooManyConnections(max) => Self::too_many_connections(max),
+        }
+    }
+}
+
 impl From<LogError> for ApiError {
     fn from(e: LogError) -> Self {
         match e {

@@ -26,6 +26,7 @@ mod health;
 pub mod origin;
 mod poll;
 mod publish;
+pub mod refuse;
 mod sse;
 mod topics;
 mod ws;
@@ -218,7 +219,7 @@ where
     let origin = req.headers().get(header::ORIGIN).cloned();
     let result =
         if let Err(e) = crate::limits::check_header_size(&req, state.config.max_header_bytes) {
-            Err(e)
+            Err(e.into())
         } else if method == Method::OPTIONS {
             Ok(preflight(&state, origin.as_ref()))
         } else {

@@ -4,70 +4,17 @@
 //! A connection holds a [`ConnPermit`] from accept until its socket closes. The server keeps
 //! the permit inside the connection's I/O object, so a connection upgraded to a WebSocket
 //! stays counted for as long as the socket lives. A connection over a cap is not reset: the
-//! server answers its first request with the [`Refusal`]'s error and closes it.
+//! server answers its first request with the [`Refusal`]'s error and closes it
+//! (`http::refuse_connection`).
 
 use std::collections::HashMap;
-use std::convert::Infallible;
 use std::net::IpAddr;
 use std::sync::{Arc, Mutex, PoisonError};
-use std::time::Duration;
 
-use http::{header, HeaderValue};
-use hyper::service::service_fn;
-use hyper_util::rt::TokioExecutor;
-use hyper_util::server::conn::auto;
 use prometheus_client::metrics::gauge::Gauge;
-use tokio::sync::oneshot;
 
 use super::client::client_key;
-use crate::http::ApiError;
 use crate::metrics::Metrics;
-
-/// Most refused connections being answered at once; beyond it a refused connection is
-/// closed without an answer (each answer holds a socket for up to [`REFUSAL_WAIT`]).
-pub const REFUSALS_IN_FLIGHT: usize = 256;
-
-/// Longest a refused connection is kept to send its request and read the answer.
-pub const REFUSAL_WAIT: Duration = Duration::from_secs(5);
-
-/// Answers the first request on `io` (HTTP/1.1 or HTTP/2) with `refusal`'s error and
-/// `Connection: close`, then closes it; gives up after [`REFUSAL_WAIT`]. The caller bounds
-/// how many run at once ([`REFUSALS_IN_FLIGHT`]).
-pub async fn refuse<I>(io: I, refusal: Refusal)
-where
-    I: hyper::rt::Read + hyper::rt::Write + Unpin + Send + 'static,
-{
-    let mut builder = auto::Builder::new(TokioExecutor::new());
-    builder.http1().keep_alive(false);
-    let (answered_tx, answered) = oneshot::channel::<()>();
-    let answered_tx = Mutex::new(Some(answered_tx));
-    let service = service_fn(move |_req| {
-        let mut resp = crate::http::error_response(&refusal.error());
-        resp.headers_mut()
-            .insert(header::CONNECTION, HeaderValue::from_static("close"));
-        if let Some(tx) = answered_tx
-            .lock()
-            .unwrap_or_else(PoisonError::into_inner)
-            .take()
-        {
-            let _ = tx.send(());
-        }
-        std::future::ready(Ok::<_, Infallible>(resp))
-    });
-    let conn = builder.serve_connection(io, service);
-    tokio::pin!(conn);
-    let _ = tokio::time::timeout(REFUSAL_WAIT, async {
-        tokio::select! {
-            _ = conn.as_mut() => return,
-            _ = answered => {}
-        }
-        // HTTP/1.1 closes after the answer on its own (no keep-alive); HTTP/2 gets a GOAWAY
-        // once the answer is sent.
-        conn.as_mut().graceful_shutdown();
-        let _ = conn.await;
-    })
-    .await;
-}
 
 /// Counts open connections against the caps.
 pub struct ConnectionLimiter {
@@ -99,11 +46,11 @@ pub enum Refusal {
 }
 
 impl Refusal {
-    /// The contract's error for this refusal (503 or 429, both with `Retry-After`).
-    pub fn error(&self) -> ApiError {
+    /// The error this refusal is (503 or 429 on the wire, both with `Retry-After`).
+    pub fn error(&self) -> super::LimitError {
         match *self {
-            Refusal::Total(max) => ApiError::server_at_capacity(max),
-            Refusal::PerIp(max) => ApiError::too_many_connections(max),
+            Refusal::Total(max) => super::LimitError::ServerAtCapacity(max),
+            Refusal::PerIp(max) => super::LimitError::TooManyConnections(max),
         }
     }
 

@@ -20,7 +20,6 @@ use std::sync::Arc;
 use http::Request;
 
 use crate::config::Config;
-use crate::http::ApiError;
 use crate::metrics::Metrics;
 
 pub mod client;
@@ -32,6 +31,21 @@ pub use client::ClientAddr;
 pub use conn::{ConnPermit, ConnectionLimiter, Refusal};
 pub use rate::{PublishRateLimiter, RateKey};
 pub use timeouts::{ConnWatch, Expiry, RequestGuard, TrackedBody, WatchedIo};
+
+/// Why a limit refused a request or a connection. The HTTP layer maps each onto the
+/// contract's status and error body, in its one place (`http::error`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
+pub enum LimitError {
+    /// The request line and headers take more than this many bytes (431).
+    #[error("the request line and headers take more than {0} bytes")]
+    HeadersTooLarge(usize),
+    /// The server holds `max_connections` (this many) already (503).
+    #[error("the server holds its most connections ({0})")]
+    ServerAtCapacity(usize),
+    /// The client address holds `max_connections_per_ip` (this many) already (429).
+    #[error("this client address holds its most connections ({0})")]
+    TooManyConnections(usize),
+}
 
 /// The server-wide limiters, built once from the configuration.
 pub struct Limits {
@@ -62,7 +76,7 @@ impl Limits {
 /// Refuses (431 `headers_too_large`) a request whose request line and headers take more than
 /// `max` bytes as HTTP/1.1 would send them. The HTTP parser itself stops at twice `max`
 /// (`server.rs`), so every head between the two gets the contract's error body.
-pub fn check_header_size<B>(req: &Request<B>, max: usize) -> Result<(), ApiError> {
+pub fn check_header_size<B>(req: &Request<B>, max: usize) -> Result<(), LimitError> {
     // "METHOD SP target SP HTTP/1.1 CRLF", each header "name: value CRLF", then CRLF.
     let line = req.method().as_str().len()
         + req.uri().path_and_query().map_or(1, |p| p.as_str().len())
@@ -73,7 +87,7 @@ pub fn check_header_size<B>(req: &Request<B>, max: usize) -> Result<(), ApiError
         .map(|(k, v)| k.as_str().len() + v.len() + 4)
         .sum();
     if line + headers + 2 > max {
-        return Err(ApiError::headers_too_large(max));
+        return Err(LimitError::HeadersTooLarge(max));
     }
     Ok(())
 }
