@@ -656,11 +656,13 @@ async fn ws_follower(
                 Ok(_) => break,
                 Err(_) => continue,
             };
-            let Ok(text) = frame.to_text() else { continue };
-            if text.is_empty() {
-                continue;
-            }
-            let v: Value = serde_json::from_str(text).expect("a JSON frame");
+            let text = match frame {
+                tokio_tungstenite::tungstenite::Message::Text(t) => t,
+                // The server closing (shutting down, or its log unavailable): go elsewhere.
+                tokio_tungstenite::tungstenite::Message::Close(_) => break,
+                _ => continue,
+            };
+            let v: Value = serde_json::from_str(&text).expect("a JSON text frame");
             match v["op"].as_str() {
                 Some("gap") => panic!("a gap without retention: {v}"),
                 Some(_) => continue,
