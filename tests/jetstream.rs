@@ -176,13 +176,6 @@ async fn sse_take(url: &str, cursor: Option<u64>, n: usize) -> Vec<Value> {
     out
 }
 
-fn ids(events: &[Value]) -> Vec<u64> {
-    events
-        .iter()
-        .map(|e| e["id"].as_u64().expect("id"))
-        .collect()
-}
-
 #[tokio::test]
 async fn two_gateways_over_an_r3_cluster_serve_one_log() {
     let tmp = tempfile::tempdir().unwrap();
@@ -234,7 +227,7 @@ async fn two_gateways_over_an_r3_cluster_serve_one_log() {
         .unwrap()
         .unwrap();
     assert_eq!(
-        ids(&received),
+        common::ids(&received),
         published,
         "B delivers A's and B's events in id order"
     );
@@ -262,10 +255,10 @@ async fn two_gateways_over_an_r3_cluster_serve_one_log() {
         published.len() - 3,
     )
     .await;
-    assert_eq!(ids(&rest), published[3..].to_vec());
+    assert_eq!(common::ids(&rest), published[3..].to_vec());
     // Long-poll and the topics API on A see the same log.
     let all = common::poll_all(&c, &a.url(""), "plant/**").await;
-    assert_eq!(ids(&all), published);
+    assert_eq!(common::ids(&all), published);
     let stats = get_json(&c, &a.url("/v1/topics/plant/line.1")).await;
     assert_eq!(stats["count"], 5, "{stats}");
     assert_eq!(stats["first_id"], published[0], "{stats}");
@@ -299,7 +292,11 @@ async fn two_gateways_over_an_r3_cluster_serve_one_log() {
         "--topic".into(),
         "plant/**".into(),
     ]);
-    assert_eq!(ids(&exported), published, "export --server through B");
+    assert_eq!(
+        common::ids(&exported),
+        published,
+        "export --server through B"
+    );
     let tailed = run(vec![
         "tail".into(),
         "plant/**".into(),
@@ -310,7 +307,11 @@ async fn two_gateways_over_an_r3_cluster_serve_one_log() {
         "--server".into(),
         a.url(""),
     ]);
-    assert_eq!(ids(&tailed), published[2..].to_vec(), "tail through A");
+    assert_eq!(
+        common::ids(&tailed),
+        published[2..].to_vec(),
+        "tail through A"
+    );
 }
 
 #[tokio::test]
@@ -1010,7 +1011,7 @@ async fn stream_max_age_is_the_retention_and_an_expired_cursor_gets_the_gap_on_e
     )
     .await;
     assert_eq!(body["gap"], gap, "{body}");
-    assert_eq!(ids(body["events"].as_array().unwrap()), new);
+    assert_eq!(common::ids(body["events"].as_array().unwrap()), new);
     // WebSocket: a gap frame first.
     let (mut ws, _) = tokio_tungstenite::connect_async(format!(
         "ws://{}/v1/ws?topic=r/**&since={first_old}",

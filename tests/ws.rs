@@ -135,13 +135,6 @@ async fn read_events(ws: &mut Ws, enc: Enc, n: usize) -> Vec<Value> {
     out
 }
 
-fn ids(events: &[Value]) -> Vec<u64> {
-    events
-        .iter()
-        .map(|e| e["id"].as_u64().expect("id"))
-        .collect()
-}
-
 async fn send(ws: &mut Ws, enc: Enc, v: Value) {
     let msg = match enc {
         Enc::Json => Message::text(v.to_string()),
@@ -191,7 +184,7 @@ async fn live_delivery_then_resume_by_query_since() {
     publish_one(&http, &base, "other", json!({"n": 0})).await;
     let b = publish_one(&http, &base, "orders/us", json!({"n": 2})).await;
     let got = read_events(&mut ws, Enc::Json, 2).await;
-    assert_eq!(ids(&got), [a, b]);
+    assert_eq!(common::ids(&got), [a, b]);
     assert_eq!(got[0]["topic"], "orders/eu/1");
     assert_eq!(got[0]["data"], json!({"n": 1}));
     assert!(got[0]["time"].as_u64().unwrap() > 1_700_000_000_000);
@@ -202,13 +195,13 @@ async fn live_delivery_then_resume_by_query_since() {
     let c = publish_one(&http, &base, "orders/eu/2", json!({"n": 3})).await;
     let mut ws = connect(server.addr, &format!("?topic=orders/**&since={a}"), None).await;
     let got = read_events(&mut ws, Enc::Json, 2).await;
-    assert_eq!(ids(&got), [b, c]);
+    assert_eq!(common::ids(&got), [b, c]);
     let d = publish_one(&http, &base, "orders/x", json!(4)).await;
-    assert_eq!(ids(&read_events(&mut ws, Enc::Json, 1).await), [d]);
+    assert_eq!(common::ids(&read_events(&mut ws, Enc::Json, 1).await), [d]);
     // since=0: everything retained.
     let mut all = connect(server.addr, "?topic=orders/**&since=0", None).await;
     assert_eq!(
-        ids(&read_events(&mut all, Enc::Json, 4).await),
+        common::ids(&read_events(&mut all, Enc::Json, 4).await),
         [a, b, c, d]
     );
     server.stop().await;
@@ -237,7 +230,10 @@ async fn subscribe_and_unsubscribe_over_the_socket_with_since_and_overlap() {
         json!({"op":"ack","ref":"s"})
     );
     // Overlapping patterns: each event once, in id order.
-    assert_eq!(ids(&read_events(&mut ws, Enc::Json, 3).await), [s1, s2, s3]);
+    assert_eq!(
+        common::ids(&read_events(&mut ws, Enc::Json, 3).await),
+        [s1, s2, s3]
+    );
 
     // A second subscribe whose since is below what was sent: a gap frame says from where
     // the new pattern is complete; order on the socket stays strictly increasing.
@@ -256,7 +252,10 @@ async fn subscribe_and_unsubscribe_over_the_socket_with_since_and_overlap() {
     assert_eq!(frames[1], json!({"op":"gap","requested":0,"oldest":s3 + 1}));
     let o2 = publish_one(&http, &base, "other/y", json!(5)).await;
     let s4 = publish_one(&http, &base, "sensors/a", json!(6)).await;
-    assert_eq!(ids(&read_events(&mut ws, Enc::Json, 2).await), [o2, s4]);
+    assert_eq!(
+        common::ids(&read_events(&mut ws, Enc::Json, 2).await),
+        [o2, s4]
+    );
     let _ = o1;
 
     // Unsubscribe one of two overlapping patterns: sensors/a still arrives (via sensors/**).
@@ -271,7 +270,7 @@ async fn subscribe_and_unsubscribe_over_the_socket_with_since_and_overlap() {
         json!({"op":"ack","ref":"u"})
     );
     let s5 = publish_one(&http, &base, "sensors/a", json!(7)).await;
-    assert_eq!(ids(&read_events(&mut ws, Enc::Json, 1).await), [s5]);
+    assert_eq!(common::ids(&read_events(&mut ws, Enc::Json, 1).await), [s5]);
     send(
         &mut ws,
         Enc::Json,
@@ -292,7 +291,7 @@ async fn subscribe_and_unsubscribe_over_the_socket_with_since_and_overlap() {
         json!({"op":"ack","ref":"l"})
     );
     let o4 = publish_one(&http, &base, "other/z", json!(10)).await;
-    assert_eq!(ids(&read_events(&mut ws, Enc::Json, 1).await), [o4]);
+    assert_eq!(common::ids(&read_events(&mut ws, Enc::Json, 1).await), [o4]);
     assert!(o4 > o3);
 
     // Subscribe with since on a fresh socket: resume exactly.
@@ -304,8 +303,8 @@ async fn subscribe_and_unsubscribe_over_the_socket_with_since_and_overlap() {
     )
     .await;
     let got = read_events(&mut ws2, Enc::Json, 4).await;
-    assert_eq!(ids(&got)[0], s3);
-    assert!(ids(&got).windows(2).all(|w| w[0] < w[1]));
+    assert_eq!(common::ids(&got)[0], s3);
+    assert!(common::ids(&got).windows(2).all(|w| w[0] < w[1]));
     server.stop().await;
 }
 
@@ -600,7 +599,7 @@ async fn gzip_batches_replay_exactly_the_unbatched_events_in_both_encodings() {
         let (plain, plain_wire, _) = replay(server.addr, enc, false, n).await;
         let (batched, batched_wire, gz) = replay(server.addr, enc, true, n).await;
         assert_eq!(plain, batched, "{enc:?}");
-        assert!(ids(&plain).windows(2).all(|w| w[0] < w[1]));
+        assert!(common::ids(&plain).windows(2).all(|w| w[0] < w[1]));
         assert!(gz > 0 && gz < n / 10, "{gz} gzip frames for {n} events");
         let ratio = plain_wire as f64 / batched_wire as f64;
         eprintln!("{enc:?}: replay of {n} events: {plain_wire} bytes unbatched, {batched_wire} with batch=gzip ({ratio:.1}x)");
@@ -611,7 +610,7 @@ async fn gzip_batches_replay_exactly_the_unbatched_events_in_both_encodings() {
     sync(&mut ws, Enc::Json).await;
     let id = publish_one(&http, &base, "r/live", json!(1)).await;
     let f = recv_frame(&mut ws, Enc::Json).await;
-    assert_eq!(ids(&f.items), [id]);
+    assert_eq!(common::ids(&f.items), [id]);
     server.stop().await;
 }
 
@@ -796,7 +795,7 @@ async fn a_socket_that_does_not_read_stays_bounded_and_catches_up_in_order() {
     let per = 100;
     let fast_reader = tokio::spawn(async move {
         let got = read_events(&mut fast, Enc::Json, requests * per).await;
-        ids(&got)
+        common::ids(&got)
     });
     let mut max_rss = before;
     for r in 0..requests {
@@ -845,7 +844,7 @@ async fn a_socket_that_does_not_read_stays_bounded_and_catches_up_in_order() {
         "{metrics}"
     );
     // Reading again: everything, in order, nothing skipped.
-    let got = ids(&read_events(&mut slow, Enc::Json, requests * per).await);
+    let got = common::ids(&read_events(&mut slow, Enc::Json, requests * per).await);
     assert_eq!(got, fast_ids);
 }
 
@@ -936,7 +935,7 @@ async fn kill_9_during_concurrent_publishing_loses_no_acked_event_and_resume_del
     let max_acked = *acked.iter().max().unwrap();
     let mut resumed = Vec::new();
     while resumed.last().copied().unwrap_or(last_seen) < max_acked {
-        resumed.extend(ids(&read_events(&mut ws, Enc::Json, 1).await));
+        resumed.extend(common::ids(&read_events(&mut ws, Enc::Json, 1).await));
     }
     let all: Vec<u64> = seen.iter().chain(resumed.iter()).copied().collect();
     assert!(
@@ -1057,6 +1056,10 @@ async fn shutdown_acks_every_publish_it_accepted_and_stores_nothing_unacked() {
     // Nothing beyond them: a marker published now is the very next event.
     let marker = publish_one(&http, &server.url(""), "sd/marker", json!("end")).await;
     let next = read_events(&mut ws, Enc::Json, 1).await;
-    assert_eq!(ids(&next), [marker], "an unacked publish was stored");
+    assert_eq!(
+        common::ids(&next),
+        [marker],
+        "an unacked publish was stored"
+    );
     server.stop().await;
 }

@@ -289,6 +289,14 @@ pub async fn poll_all(client: &reqwest::Client, base: &str, pattern: &str) -> Ve
     }
 }
 
+/// The `id` of each envelope, in order (panics on an envelope without one).
+pub fn ids(events: &[Value]) -> Vec<u64> {
+    events
+        .iter()
+        .map(|e| e["id"].as_u64().expect("id"))
+        .collect()
+}
+
 /// Publishes one JSON event to `topic` and returns its id (asserts 201).
 pub async fn publish_one(client: &reqwest::Client, base: &str, topic: &str, data: Value) -> u64 {
     let (status, body) = post(

@@ -106,8 +106,8 @@ struct Inner {
     wanted: Wanted,
     hub: Hub,
     metrics: Metrics,
-    /// The last sequence handed to the hub; every event up to it is readable.
-    head: AtomicU64,
+    /// The last sequence handed to the hub; every event up to it is readable. Appends wait
+    /// on it for this gateway's subscribers to have their events.
     head_tx: watch::Sender<u64>,
     /// Set while the follower runs on a checked stream.
     following: AtomicBool,
@@ -151,7 +151,6 @@ impl NatsLog {
             wanted,
             hub,
             metrics,
-            head: AtomicU64::new(0),
             head_tx,
             following: AtomicBool::new(false),
             stream_last: AtomicU64::new(0),
@@ -302,7 +301,6 @@ impl Inner {
     }
 
     fn set_head(&self, seq: u64) {
-        self.head.store(seq, Ordering::Release);
         self.head_tx.send_replace(seq);
         let last = self.stream_last.fetch_max(seq, Ordering::AcqRel).max(seq);
         // The lag gauge moves with the head, not only when the watcher looks.
@@ -313,7 +311,7 @@ impl Inner {
     }
 
     fn head(&self) -> u64 {
-        self.head.load(Ordering::Acquire)
+        *self.head_tx.borrow()
     }
 
     fn is_closed(&self) -> bool {
