@@ -22,12 +22,29 @@ async fn stream_with(cluster: &NatsCluster, name: &str, replicas: usize, n: usiz
     })
     .await
     .expect("create stream");
+    // A new replicated stream answers only once its leader is elected: until then a publish
+    // finds no responder (reported as "stream not found"), so each is retried for a while.
     for i in 0..n {
-        js.publish(format!("{name}.x"), format!("{i}").into())
-            .await
-            .expect("publish")
-            .await
-            .expect("ack");
+        let deadline = Instant::now() + PATIENCE;
+        loop {
+            // The msg id makes a retry whose first try was stored count once.
+            let mut headers = async_nats::HeaderMap::new();
+            headers.insert("Nats-Msg-Id", format!("{name}-{i}"));
+            let sent = js
+                .publish_with_headers(format!("{name}.x"), headers, format!("{i}").into())
+                .await;
+            let acked = match sent {
+                Ok(ack) => ack.await.map(|_| ()).map_err(|e| e.to_string()),
+                Err(e) => Err(e.to_string()),
+            };
+            match acked {
+                Ok(()) => break,
+                Err(e) => {
+                    assert!(Instant::now() < deadline, "publish {i} to {name}: {e}");
+                    tokio::time::sleep(Duration::from_millis(50)).await;
+                }
+            }
+        }
     }
 }
 
