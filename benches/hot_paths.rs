@@ -458,6 +458,7 @@ fn open_log(dir: &std::path::Path, fsync: FsyncPolicy) -> Arc<SledLog> {
         fsync,
         retention: RetentionPolicy::keep_everything(),
         space: Default::default(),
+        checkpoint_every: std::time::Duration::from_millis(500),
     };
     SledLog::open(&opts, Hub::new(64), Metrics::new()).expect("open the log")
 }

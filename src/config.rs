@@ -155,6 +155,10 @@ pub struct Config {
     /// Most bytes the data directory may take on disk (0: no budget); over it publishes get
     /// 503 `storage_full` until retention frees room.
     pub storage_max_disk_bytes: u64,
+    /// Longest time, milliseconds, between background flushes of sled while events arrive
+    /// (a checkpoint: the write-ahead log up to it is then deleted). Acknowledgements wait
+    /// for the write-ahead log, never for this; it bounds the WAL replayed after a crash.
+    pub storage_checkpoint_ms: u64,
     /// Where events are kept: `sled`, the embedded log in `data_dir` (the default), or
     /// `nats`, a NATS JetStream stream shared by any number of tidewire gateways.
     pub log: LogBackend,
@@ -278,6 +282,7 @@ impl Default for Config {
             retention_check_secs: 10,
             retention_rules: Vec::new(),
             storage_min_free_bytes: 64 << 20,
+            storage_checkpoint_ms: 500,
             storage_max_disk_bytes: 0,
             log: LogBackend::Sled,
             nats_urls: vec!["nats://127.0.0.1:4222".into()],
@@ -429,6 +434,11 @@ impl Config {
             if v == 0 {
                 return Err(ConfigError::Invalid(format!("{name} must be at least 1")));
             }
+        }
+        if self.storage_checkpoint_ms < 10 {
+            return Err(ConfigError::Invalid(
+                "storage_checkpoint_ms must be at least 10".into(),
+            ));
         }
         if self.sse_heartbeat_secs == 0 {
             return Err(ConfigError::Invalid(

@@ -111,6 +111,8 @@ pub struct Metrics {
     delivered: Family<TransportLabel, Counter>,
     lagged: Counter,
     blobs_synced: Counter,
+    checkpoint_latency: Histogram,
+    wal_segments_deleted: Counter,
     duplicates: Counter,
     dedupe_entries: Gauge,
     dedupe_removed: Counter,
@@ -165,6 +167,8 @@ impl Metrics {
             delivered: Family::default(),
             lagged: Counter::default(),
             blobs_synced: Counter::default(),
+            checkpoint_latency: latency_histogram(),
+            wal_segments_deleted: Counter::default(),
             duplicates: Counter::default(),
             dedupe_entries: Gauge::default(),
             dedupe_removed: Counter::default(),
@@ -223,7 +227,8 @@ impl Metrics {
         );
         r.register(
             "log_flush_latency_seconds",
-            "Duration of each log flush (one per group commit)",
+            "Duration of each durable sync of the log: one write-ahead log fdatasync per group \
+             commit (a flush of sled when the WAL could not be written)",
             m.flush_latency.clone(),
         );
         r.register(
@@ -240,6 +245,16 @@ impl Metrics {
             "events_delivered",
             "Events sent to subscribers per transport",
             m.delivered.clone(),
+        );
+        r.register(
+            "log_checkpoint_latency_seconds",
+            "Duration of each background checkpoint: a flush of sled, then the checkpoint file",
+            m.checkpoint_latency.clone(),
+        );
+        r.register(
+            "log_wal_segments_deleted",
+            "Write-ahead log segments deleted once a checkpoint covered them",
+            m.wal_segments_deleted.clone(),
         );
         r.register(
             "log_blobs_synced",
@@ -388,6 +403,12 @@ impl Metrics {
         self.retention_removed.inc_by(removed);
         self.retention_reclaimed.inc_by(chunks_reclaimed);
         self.retention_latency.observe(took.as_secs_f64());
+    }
+
+    /// Records one background checkpoint and the WAL segments it deleted.
+    pub fn observe_checkpoint(&self, latency: Duration, segments_deleted: u64) {
+        self.checkpoint_latency.observe(latency.as_secs_f64());
+        self.wal_segments_deleted.inc_by(segments_deleted);
     }
 
     /// Records one flush of the log.

@@ -5,13 +5,16 @@
 use std::io::{BufRead, BufReader, Write};
 use std::path::Path;
 use std::sync::Arc;
+use std::time::Duration;
 
 use crate::config::Config;
 use crate::envelope::EventId;
 use crate::export::{self, ExportError, Format};
 use crate::hub::Hub;
 use crate::log::retention::RetentionPolicy;
-use crate::log::{EventLog, FsyncPolicy, ImportEvent, LogOptions, SledLog, SpaceLimits};
+use crate::log::{
+    EventLog, FsyncPolicy, ImportEvent, LogOptions, SledLog, SpaceLimits, WalRecovery,
+};
 use crate::metrics::Metrics;
 use crate::topic::{Pattern, PatternSet};
 
@@ -32,6 +35,7 @@ fn open(dir: &Path, create: bool) -> Result<Arc<SledLog>, String> {
         fsync: FsyncPolicy::Always,
         retention: RetentionPolicy::keep_everything(),
         space: SpaceLimits::default(),
+        checkpoint_every: Duration::from_millis(defaults.storage_checkpoint_ms),
     };
     SledLog::open(&opts, Hub::new(4), Metrics::new()).map_err(|e| {
         let msg = e.to_string();
@@ -80,6 +84,7 @@ pub async fn inspect(dir: &Path, json: bool) -> Result<(), String> {
     println!("chunks              {}", i.chunks);
     println!("index entries       {}", i.index_entries);
     println!("remembered msg_ids  {}", i.dedupe_entries);
+    print_wal(&i.wal);
     if !i.largest_topics.is_empty() {
         println!("\nlargest topics        events        bytes   first id    last id");
         for t in &i.largest_topics {
@@ -98,6 +103,27 @@ pub async fn inspect(dir: &Path, json: bool) -> Result<(), String> {
     Ok(())
 }
 
+/// Prints what the write-ahead log held when the log opened.
+fn print_wal(w: &WalRecovery) {
+    println!(
+        "write-ahead log     {} segment(s), {} bytes, {} record(s) checked at open; {} \
+         record(s) ({} events) above sled's store replayed{}",
+        w.segments,
+        w.bytes,
+        w.records,
+        w.replayed_records,
+        w.replayed_events,
+        if w.torn_bytes > 0 {
+            format!(
+                "; an unfinished last record ({} bytes) dropped",
+                w.torn_bytes
+            )
+        } else {
+            String::new()
+        }
+    );
+}
+
 /// `tidewire verify`: checks the log; an error (exit status 1) when it is not consistent.
 pub async fn verify(dir: &Path, json: bool) -> Result<(), String> {
     let log = open(dir, false)?;
@@ -113,6 +139,7 @@ pub async fn verify(dir: &Path, json: bool) -> Result<(), String> {
             "checked {} chunks, {} events, {} index entries",
             v.chunks, v.events, v.index_entries
         );
+        print_wal(&v.wal);
         for p in &v.problems {
             println!("PROBLEM: {p}");
         }

@@ -201,6 +201,7 @@ async fn open_sled(
             min_free_bytes: config.storage_min_free_bytes,
             max_disk_bytes: config.storage_max_disk_bytes,
         },
+        checkpoint_every: Duration::from_millis(config.storage_checkpoint_ms),
     };
     let log = tokio::task::spawn_blocking(move || SledLog::open(&opts, hub, metrics))
         .await

@@ -33,6 +33,7 @@ fn opts(dir: &std::path::Path) -> LogOptions {
         fsync: Default::default(),
         retention: tidewire::log::retention::RetentionPolicy::keep_everything(),
         space: Default::default(),
+        checkpoint_every: std::time::Duration::from_millis(500),
     }
 }
 

@@ -24,11 +24,12 @@ pub mod nats_log;
 pub mod record;
 pub mod retention;
 mod sled_log;
+pub mod wal_record;
 
 pub use nats_log::{NatsLog, NatsOptions};
 pub use sled_log::{
     Compacted, DedupeOptions, ImportEvent, Inspection, LogOptions, SledLog, SpaceLimits,
-    Verification,
+    Verification, WalRecovery,
 };
 
 /// A boxed future, so the trait can be used as `dyn EventLog`.

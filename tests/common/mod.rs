@@ -571,6 +571,7 @@ pub async fn retain_after(dir: &std::path::Path, through: u64) {
             fsync: Default::default(),
             retention: tidewire::log::retention::RetentionPolicy::keep_everything(),
             space: Default::default(),
+            checkpoint_every: std::time::Duration::from_millis(500),
         },
         tidewire::hub::Hub::new(4),
         tidewire::metrics::Metrics::new(),

@@ -20,15 +20,16 @@ use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 use sled::IVec;
 use tokio::sync::{mpsc, oneshot};
 
-use super::blobs::BlobSync;
 use super::record::{self, Chunk, ChunkBuilder, CorruptRecord, TopicRecord};
 use super::retention::RetentionPolicy;
+use super::wal_record::RecordBuilder;
 use super::{Appended, BoxFuture, EventLog, FsyncPolicy, LogError, Page, TopicStats};
 use crate::envelope::{Event, EventId, Gap, NewEvent, SharedEvent};
 use crate::hub::Hub;
 use crate::metrics::Metrics;
 use crate::topic::{Pattern, PatternSet, Topic};
 
+mod checkpoint;
 mod compact;
 mod dedupe;
 #[cfg(test)]
@@ -38,17 +39,24 @@ mod ops;
 #[cfg(test)]
 mod ops_tests;
 mod read;
+mod replay;
 #[cfg(test)]
 mod retention_tests;
 #[cfg(test)]
 mod tests;
+mod wal;
+#[cfg(test)]
+mod wal_tests;
 mod writer;
 
+use checkpoint::{StoreSync, CHECKPOINT_BYTES};
 pub use compact::Compacted;
 use dedupe::Dedupe;
 pub use dedupe::DedupeOptions;
 pub use ops::{ImportEvent, Inspection, Verification};
 use read::*;
+use wal::Wal;
+pub use wal::WalRecovery;
 use writer::*;
 
 /// Most events one group commit takes from the queue before it writes and flushes.
@@ -112,6 +120,8 @@ pub struct LogOptions {
     pub retention: RetentionPolicy,
     /// When appends are refused for lack of room.
     pub space: SpaceLimits,
+    /// Longest time between background flushes of sled (checkpoints) while events arrive.
+    pub checkpoint_every: Duration,
 }
 
 /// When the log refuses appends for lack of room (with [`LogError::Full`]), before the disk
@@ -164,6 +174,8 @@ struct Shared {
     tree: sled::Tree,
     /// Newest durable id: readers never look past it.
     head: AtomicU64,
+    /// Newest id applied to sled (durable or not yet): what a flush of sled covers.
+    applied: AtomicU64,
     /// Durable topic statistics; updated by the writer after each flush.
     registry: RwLock<BTreeMap<Topic, TopicRecord>>,
 }
@@ -172,6 +184,8 @@ struct Shared {
 pub struct SledLog {
     shared: Arc<Shared>,
     db: sled::Db,
+    /// What the write-ahead log held when the log opened.
+    recovery: WalRecovery,
     queue: Mutex<Option<mpsc::Sender<Command>>>,
     done: Mutex<Option<oneshot::Receiver<()>>>,
 }
@@ -342,7 +356,8 @@ impl SledLog {
             Some(v) => Some(record::decode_count(&v).map_err(corrupt)?),
             None => None,
         };
-        mark::check(&opts.dir, durable_mark, high_water)?;
+        let wal = Wal::open(&opts.dir)?;
+        checkpoint::check(&opts.dir, checkpoint::read(wal.dir())?, high_water)?;
         let trimmed_before = registry.values().any(|r| r.removed_through > 0);
         let next_id = high_water.max(stored_reservation.unwrap_or(0)) + 1;
         let reserved = match opts.fsync {
@@ -353,21 +368,26 @@ impl SledLog {
         let shared = Arc::new(Shared {
             tree,
             head: AtomicU64::new(high_water),
+            applied: AtomicU64::new(high_water),
             registry: RwLock::new(registry),
         });
         let (tx, rx) = mpsc::channel(QUEUE_DEPTH);
         let (done_tx, done_rx) = oneshot::channel();
         let db_handle = db.clone();
-        let writer = Writer {
-            db,
+        let store = Arc::new(StoreSync::new(db, log_file, opts.dir.clone()));
+        let mut writer = Writer {
+            store: store.clone(),
+            wal,
+            store_behind_wal: false,
+            checkpoint_nudge: None,
+            checkpointer: None,
+            wal_since_checkpoint: 0,
             shared: shared.clone(),
             hub,
-            metrics,
+            metrics: metrics.clone(),
             next_id,
             next_topic_id,
-            chunk: OpenChunk::new(caps),
-            blobs: BlobSync::new(opts.dir.clone()),
-            log_file,
+            chunk: OpenChunk::logged(caps),
             dedupe: Dedupe::new(opts.dedupe, dedupe_count),
             fsync: opts.fsync,
             unpublished: Unpublished::default(),
@@ -390,6 +410,22 @@ impl SledLog {
             dir: opts.dir.clone(),
             over_disk_budget: None,
         };
+        let recovery = writer.replay_wal(high_water)?;
+        mark::check(&opts.dir, durable_mark, writer.last_applied)?;
+        let (nudge, nudges) = std::sync::mpsc::sync_channel(1);
+        writer.checkpoint_nudge = Some(nudge);
+        writer.checkpointer = Some(
+            checkpoint::Checkpointer {
+                store,
+                shared: shared.clone(),
+                segments: writer.wal.segments(),
+                wal_dir: writer.wal.dir().to_path_buf(),
+                metrics,
+                checkpoint: writer.last_applied,
+                every: opts.checkpoint_every,
+            }
+            .spawn(nudges)?,
+        );
         let ticks = tx.downgrade();
         let mut tick_every = SWEEP_EVERY;
         if let FsyncPolicy::Interval(every) = opts.fsync {
@@ -419,6 +455,7 @@ impl SledLog {
         Ok(Arc::new(SledLog {
             shared,
             db: db_handle,
+            recovery,
             queue: Mutex::new(Some(tx)),
             done: Mutex::new(Some(done_rx)),
         }))

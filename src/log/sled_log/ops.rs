@@ -36,6 +36,9 @@ pub struct Inspection {
     pub disk_bytes: u64,
     /// `disk_bytes / bytes` (space amplification); `None` when nothing is retained.
     pub space_amplification: Option<f64>,
+    /// What the write-ahead log held when this log was opened (replayed then, so it is
+    /// empty while the log is open).
+    pub wal: WalRecovery,
     /// The biggest topics by retained bytes (at most 20).
     pub largest_topics: Vec<TopicStats>,
 }
@@ -53,6 +56,9 @@ pub struct Verification {
     pub problems: Vec<String>,
     /// Disagreements found in all (may exceed the list).
     pub problem_count: u64,
+    /// The write-ahead log as the open found it: every record's checksums were checked
+    /// then (damage before acknowledged records refuses the open itself).
+    pub wal: WalRecovery,
 }
 
 impl Verification {
@@ -132,6 +138,7 @@ impl SledLog {
             trimmed_topics,
             disk_bytes,
             space_amplification: (bytes > 0).then(|| disk_bytes as f64 / bytes as f64),
+            wal: self.recovery.clone(),
             largest_topics: all,
         })
     }
@@ -144,7 +151,10 @@ impl SledLog {
     pub fn verify(&self) -> Result<Verification, LogError> {
         let tree = &self.shared.tree;
         let head = self.head().0;
-        let mut v = Verification::default();
+        let mut v = Verification {
+            wal: self.recovery.clone(),
+            ..Verification::default()
+        };
         let reg = self
             .shared
             .registry
@@ -326,10 +336,28 @@ impl Writer {
         let Some(last) = events.last().map(|e| e.id) else {
             return Ok(0);
         };
+        let count = events.len() as u64;
+        let (delta, committed) = self.write_with_ids(events, now_ms())?;
+        self.next_id = last + 1;
+        self.last_applied = last;
+        self.shared.applied.store(last, Ordering::Release);
+        self.flush_store()?;
+        self.publish(delta, committed);
+        Ok(count)
+    }
+
+    /// Applies events with their own ids and times to sled in one atomic batch (not synced,
+    /// not visible): dedupe entries (their expiry bucket dated `bucket_time`), chunks, index
+    /// entries and topic records, as a commit writes them. Returns what [`Writer::publish`]
+    /// needs to make them visible.
+    pub(super) fn write_with_ids(
+        &mut self,
+        events: Vec<ImportEvent>,
+        bucket_time: u64,
+    ) -> Result<(HashMap<Topic, TopicRecord>, Vec<SharedEvent>), LogError> {
         let mut batch = sled::Batch::default();
         let mut delta: HashMap<Topic, TopicRecord> = HashMap::new();
         let mut committed = Vec::with_capacity(events.len());
-        let count = events.len() as u64;
         {
             let reg = self.shared.registry.read().map_err(|_| LogError::Closed)?;
             for ImportEvent { id, time, event } in events {
@@ -359,7 +387,7 @@ impl Writer {
             }
         }
         self.chunk.close(&mut batch);
-        self.dedupe.finish_round(&mut batch, now_ms());
+        self.dedupe.finish_round(&mut batch, bucket_time);
         for (t, r) in &delta {
             batch.insert(record::topic_key(t.as_str()), record::encode_topic(r));
         }
@@ -368,10 +396,6 @@ impl Writer {
             return Err(storage(e));
         }
         self.dedupe.commit_round();
-        self.next_id = last + 1;
-        self.last_applied = last;
-        self.flush()?;
-        self.publish(delta, committed);
-        Ok(count)
+        Ok((delta, committed))
     }
 }

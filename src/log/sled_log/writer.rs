@@ -1,11 +1,25 @@
 //! The single writer: assigns ids, groups queued appends into chunks, writes one atomic
-//! batch, flushes, then makes the commit visible (registry, head, hub) and acknowledges.
+//! batch to sled and one record to the write-ahead log, syncs the WAL, then makes the commit
+//! visible (registry, head, hub) and acknowledges. sled itself is flushed in the background
+//! (see [`super::checkpoint`]).
 
 use super::*;
 
-/// The single writer: assigns ids, writes, flushes, then publishes and acknowledges.
+/// The single writer: assigns ids, writes, syncs the WAL, then publishes and acknowledges.
 pub(super) struct Writer {
-    pub(super) db: sled::Db,
+    /// sled and what its flush must sync.
+    pub(super) store: Arc<StoreSync>,
+    /// The write-ahead log: what acknowledging waits for.
+    pub(super) wal: Wal,
+    /// Events were applied to sled that no WAL record holds (a WAL write failed): until a
+    /// flush of sled covers them, durability means flushing sled.
+    pub(super) store_behind_wal: bool,
+    /// Brings the next checkpoint forward; dropped to stop the checkpointer.
+    pub(super) checkpoint_nudge: Option<std::sync::mpsc::SyncSender<()>>,
+    /// The checkpointer's thread, joined at shutdown.
+    pub(super) checkpointer: Option<std::thread::JoinHandle<()>>,
+    /// WAL bytes appended since the checkpointer was last nudged.
+    pub(super) wal_since_checkpoint: u64,
     pub(super) shared: Arc<Shared>,
     pub(super) hub: Hub,
     pub(super) metrics: Metrics,
@@ -13,9 +27,6 @@ pub(super) struct Writer {
     pub(super) next_topic_id: u64,
     /// The chunk being filled, kept between commits so its buffers are reused.
     pub(super) chunk: OpenChunk,
-    pub(super) blobs: BlobSync,
-    /// sled's main log file (`<dir>/db`), fdatasynced by every flush (see [`Writer::flush`]).
-    pub(super) log_file: std::fs::File,
     pub(super) dedupe: Dedupe,
     pub(super) fsync: FsyncPolicy,
     /// Written but not yet visible (registry, head, hub): what the next flush publishes.
@@ -37,7 +48,7 @@ pub(super) struct Writer {
     pub(super) reclaim_cycle_start: u64,
     /// Every removal up to this count has had a full reclaim cycle after it.
     pub(super) reclaimed_through: u64,
-    /// Every event up to this id is known durable (covered by a successful flush).
+    /// Every event up to this id is known durable (covered by a WAL sync or a sled flush).
     pub(super) durable_through: u64,
     /// The newest id written to sled (not a reserved one: those may never be used).
     pub(super) last_applied: u64,
@@ -74,6 +85,9 @@ pub(super) struct OpenChunk {
     out: Vec<u8>,
     /// Emptied offset lists, reused by the next chunks.
     spare: Vec<Vec<u32>>,
+    /// The WAL record of the commit, gathering every chunk closed (only the writer's own
+    /// chunk keeps one; a chunk rewritten by removal is not logged).
+    wal: Option<RecordBuilder>,
 }
 
 /// Most emptied offset lists kept for reuse.
@@ -89,7 +103,28 @@ impl OpenChunk {
             scratch: Vec::new(),
             out: Vec::new(),
             spare: Vec::new(),
+            wal: None,
         }
+    }
+
+    /// The same, gathering the WAL record of each commit.
+    pub(super) fn logged(caps: ChunkCaps) -> Self {
+        OpenChunk {
+            wal: Some(RecordBuilder::new()),
+            ..Self::new(caps)
+        }
+    }
+
+    /// Starts the WAL record of a new commit.
+    pub(super) fn begin_record(&mut self) {
+        if let Some(w) = &mut self.wal {
+            w.begin();
+        }
+    }
+
+    /// The WAL record of the ids `first ..= last` closed since [`Self::begin_record`].
+    pub(super) fn finish_record(&mut self, first: u64, last: u64) -> Option<&[u8]> {
+        self.wal.as_mut()?.finish(first, last)
     }
 
     /// Adds event `id` (the next id after the previous one), closing the chunk into `batch`
@@ -149,6 +184,9 @@ impl OpenChunk {
             return;
         }
         batch.insert(&record::chunk_key(self.first), self.out.as_slice());
+        if let Some(w) = &mut self.wal {
+            w.push_chunk(self.first, &self.out);
+        }
         for (tid, mut offsets) in self.topics.drain() {
             record::encode_index_into(&offsets, &mut self.out);
             batch.insert(&record::index_key(tid, self.first), self.out.as_slice());
@@ -193,26 +231,50 @@ pub(super) fn count_event<'d>(
 }
 
 impl Writer {
-    /// Makes everything written so far durable: sled's log, then the blob files sled's
-    /// flush leaves unsynced (see [`BlobSync`]).
-    pub(super) fn flush(&mut self) -> Result<(), LogError> {
+    /// Makes everything written to sled so far durable in sled itself (see
+    /// [`StoreSync::flush`]); the WAL then holds nothing sled lacks.
+    pub(super) fn flush_store(&mut self) -> Result<(), LogError> {
         // Everything applied so far is covered by this flush.
         let applied = self.last_applied;
-        self.db.flush().map_err(storage)?;
-        // sled's flush writes its log with sync_file_range on Linux, which neither flushes the
-        // drive's write cache nor syncs the file's size and block map: data in a grown file
-        // can be lost by a power failure until sled's own fsync, up to 500 ms later. An
-        // fdatasync here makes the flush what acknowledging needs.
-        self.log_file
-            .sync_data()
-            .map_err(|e| LogError::Storage(format!("syncing the log file: {e}")))?;
-        let synced = self
-            .blobs
-            .sync()
-            .map_err(|e| LogError::Storage(format!("syncing the log's blob files: {e}")))?;
+        let synced = self.store.flush()?;
         self.metrics.observe_blobs_synced(synced);
+        self.store_behind_wal = false;
         self.durable_through = self.durable_through.max(applied);
         Ok(())
+    }
+
+    /// Makes everything written so far durable: one fsync of the WAL, or a flush of sled
+    /// while some applied events are missing from the WAL.
+    pub(super) fn sync(&mut self) -> Result<(), LogError> {
+        if self.store_behind_wal {
+            return self.flush_store();
+        }
+        let applied = self.last_applied;
+        self.wal.sync()?;
+        self.durable_through = self.durable_through.max(applied);
+        Ok(())
+    }
+
+    /// Appends the commit's WAL record. On failure the events stay applied to sled, and
+    /// durability falls back to flushing sled until a flush covers them.
+    fn log_commit(&mut self, first: u64, last: u64) {
+        let Some(record) = self.chunk.finish_record(first, last) else {
+            self.store_behind_wal = true;
+            return;
+        };
+        if let Err(e) = self.wal.append(first, record) {
+            tracing::warn!(error = %e, "appending to the WAL failed; flushing sled instead");
+            self.store_behind_wal = true;
+            return;
+        }
+        let grown = self.wal.take_appended();
+        self.wal_since_checkpoint += grown;
+        if self.wal_since_checkpoint >= CHECKPOINT_BYTES {
+            self.wal_since_checkpoint = 0;
+            if let Some(n) = &self.checkpoint_nudge {
+                let _ = n.try_send(());
+            }
+        }
     }
 
     /// Brings the mark file up to what is durable (see [`super::mark`]).
@@ -282,10 +344,28 @@ impl Writer {
                 tracing::error!(error = %e, "recording the last id on shutdown failed");
             }
         }
-        if let Err(e) = self.flush() {
-            tracing::error!(error = %e, "final flush of the log failed");
+        // The checkpointer stops first, so the WAL is settled by this thread alone.
+        self.checkpoint_nudge = None;
+        if let Some(handle) = self.checkpointer.take() {
+            let _ = handle.join();
+        }
+        match self.flush_store() {
+            Ok(()) => self.settle_wal(),
+            Err(e) => tracing::error!(error = %e, "final flush of the log failed"),
         }
         self.update_mark();
+    }
+
+    /// After a flush of sled that covers every applied event: records the checkpoint and
+    /// deletes every WAL segment (a failure leaves them, to be replayed idempotently).
+    pub(super) fn settle_wal(&mut self) {
+        let through = self.last_applied;
+        match checkpoint::write(self.wal.dir(), through) {
+            Ok(()) => {
+                self.wal.delete_all();
+            }
+            Err(e) => tracing::warn!(error = %e, "writing the WAL checkpoint failed"),
+        }
     }
 
     /// Refuses an append of about `bytes` when it would take the filesystem below the free
@@ -320,7 +400,7 @@ impl Writer {
     pub(super) fn tick(&mut self) {
         self.update_mark();
         if self.space.max_disk_bytes > 0 {
-            self.over_disk_budget = match self.db.size_on_disk() {
+            self.over_disk_budget = match self.store.db.size_on_disk() {
                 Ok(size) if size > self.space.max_disk_bytes => Some(size),
                 _ => None,
             };
@@ -369,14 +449,14 @@ impl Writer {
         }
     }
 
-    /// Flushes, then makes everything written visible. On a failed flush nothing is made
-    /// visible; the next flush tries again.
+    /// Syncs, then makes everything written visible. On a failed sync nothing is made
+    /// visible; the next one tries again.
     pub(super) fn flush_and_publish(&mut self) {
         if self.unpublished.events.is_empty() && self.unpublished.topics.is_empty() {
             return;
         }
         let started = Instant::now();
-        let flushed = self.flush();
+        let flushed = self.sync();
         self.metrics.observe_flush(started.elapsed());
         self.last_flush = Instant::now();
         match flushed {
@@ -400,7 +480,7 @@ impl Writer {
             .tree
             .insert(record::IDS_RESERVED_KEY, &record::encode_count(next)[..])
             .map_err(storage)?;
-        self.flush()?;
+        self.flush_store()?;
         self.reserved = Some(next);
         Ok(())
     }
@@ -437,6 +517,7 @@ impl Writer {
         let chunk = &mut self.chunk;
         let mut failed = None;
         let mut id = self.next_id;
+        chunk.begin_record();
         {
             let Ok(reg) = self.shared.registry.read() else {
                 for (_, reply) in appends {
@@ -525,8 +606,11 @@ impl Writer {
             }
             return;
         }
-        if id > self.next_id {
+        let first = self.next_id;
+        if id > first {
             self.last_applied = id - 1;
+            self.shared.applied.store(id - 1, Ordering::Release);
+            self.log_commit(first, id - 1);
         }
         self.next_id = id;
         self.dedupe.commit_round();
@@ -535,7 +619,7 @@ impl Writer {
         match self.fsync {
             FsyncPolicy::Always => {
                 let flush_started = Instant::now();
-                let flushed = self.flush();
+                let flushed = self.sync();
                 self.metrics.observe_flush(flush_started.elapsed());
                 self.last_flush = Instant::now();
                 if let Err(err) = flushed {
@@ -548,10 +632,11 @@ impl Writer {
                 }
                 self.publish_written();
             }
-            // Acknowledged now; visible after the flush that makes them durable, so no
+            // Acknowledged now; visible after the WAL sync that makes them durable, so no
             // subscriber ever sees what a crash could take back.
             FsyncPolicy::Interval(_) => {}
-            // Nothing waits for a flush: visible at once; sled writes out in the background.
+            // Nothing waits for a sync: visible at once. The WAL is written (not synced) all
+            // the same, so a killed process loses nothing; an OS crash may.
             FsyncPolicy::Never => self.publish_written(),
         }
         self.metrics.observe_commit(started.elapsed());
@@ -712,7 +797,7 @@ impl Writer {
             batch.insert(record::topic_key(t.as_str()), record::encode_topic(r));
         }
         tree.apply_batch(batch).map_err(storage)?;
-        self.flush()?;
+        self.flush_store()?;
         self.publish(delta, Vec::new());
         if removed > 0 {
             self.removals += 1;

@@ -1,0 +1,265 @@
+//! The write-ahead log in front of sled: append-only segment files under `<data dir>/wal/`,
+//! one framed record per group commit (see [`wal_record`](crate::log::wal_record)).
+//!
+//! Guarantees:
+//! - a record is appended with one write; [`Wal::sync`] (one `fdatasync`) makes every record
+//!   appended before it durable, and acknowledging waits for it;
+//! - a segment is named by the first id it holds (`<first id, 20 digits>.wal`); segments hold
+//!   increasing ids and a segment is never written again once the next one exists;
+//! - a segment is deleted only when the checkpoint (sled durable) covers every id in it.
+
+use std::collections::BTreeMap;
+use std::fs::{File, OpenOptions};
+use std::io::Write;
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex};
+
+use super::LogError;
+
+/// Name of the WAL directory inside the data directory.
+pub(super) const WAL_DIR: &str = "wal";
+/// A segment is closed, and the next one started, once it holds this many bytes.
+#[cfg(not(test))]
+pub(super) const SEGMENT_BYTES: u64 = 32 << 20;
+/// Small in unit tests, so they cross segment boundaries with little data.
+#[cfg(test)]
+pub(super) const SEGMENT_BYTES: u64 = 64 << 10;
+const SUFFIX: &str = ".wal";
+
+/// The segments on disk, shared by the writer (which appends) and the checkpointer (which
+/// deletes what the checkpoint covers).
+#[derive(Debug, Default)]
+pub(super) struct Segments {
+    dir: PathBuf,
+    /// First id → bytes, of every segment on disk, the open one included (the last).
+    on_disk: BTreeMap<u64, u64>,
+}
+
+fn segment_path(dir: &Path, first: u64) -> PathBuf {
+    dir.join(format!("{first:020}{SUFFIX}"))
+}
+
+/// Deletes every segment whose ids all lie at or below `through`; the newest segment is kept
+/// (the writer may still append to it) unless `including_open`. Returns how many were deleted.
+fn delete(segments: &Mutex<Segments>, through: u64, including_open: bool) -> u64 {
+    let Ok(mut s) = segments.lock() else {
+        return 0;
+    };
+    let firsts: Vec<u64> = s.on_disk.keys().copied().collect();
+    let mut deleted = 0;
+    for (i, first) in firsts.iter().enumerate() {
+        // A segment ends where the next begins; the newest is covered only when asked.
+        let covered = match firsts.get(i + 1) {
+            Some(next) => next.saturating_sub(1) <= through,
+            None => including_open,
+        };
+        if !covered {
+            break;
+        }
+        match std::fs::remove_file(segment_path(&s.dir, *first)) {
+            Ok(()) => {}
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+            Err(e) => {
+                tracing::warn!(error = %e, "deleting a WAL segment failed; retrying later");
+                break;
+            }
+        }
+        s.on_disk.remove(first);
+        deleted += 1;
+    }
+    deleted
+}
+
+/// Deletes the closed segments wholly at or below `through` (see [`Segments`]).
+pub(super) fn delete_through(segments: &Mutex<Segments>, through: u64) -> u64 {
+    delete(segments, through, false)
+}
+
+/// The appending side of the WAL, owned by the writer thread.
+pub(super) struct Wal {
+    dir: PathBuf,
+    segments: Arc<Mutex<Segments>>,
+    /// The segment being appended to, with its first id and length.
+    open: Option<(File, u64, u64)>,
+    /// Whether anything was appended since the last sync.
+    dirty: bool,
+    /// Bytes appended since the last [`Wal::take_appended`].
+    appended: u64,
+    /// A failed write could not be undone: the open segment ends torn, and nothing more is
+    /// appended until the segments are deleted (the writer flushes sled instead).
+    broken: bool,
+}
+
+/// What the WAL directory held when the log opened.
+#[derive(Debug, Clone, Default, PartialEq, Eq, serde::Serialize)]
+pub struct WalRecovery {
+    /// Segments found.
+    pub segments: u64,
+    /// Their bytes.
+    pub bytes: u64,
+    /// Records that read back.
+    pub records: u64,
+    /// Records above what sled held, written into it again.
+    pub replayed_records: u64,
+    /// Events of those records.
+    pub replayed_events: u64,
+    /// Bytes of an unfinished record at the end of the newest segment, dropped (never
+    /// acknowledged).
+    pub torn_bytes: u64,
+}
+
+impl Wal {
+    /// Opens the WAL directory of `data_dir` (creating it), without reading any segment.
+    pub(super) fn open(data_dir: &Path) -> Result<Wal, LogError> {
+        let dir = data_dir.join(WAL_DIR);
+        let open_err = |e: std::io::Error| LogError::Open(format!("{}: {e}", dir.display()));
+        if !dir.exists() {
+            std::fs::create_dir_all(&dir).map_err(open_err)?;
+            File::open(data_dir)
+                .and_then(|d| d.sync_all())
+                .map_err(open_err)?;
+        }
+        let mut on_disk = BTreeMap::new();
+        for entry in std::fs::read_dir(&dir).map_err(open_err)? {
+            let entry = entry.map_err(open_err)?;
+            let name = entry.file_name().to_string_lossy().into_owned();
+            let Some(first) = name
+                .strip_suffix(SUFFIX)
+                .and_then(|n| n.parse::<u64>().ok())
+            else {
+                continue;
+            };
+            let len = entry.metadata().map_err(open_err)?.len();
+            on_disk.insert(first, len);
+        }
+        Ok(Wal {
+            segments: Arc::new(Mutex::new(Segments {
+                dir: dir.clone(),
+                on_disk,
+            })),
+            dir,
+            open: None,
+            dirty: false,
+            appended: 0,
+            broken: false,
+        })
+    }
+
+    /// The WAL directory.
+    pub(super) fn dir(&self) -> &Path {
+        &self.dir
+    }
+
+    /// The segment list, shared with the checkpointer.
+    pub(super) fn segments(&self) -> Arc<Mutex<Segments>> {
+        self.segments.clone()
+    }
+
+    /// The paths of the segments on disk, oldest first.
+    pub(super) fn segment_paths(&self) -> Vec<PathBuf> {
+        self.segments
+            .lock()
+            .map(|s| {
+                s.on_disk
+                    .keys()
+                    .map(|f| segment_path(&self.dir, *f))
+                    .collect()
+            })
+            .unwrap_or_default()
+    }
+
+    /// Appends one record holding the ids from `first` on. Starts a new segment first when
+    /// there is none open or the open one is full. On an error nothing of the record counts:
+    /// the segment is cut back to its length before it (or, if even that fails, closed so the
+    /// damage stays its torn tail).
+    pub(super) fn append(&mut self, first: u64, record: &[u8]) -> Result<(), LogError> {
+        if self.broken {
+            return Err(LogError::Storage(
+                "the WAL could not undo a failed write; it is unused until restart".into(),
+            ));
+        }
+        let full = self
+            .open
+            .as_ref()
+            .is_some_and(|(_, _, len)| *len >= SEGMENT_BYTES);
+        if self.open.is_none() || full {
+            self.start_segment(first)?;
+        }
+        let Some((file, seg_first, len)) = self.open.as_mut() else {
+            return Err(LogError::Storage("no WAL segment is open".into()));
+        };
+        if let Err(e) = file.write_all(record) {
+            let undone = file.set_len(*len).is_ok();
+            if !undone {
+                // Anything appended after the damage, here or in a next segment, would put
+                // it before acknowledged data: the torn record stays the WAL's last.
+                self.broken = true;
+            }
+            return Err(LogError::Storage(format!("writing the WAL: {e}")));
+        }
+        *len += record.len() as u64;
+        self.dirty = true;
+        self.appended += record.len() as u64;
+        let (seg_first, len) = (*seg_first, *len);
+        if let Ok(mut s) = self.segments.lock() {
+            s.on_disk.insert(seg_first, len);
+        }
+        Ok(())
+    }
+
+    /// Closes the open segment (synced) and creates the next one, durably named.
+    fn start_segment(&mut self, first: u64) -> Result<(), LogError> {
+        let err = |e: std::io::Error| LogError::Storage(format!("starting a WAL segment: {e}"));
+        if let Some((file, _, _)) = &self.open {
+            // Its records must be durable before any record of the next segment is: the
+            // torn-tail rule holds only for the newest segment.
+            if self.dirty {
+                file.sync_data().map_err(err)?;
+                self.dirty = false;
+            }
+        }
+        self.open = None;
+        let path = segment_path(&self.dir, first);
+        let file = OpenOptions::new()
+            .create(true)
+            .truncate(true)
+            .write(true)
+            .open(&path)
+            .map_err(err)?;
+        File::open(&self.dir)
+            .and_then(|d| d.sync_all())
+            .map_err(err)?;
+        if let Ok(mut s) = self.segments.lock() {
+            s.on_disk.insert(first, 0);
+        }
+        self.open = Some((file, first, 0));
+        Ok(())
+    }
+
+    /// Makes every record appended so far durable (one `fdatasync`; nothing when nothing
+    /// was appended since the last sync).
+    pub(super) fn sync(&mut self) -> Result<(), LogError> {
+        if !self.dirty {
+            return Ok(());
+        }
+        if let Some((file, _, _)) = &self.open {
+            file.sync_data()
+                .map_err(|e| LogError::Storage(format!("syncing the WAL: {e}")))?;
+        }
+        self.dirty = false;
+        Ok(())
+    }
+
+    /// Bytes appended since the last call.
+    pub(super) fn take_appended(&mut self) -> u64 {
+        std::mem::take(&mut self.appended)
+    }
+
+    /// Deletes every segment, the open one too: sled durably holds everything they held.
+    pub(super) fn delete_all(&mut self) -> u64 {
+        self.open = None;
+        self.dirty = false;
+        self.broken = false;
+        delete(&self.segments, u64::MAX, true)
+    }
+}
