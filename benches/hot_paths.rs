@@ -459,6 +459,7 @@ fn open_log(dir: &std::path::Path, fsync: FsyncPolicy) -> Arc<SledLog> {
         retention: RetentionPolicy::keep_everything(),
         space: Default::default(),
         checkpoint_every: std::time::Duration::from_millis(500),
+        wal_segment_bytes: 32 << 20,
     };
     SledLog::open(&opts, Hub::new(64), Metrics::new()).expect("open the log")
 }

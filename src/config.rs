@@ -159,6 +159,9 @@ pub struct Config {
     /// (a checkpoint: the write-ahead log up to it is then deleted). Acknowledgements wait
     /// for the write-ahead log, never for this; it bounds the WAL replayed after a crash.
     pub storage_checkpoint_ms: u64,
+    /// Bytes after which a write-ahead log segment is closed and the next one started (a
+    /// closed segment is deleted once a checkpoint covers it).
+    pub storage_wal_segment_bytes: u64,
     /// Where events are kept: `sled`, the embedded log in `data_dir` (the default), or
     /// `nats`, a NATS JetStream stream shared by any number of tidewire gateways.
     pub log: LogBackend,
@@ -283,6 +286,7 @@ impl Default for Config {
             retention_rules: Vec::new(),
             storage_min_free_bytes: 64 << 20,
             storage_checkpoint_ms: 500,
+            storage_wal_segment_bytes: 32 << 20,
             storage_max_disk_bytes: 0,
             log: LogBackend::Sled,
             nats_urls: vec!["nats://127.0.0.1:4222".into()],
@@ -438,6 +442,11 @@ impl Config {
         if self.storage_checkpoint_ms < 10 {
             return Err(ConfigError::Invalid(
                 "storage_checkpoint_ms must be at least 10".into(),
+            ));
+        }
+        if self.storage_wal_segment_bytes < 64 << 10 {
+            return Err(ConfigError::Invalid(
+                "storage_wal_segment_bytes must be at least 65536".into(),
             ));
         }
         if self.sse_heartbeat_secs == 0 {

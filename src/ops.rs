@@ -36,6 +36,7 @@ fn open(dir: &Path, create: bool) -> Result<Arc<SledLog>, String> {
         retention: RetentionPolicy::keep_everything(),
         space: SpaceLimits::default(),
         checkpoint_every: Duration::from_millis(defaults.storage_checkpoint_ms),
+        wal_segment_bytes: defaults.storage_wal_segment_bytes,
     };
     SledLog::open(&opts, Hub::new(4), Metrics::new()).map_err(|e| {
         let msg = e.to_string();

@@ -202,6 +202,7 @@ async fn open_sled(
             max_disk_bytes: config.storage_max_disk_bytes,
         },
         checkpoint_every: Duration::from_millis(config.storage_checkpoint_ms),
+        wal_segment_bytes: config.storage_wal_segment_bytes,
     };
     let log = tokio::task::spawn_blocking(move || SledLog::open(&opts, hub, metrics))
         .await

@@ -8,6 +8,11 @@
 //! - subscribers resuming with their cursor get each event exactly once, in order;
 //! - the server starts cleanly every time, and `tidewire verify` finds the log consistent.
 //!
+//! On the embedded log each round also picks how often sled is checkpointed (15 ms to the
+//! default 500 ms) and how big write-ahead log segments grow (64 KiB to the default 32 MiB),
+//! so kills land between a WAL fsync and sled's flush, during checkpoints, and while covered
+//! segments are deleted.
+//!
 //! `TIDEWIRE_CRASH_ROUNDS` (default 20) and `TIDEWIRE_CRASH_SEED` choose the rounds and the
 //! kill moments; `benches/crash_loop.sh` runs it for longer.
 
@@ -178,7 +183,18 @@ async fn kill_9_rounds_lose_no_acknowledged_event_and_every_subscriber_resumes_e
     let ws_got: Arc<Mutex<Vec<(u64, String)>>> = Arc::default();
     let mut newest_acked = 0;
     for round in 0..rounds {
-        let mut server = BinServer::spawn_on(addr, &dir, &[]).await;
+        let checkpoint_ms = ["15", "60", "500"][(rng.next() % 3) as usize];
+        let segment_bytes = ["65536", "262144", "33554432"][(rng.next() % 3) as usize];
+        let mut server = BinServer::spawn_on_with_env(
+            addr,
+            &dir,
+            &[],
+            &[
+                ("TIDEWIRE_STORAGE_CHECKPOINT_MS", checkpoint_ms),
+                ("TIDEWIRE_STORAGE_WAL_SEGMENT_BYTES", segment_bytes),
+            ],
+        )
+        .await;
         // The subscribers resume from the last event they received.
         let sse_cursor = sse_got.lock().unwrap().last().map_or(0, |e| e.0);
         let ws_cursor = ws_got.lock().unwrap().last().map_or(0, |e| e.0);
@@ -222,7 +238,10 @@ async fn kill_9_rounds_lose_no_acknowledged_event_and_every_subscriber_resumes_e
             "round {round} reused an id of an earlier round"
         );
         newest_acked = a.keys().next_back().copied().unwrap_or(0);
-        eprintln!("round {round}: {this_round} events acknowledged, newest id {newest_acked}");
+        eprintln!(
+            "round {round} (checkpoint {checkpoint_ms} ms, segments of {segment_bytes} bytes): \
+             {this_round} events acknowledged, newest id {newest_acked}"
+        );
     }
 
     // The final restart: everything acknowledged is there, exactly once, with its bytes.

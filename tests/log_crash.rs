@@ -34,6 +34,7 @@ fn opts(dir: &std::path::Path) -> LogOptions {
         retention: tidewire::log::retention::RetentionPolicy::keep_everything(),
         space: Default::default(),
         checkpoint_every: std::time::Duration::from_millis(500),
+        wal_segment_bytes: 32 << 20,
     }
 }
 

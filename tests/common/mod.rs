@@ -572,6 +572,7 @@ pub async fn retain_after(dir: &std::path::Path, through: u64) {
             retention: tidewire::log::retention::RetentionPolicy::keep_everything(),
             space: Default::default(),
             checkpoint_every: std::time::Duration::from_millis(500),
+            wal_segment_bytes: 32 << 20,
         },
         tidewire::hub::Hub::new(4),
         tidewire::metrics::Metrics::new(),

@@ -122,6 +122,8 @@ pub struct LogOptions {
     pub space: SpaceLimits,
     /// Longest time between background flushes of sled (checkpoints) while events arrive.
     pub checkpoint_every: Duration,
+    /// Bytes after which a WAL segment is closed and the next one started.
+    pub wal_segment_bytes: u64,
 }
 
 /// When the log refuses appends for lack of room (with [`LogError::Full`]), before the disk
@@ -356,7 +358,7 @@ impl SledLog {
             Some(v) => Some(record::decode_count(&v).map_err(corrupt)?),
             None => None,
         };
-        let wal = Wal::open(&opts.dir)?;
+        let wal = Wal::open(&opts.dir, opts.wal_segment_bytes)?;
         checkpoint::check(&opts.dir, checkpoint::read(wal.dir())?, high_water)?;
         let trimmed_before = registry.values().any(|r| r.removed_through > 0);
         let next_id = high_water.max(stored_reservation.unwrap_or(0)) + 1;

@@ -33,6 +33,7 @@ pub(super) fn opts(dir: &std::path::Path) -> LogOptions {
         retention: crate::log::retention::RetentionPolicy::keep_everything(),
         space: Default::default(),
         checkpoint_every: std::time::Duration::from_millis(500),
+        wal_segment_bytes: 32 << 20,
     }
 }
 

@@ -18,12 +18,6 @@ use super::LogError;
 
 /// Name of the WAL directory inside the data directory.
 pub(super) const WAL_DIR: &str = "wal";
-/// A segment is closed, and the next one started, once it holds this many bytes.
-#[cfg(not(test))]
-pub(super) const SEGMENT_BYTES: u64 = 32 << 20;
-/// Small in unit tests, so they cross segment boundaries with little data.
-#[cfg(test)]
-pub(super) const SEGMENT_BYTES: u64 = 64 << 10;
 const SUFFIX: &str = ".wal";
 
 /// The segments on disk, shared by the writer (which appends) and the checkpointer (which
@@ -81,6 +75,8 @@ pub(super) struct Wal {
     segments: Arc<Mutex<Segments>>,
     /// The segment being appended to, with its first id and length.
     open: Option<(File, u64, u64)>,
+    /// A segment is closed, and the next one started, once it holds this many bytes.
+    segment_bytes: u64,
     /// Whether anything was appended since the last sync.
     dirty: bool,
     /// Bytes appended since the last [`Wal::take_appended`].
@@ -110,7 +106,7 @@ pub struct WalRecovery {
 
 impl Wal {
     /// Opens the WAL directory of `data_dir` (creating it), without reading any segment.
-    pub(super) fn open(data_dir: &Path) -> Result<Wal, LogError> {
+    pub(super) fn open(data_dir: &Path, segment_bytes: u64) -> Result<Wal, LogError> {
         let dir = data_dir.join(WAL_DIR);
         let open_err = |e: std::io::Error| LogError::Open(format!("{}: {e}", dir.display()));
         if !dir.exists() {
@@ -139,6 +135,7 @@ impl Wal {
             })),
             dir,
             open: None,
+            segment_bytes,
             dirty: false,
             appended: 0,
             broken: false,
@@ -181,7 +178,7 @@ impl Wal {
         let full = self
             .open
             .as_ref()
-            .is_some_and(|(_, _, len)| *len >= SEGMENT_BYTES);
+            .is_some_and(|(_, _, len)| *len >= self.segment_bytes);
         if self.open.is_none() || full {
             self.start_segment(first)?;
         }

@@ -8,6 +8,7 @@ use crate::envelope::Data;
 fn opts(dir: &std::path::Path) -> LogOptions {
     LogOptions {
         checkpoint_every: Duration::from_secs(3600),
+        wal_segment_bytes: 64 << 10,
         ..super::tests::opts(dir)
     }
 }
@@ -235,6 +236,7 @@ async fn checkpoints_delete_covered_segments_and_a_clean_close_leaves_no_wal() {
     let metrics = Metrics::new();
     let o = LogOptions {
         checkpoint_every: Duration::from_millis(20),
+        wal_segment_bytes: 64 << 10,
         ..super::tests::opts(tmp.path())
     };
     let data = o.dir.clone();
