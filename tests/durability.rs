@@ -147,7 +147,7 @@ async fn under_fsync_always_every_ack_follows_an_fsync_of_the_wal_segment_after_
     let addr = common::free_addr();
     let mut strace = Command::new("strace")
         .args(["-f", "-qq", "-s", "256", "-e"])
-        .arg("trace=openat,fsync,fdatasync,write,writev,sendto,sendmsg")
+        .arg("trace=openat,fsync,fdatasync,write,pwrite64,writev,sendto,sendmsg")
         .arg("-o")
         .arg(&trace)
         .arg(env!("CARGO_BIN_EXE_tidewire"))
@@ -218,15 +218,15 @@ async fn under_fsync_always_every_ack_follows_an_fsync_of_the_wal_segment_after_
         };
         let done = match traced {
             Traced::Start(tid, name, first) => {
-                if name == "openat" && line.contains("/wal/") && line.contains(".wal\"") {
-                    let fd = line.rsplit("= ").next().unwrap_or("").trim().to_string();
-                    assert!(
-                        fd.parse::<u32>().is_ok(),
-                        "a WAL segment open failed: {line}"
-                    );
-                    wal_fds.insert(fd);
-                }
-                if name == "write" && wal_fds.contains(&first) {
+                // The path stands for the first argument of a WAL segment's open (its fd is
+                // the return value, on this line or on the line that resumes it).
+                let first = if name == "openat" && line.contains("/wal/") && line.contains(".wal\"")
+                {
+                    "wal-segment".to_string()
+                } else {
+                    first
+                };
+                if (name == "write" || name == "pwrite64") && wal_fds.contains(&first) {
                     wrote = true;
                     writes += 1;
                     synced_since_write = false;
@@ -249,6 +249,14 @@ async fn under_fsync_always_every_ack_follows_an_fsync_of_the_wal_segment_after_
             Traced::Resumed(tid, _) => pending.remove(&tid),
         };
         if let Some((name, first)) = done {
+            if name == "openat" && first == "wal-segment" {
+                let fd = line.rsplit("= ").next().unwrap_or("").trim().to_string();
+                assert!(
+                    fd.parse::<u32>().is_ok(),
+                    "a WAL segment open failed: {line}"
+                );
+                wal_fds.insert(fd);
+            }
             if (name == "fsync" || name == "fdatasync") && wal_fds.contains(&first) {
                 synced_since_write = true;
             }

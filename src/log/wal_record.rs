@@ -12,8 +12,10 @@
 //!   id (u64 BE), its length (u32 BE) and its bytes. The chunks hold the ids `first ..= last`
 //!   exactly, contiguous and in order.
 //!
-//! The verdict on a segment: records are read from the start; at the first one that does not
-//! read back, the rest of the segment is searched for any record that does. None: the damage
+//! The verdict on a segment: records are read from the start; where only zeros remain, the
+//! segment ends cleanly (segments are zero-filled ahead of their records, and no record
+//! begins with a zero byte). At the first record that does not read back, the rest of the
+//! segment is searched for any record that does. None: the damage
 //! is a torn tail (a write that was never acknowledged, since acknowledging waits for the
 //! write's fsync) and the records before it are the segment. One: the damage lies before
 //! acknowledged data, and the segment is corrupt.
@@ -259,6 +261,15 @@ pub fn scan(buf: &[u8]) -> Scan<'_> {
                 records.push(r);
                 at += len;
             }
+            // Zeros never begin a record (its magic is not zero): a segment written into
+            // zero-filled space ends where the zeros begin.
+            Err(_) if buf[at..].iter().all(|&b| b == 0) => {
+                return Scan {
+                    records,
+                    valid_len: at,
+                    ending: Ending::Clean,
+                };
+            }
             Err(unread) => {
                 let ending = match whole_record_after(buf, at) {
                     Some(found) => Ending::Corrupt {
@@ -427,12 +438,26 @@ mod tests {
     }
 
     #[test]
-    fn zeros_after_the_records_are_a_torn_tail() {
+    fn zeros_after_the_records_are_the_clean_end_of_a_zero_filled_segment() {
         let (mut buf, ends) = segment();
         buf.extend(std::iter::repeat_n(0u8, 4096));
         let s = scan(&buf);
         assert_eq!(s.records.len(), 3);
-        assert_eq!(s.ending, Ending::Torn { at: ends[2] });
+        assert_eq!(s.valid_len, ends[2]);
+        assert_eq!(s.ending, Ending::Clean);
+    }
+
+    #[test]
+    fn a_record_cut_short_inside_zero_filled_space_is_a_torn_tail() {
+        let (buf, ends) = segment();
+        for cut in ends[1] + 1..buf.len() {
+            // The write of the last record reached the disk only up to `cut`.
+            let mut damaged = buf[..cut].to_vec();
+            damaged.extend(std::iter::repeat_n(0u8, buf.len() - cut + 4096));
+            let s = scan(&damaged);
+            assert_eq!(s.records.len(), 2, "cut at {cut}");
+            assert_eq!(s.ending, Ending::Torn { at: ends[1] }, "cut at {cut}");
+        }
     }
 
     proptest::proptest! {

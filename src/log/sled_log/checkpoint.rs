@@ -115,6 +115,8 @@ pub(super) struct Checkpointer {
     pub(super) checkpoint: u64,
     /// Longest time between two checkpoints while events arrive.
     pub(super) every: Duration,
+    /// Bytes of a WAL segment (the size of the spare prepared for the writer).
+    pub(super) segment_bytes: u64,
 }
 
 impl Checkpointer {
@@ -132,6 +134,10 @@ impl Checkpointer {
 
     fn run(mut self, nudges: std_mpsc::Receiver<()>) {
         loop {
+            // The writer's next segment, ready before it is needed.
+            if let Err(e) = super::wal::prepare_spare(&self.wal_dir, self.segment_bytes) {
+                tracing::warn!(error = %e, "preparing a WAL segment failed; retrying later");
+            }
             match nudges.recv_timeout(self.every) {
                 Ok(()) | Err(std_mpsc::RecvTimeoutError::Timeout) => {}
                 Err(std_mpsc::RecvTimeoutError::Disconnected) => return,

@@ -425,6 +425,7 @@ impl SledLog {
                 metrics,
                 checkpoint: writer.last_applied,
                 every: opts.checkpoint_every,
+                segment_bytes: opts.wal_segment_bytes,
             }
             .spawn(nudges)?,
         );
