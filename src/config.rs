@@ -152,7 +152,8 @@ pub struct Config {
     /// Free bytes to keep on the data directory's filesystem: publishes that would go below
     /// it get 503 `storage_full` (reads go on), and resume by themselves once there is room.
     pub storage_min_free_bytes: u64,
-    /// Most bytes the data directory may take on disk (0: no budget); over it publishes get
+    /// Most bytes sled's files may take on disk (0: no budget; the write-ahead log is not
+    /// counted: about three segments more); over it publishes get
     /// 503 `storage_full` until retention frees room.
     pub storage_max_disk_bytes: u64,
     /// Longest time, milliseconds, between background flushes of sled while events arrive
