@@ -9,7 +9,6 @@
 //! holding less than it says means sled lost data it had made durable: the log refuses to
 //! start, as it does when sled recovers less than the durable mark.
 
-use std::io::Write;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::Ordering;
 use std::sync::{mpsc as std_mpsc, Arc, Mutex};
@@ -80,12 +79,7 @@ pub(super) fn read(wal_dir: &Path) -> Result<u64, LogError> {
 /// Records, durably, that sled holds every event up to `through` (write, fsync, rename, fsync
 /// the directory: a crash leaves the old checkpoint or the new one).
 pub(super) fn write(wal_dir: &Path, through: u64) -> std::io::Result<()> {
-    let tmp = wal_dir.join(format!("{CHECKPOINT_FILE}.tmp"));
-    let mut f = std::fs::File::create(&tmp)?;
-    writeln!(f, "{PREFIX}{through}")?;
-    f.sync_all()?;
-    std::fs::rename(&tmp, wal_dir.join(CHECKPOINT_FILE))?;
-    std::fs::File::open(wal_dir)?.sync_all()
+    super::mark::replace_durably(wal_dir, CHECKPOINT_FILE, &format!("{PREFIX}{through}\n"))
 }
 
 /// Refuses a store that holds less than the checkpoint says it made durable.

@@ -26,7 +26,7 @@ fn ev(topic: &str, msg_id: Option<&str>, n: u64) -> NewEvent {
 }
 
 /// Every stored event as (id, topic, data).
-async fn stored(log: &SledLog) -> Vec<(u64, String, String)> {
+pub(super) async fn stored(log: &SledLog) -> Vec<(u64, String, String)> {
     let page = log
         .read(
             PatternSet::new(vec![Pattern::parse("**").unwrap()]).unwrap(),

@@ -33,11 +33,17 @@ pub(super) fn read(dir: &Path) -> Result<Option<u64>, LogError> {
 /// Records, durably, that every event up to `through` is stored (write, fsync, rename, fsync
 /// the directory, so a crash leaves the old mark or the new one).
 pub(super) fn write(dir: &Path, through: u64) -> std::io::Result<()> {
-    let tmp = dir.join(format!("{MARK_FILE}.tmp"));
+    replace_durably(dir, MARK_FILE, &format!("{PREFIX}{through}\n"))
+}
+
+/// Replaces `dir/name` with `text` so that a crash leaves the old file or the new one: write
+/// a temporary file, fsync it, rename it over the old, fsync the directory.
+pub(super) fn replace_durably(dir: &Path, name: &str, text: &str) -> std::io::Result<()> {
+    let tmp = dir.join(format!("{name}.tmp"));
     let mut f = std::fs::File::create(&tmp)?;
-    writeln!(f, "{PREFIX}{through}")?;
+    f.write_all(text.as_bytes())?;
     f.sync_all()?;
-    std::fs::rename(&tmp, dir.join(MARK_FILE))?;
+    std::fs::rename(&tmp, dir.join(name))?;
     std::fs::File::open(dir)?.sync_all()
 }
 

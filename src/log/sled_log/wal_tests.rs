@@ -19,27 +19,7 @@ fn open(dir: &std::path::Path) -> Result<Arc<SledLog>, LogError> {
 
 type Stored = Vec<(u64, String, String)>;
 
-/// Every stored event as (id, topic, data).
-async fn stored(log: &SledLog) -> Stored {
-    let page = log
-        .read(
-            PatternSet::new(vec![Pattern::parse("**").unwrap()]).unwrap(),
-            EventId(0),
-            1_000_000,
-        )
-        .await
-        .expect("read");
-    assert!(page.complete);
-    page.events
-        .iter()
-        .map(|e| {
-            let Data::Json(d) = &e.body.data else {
-                panic!("json data")
-            };
-            (e.id.0, e.body.topic.as_str().to_string(), d.to_string())
-        })
-        .collect()
-}
+use super::dedupe_tests::stored;
 
 /// One commit of three events with msg ids; returns them as stored.
 async fn commit(log: &SledLog, round: usize, size: usize) -> Stored {
