@@ -104,7 +104,12 @@ async fn a_full_disk_refuses_publishes_with_storage_full_keeps_reads_and_recover
     let server = BinServer::spawn_with_env(
         &fs.0.join("data"),
         &[],
-        &[("TIDEWIRE_STORAGE_MIN_FREE_BYTES", "4194304")],
+        &[
+            ("TIDEWIRE_STORAGE_MIN_FREE_BYTES", "4194304"),
+            // The WAL's segments (and its zero-filled spare) at their 32 MiB default would
+            // take most of this 48 MiB filesystem before the first publish.
+            ("TIDEWIRE_STORAGE_WAL_SEGMENT_BYTES", "1048576"),
+        ],
     )
     .await;
     let base = server.url("");

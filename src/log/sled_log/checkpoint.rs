@@ -111,6 +111,8 @@ pub(super) struct Checkpointer {
     pub(super) every: Duration,
     /// Bytes of a WAL segment (the size of the spare prepared for the writer).
     pub(super) segment_bytes: u64,
+    /// Free bytes a spare must leave on the filesystem (`storage_min_free_bytes`).
+    pub(super) min_free: u64,
 }
 
 impl Checkpointer {
@@ -129,7 +131,9 @@ impl Checkpointer {
     fn run(mut self, nudges: std_mpsc::Receiver<()>) {
         loop {
             // The writer's next segment, ready before it is needed.
-            if let Err(e) = super::wal::prepare_spare(&self.wal_dir, self.segment_bytes) {
+            if let Err(e) =
+                super::wal::prepare_spare(&self.wal_dir, self.segment_bytes, self.min_free)
+            {
                 tracing::warn!(error = %e, "preparing a WAL segment failed; retrying later");
             }
             match nudges.recv_timeout(self.every) {

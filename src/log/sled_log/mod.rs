@@ -426,6 +426,7 @@ impl SledLog {
                 checkpoint: writer.last_applied,
                 every: opts.checkpoint_every,
                 segment_bytes: opts.wal_segment_bytes,
+                min_free: opts.space.min_free_bytes,
             }
             .spawn(nudges)?,
         );

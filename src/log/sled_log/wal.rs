@@ -26,18 +26,33 @@ const SPARE_TMP: &str = "spare.tmp";
 
 /// Zero-fills a spare segment of `bytes` in `wal_dir` unless one is there, and syncs it:
 /// the writer renames it into place as its next segment. Only zeros are ever written to a
-/// spare, so one cut short by a crash is as good as a shorter one.
-pub(super) fn prepare_spare(wal_dir: &Path, bytes: u64) -> std::io::Result<bool> {
+/// spare, so one cut short by a crash is as good as a shorter one. Not while the filesystem
+/// would keep less than `min_free` bytes free after it (the writer then starts its next
+/// segment as a growing file); a spare that could not be finished is removed.
+pub(super) fn prepare_spare(wal_dir: &Path, bytes: u64, min_free: u64) -> std::io::Result<bool> {
     let spare = wal_dir.join(SPARE);
     if spare.exists() {
         return Ok(false);
     }
+    if fs4::available_space(wal_dir).is_ok_and(|free| free < bytes.saturating_add(min_free)) {
+        return Ok(false);
+    }
     let tmp = wal_dir.join(SPARE_TMP);
+    let filled = zero_fill(&tmp, bytes).and_then(|()| std::fs::rename(&tmp, &spare));
+    if filled.is_err() {
+        // A half-filled spare would only hold on to the room that ran out.
+        let _ = std::fs::remove_file(&tmp);
+    }
+    filled.map(|()| true)
+}
+
+/// Writes `bytes` zeros to a new file at `path`, synced.
+fn zero_fill(path: &Path, bytes: u64) -> std::io::Result<()> {
     let file = OpenOptions::new()
         .create(true)
         .truncate(true)
         .write(true)
-        .open(&tmp)?;
+        .open(path)?;
     let zeros = vec![0u8; 1 << 20];
     let mut at = 0;
     while at < bytes {
@@ -45,9 +60,7 @@ pub(super) fn prepare_spare(wal_dir: &Path, bytes: u64) -> std::io::Result<bool>
         file.write_all_at(&zeros[..n], at)?;
         at += n as u64;
     }
-    file.sync_data()?;
-    std::fs::rename(&tmp, &spare)?;
-    Ok(true)
+    file.sync_data()
 }
 
 /// The segments on disk, shared by the writer (which appends) and the checkpointer (which
