@@ -27,6 +27,19 @@ pub async fn page_server(html: String) -> (u16, Report) {
         .await
         .expect("bind page server");
     let port = listener.local_addr().expect("page addr").port();
+    (port, serve_page(listener, html))
+}
+
+/// [`page_server`] on a port chosen beforehand (e.g. with `free_addr`), for a page whose
+/// origin the server must be told before the page can be written.
+pub async fn page_server_on(port: u16, html: String) -> Report {
+    let listener = TcpListener::bind(("127.0.0.1", port))
+        .await
+        .expect("bind page server");
+    serve_page(listener, html)
+}
+
+fn serve_page(listener: TcpListener, html: String) -> Report {
     let report: Report = Arc::new(Mutex::new(None));
     let html = Arc::new(html);
     let shared = report.clone();
@@ -44,7 +57,7 @@ pub async fn page_server(html: String) -> (u16, Report) {
             });
         }
     });
-    (port, report)
+    report
 }
 
 async fn serve_one(mut conn: TcpStream, html: &str, report: &Report) -> std::io::Result<()> {
