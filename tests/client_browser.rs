@@ -265,3 +265,129 @@ async fn through_a_proxy_refusing_upgrades_and_buffering_streams_the_client_fall
     )
     .await;
 }
+
+const SECRET: &str = "client-browser-test-secret-0123456789-abcdef";
+
+/// Four subscriptions, each on its own client (so each has its own token function): one per
+/// transport, and the WebSocket again with `encoding: 'msgpack'`. Tokens are minted in the
+/// page with WebCrypto (HS256) and live three seconds.
+const TOKEN_SETUP: &str = r#"
+  const enc = new TextEncoder();
+  const key = await crypto.subtle.importKey("raw", enc.encode(options.secret),
+    { name: "HMAC", hash: "SHA-256" }, false, ["sign"]);
+  const b64u = (bytes) => btoa(String.fromCharCode(...new Uint8Array(bytes)))
+    .replace(/\+/g, "-").replace(/\//g, "_").replace(/=+$/, "");
+  const part = (v) => b64u(enc.encode(JSON.stringify(v)));
+  async function mint() {
+    const exp = Math.floor(Date.now() / 1000) + 3;
+    const body = part({ alg: "HS256", typ: "JWT" }) + "." +
+      part({ sub: "page", exp, tidewire: { publish: [], subscribe: ["tk/**"] } });
+    const sig = await crypto.subtle.sign("HMAC", key, enc.encode(body));
+    return body + "." + b64u(sig);
+  }
+  const cases = {
+    websocket: { transports: ["websocket"] },
+    sse: { transports: ["sse"] },
+    poll: { transports: ["poll"] },
+    msgpack: { transports: ["websocket"], encoding: "msgpack" },
+  };
+  for (const [name, opts] of Object.entries(cases)) {
+    const r = report.subs[name] = { events: [], calls: 0, transports: [], gaps: [], errors: [] };
+    const tw = new Tidewire(base, { ...opts, token: async () => { r.calls++; return mint(); } });
+    const sub = tw.subscribe("tk/**", {
+      since: 0,
+      onEvent(e) { r.events.push(e.id); },
+      onGap(g) { r.gaps.push(g); },
+      onTransport(t) { r.transports.push(t); },
+      onError(e) { r.errors.push(String(e)); },
+    });
+    setInterval(() => { r.transport = sub.transport; r.cursor = sub.cursor; }, 25);
+  }
+"#;
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_token_that_expires_is_renewed_through_the_token_function_on_every_transport_without_losing_an_event(
+) {
+    use tidewire::auth::mint::{mint, parse_hs_alg, TokenSpec};
+    Browser::require();
+    let tmp = tempfile::tempdir().expect("tempdir");
+    let client = reqwest::Client::new();
+    let page_port = free_addr().port();
+    let origin = format!("http://127.0.0.1:{page_port}");
+    // No leeway: a stream ends the moment its token expires.
+    let server = BinServer::spawn_with_env(
+        &tmp.path().join("data"),
+        &["--allowed-origin", origin.as_str()],
+        &[
+            ("TIDEWIRE_JWT_SECRET", SECRET),
+            ("TIDEWIRE_JWT_LEEWAY_SECS", "0"),
+        ],
+    )
+    .await;
+    let base = server.url("");
+    let options = json!({ "secret": SECRET }).to_string();
+    let report = page_server_on(page_port, page(&base, &options, TOKEN_SETUP)).await;
+    let publisher = mint(
+        SECRET.as_bytes(),
+        &TokenSpec {
+            publish: vec!["tk/**".into()],
+            subscribe: vec![],
+            ttl: Duration::from_secs(600),
+            sub: Some("test-publisher".into()),
+            aud: None,
+            iss: None,
+            alg: parse_hs_alg("HS256").expect("HS256"),
+        },
+    )
+    .expect("mint");
+    let mut browser = Browser::launch(&format!("http://127.0.0.1:{page_port}/"));
+    // Ten seconds of events, four per second: every token lives three seconds, so each
+    // client renews it at least twice while events flow.
+    let mut published = Vec::new();
+    let started = Instant::now();
+    while started.elapsed() < Duration::from_secs(10) {
+        let r = client
+            .post(format!("{base}/v1/topics/tk/a/events"))
+            .bearer_auth(&publisher)
+            .json(&json!({ "data": published.len() }))
+            .send()
+            .await
+            .expect("publish");
+        assert_eq!(r.status(), 201);
+        let body: Value = r.json().await.expect("receipt");
+        published.push(body["first_id"].as_u64().expect("first_id"));
+        tokio::time::sleep(Duration::from_millis(250)).await;
+    }
+    let n = published.len();
+    let r = wait_for("every event on every client", &report, &mut browser, |r| {
+        ["websocket", "sse", "poll", "msgpack"].iter().all(|k| {
+            r["subs"][k]["events"]
+                .as_array()
+                .is_some_and(|e| e.len() >= n)
+        })
+    })
+    .await;
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let r = snapshot(&report).get("subs").cloned().unwrap_or(r);
+    for (name, transport) in [
+        ("websocket", "websocket"),
+        ("sse", "sse"),
+        ("poll", "poll"),
+        ("msgpack", "websocket"),
+    ] {
+        let s = &r[name];
+        assert_eq!(
+            s["events"],
+            json!(published),
+            "{name}: every id once, in order: {s}"
+        );
+        assert_eq!(s["transports"], json!([transport]), "{name}: {s}");
+        assert_eq!(s["gaps"], json!([]), "{name}: {s}");
+        assert_eq!(s["errors"], json!([]), "{name}: {s}");
+        assert!(
+            s["calls"].as_u64() >= Some(3),
+            "{name}: the token function was called again before or at each expiry: {s}"
+        );
+    }
+    drop(browser);
+}
