@@ -427,7 +427,8 @@ async function errorOf(resp) {
 /** What a non-2xx status means for a subscription. */
 export function classifyStatus(status) {
   if (status === 401) return Outcome.AUTH;
-  if (status === 429 || status >= 500) return Outcome.TRANSIENT;
+  // 501: a proxy that does not implement what was asked (e.g. streaming) — not transient.
+  if (status === 429 || (status >= 500 && status !== 501)) return Outcome.TRANSIENT;
   if (status === 400 || status === 403 || status === 422) return Outcome.FATAL;
   return Outcome.BLOCKED; // 404, 405, 426, …: something in between does not pass this route
 }
@@ -602,6 +603,9 @@ export class Subscription {
       try {
         r = await CONNECT[name](this);
       } catch (e) {
+        // Not the network (each transport handles that): the token function failed, or the
+        // WebSocket refused its URL. Say so, and retry after a backoff.
+        this.emit('onError', e);
         r = { outcome: Outcome.TRANSIENT, error: e };
       }
       if (this.closed) break;
