@@ -200,3 +200,18 @@ test('envelopes become events; base64 bytes are decoded; a missing type is null'
   assert.deepEqual([...e.data], [1, 2, 3]);
   assert.equal(e.type, 'r');
 });
+
+test('a token function that hands back an expired token is not called again for a second', async () => {
+  let now = 1_000_000_000_000;
+  let calls = 0;
+  const src = new TokenSource(async () => {
+    calls++;
+    return jwt({ exp: Math.floor(now / 1000) - 10 });
+  }, () => now);
+  await src.get();
+  await src.get();
+  assert.equal(calls, 1);
+  now += 1_001;
+  await src.get();
+  assert.equal(calls, 2);
+});

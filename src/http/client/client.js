@@ -236,7 +236,8 @@ export class TokenSource {
     const now = this.now();
     this.expiresAt = exp * 1000;
     const margin = Math.min(30000, Math.max(0, this.expiresAt - now) / 3);
-    this.renewAt = this.expiresAt - margin;
+    // A token that comes back already expired is asked for again at most once a second.
+    this.renewAt = Math.max(this.expiresAt - margin, now + 1000);
   }
   /** The token to send now (null on an open server). `force` renews it first. */
   async get(force = false) {
@@ -574,6 +575,7 @@ export class Subscription {
   async run() {
     const o = this.client.options;
     let attempt = 0;
+    let refusals = 0; // 401s in a row: the first renews at once, the next ones back off
     let connected = false;
     while (!this.closed) {
       // Live only: start from the head the server has now, so later reconnects have a cursor.
@@ -612,6 +614,7 @@ export class Subscription {
       if (r.worked) {
         this.chooser.worked();
         attempt = 0;
+        refusals = 0;
       }
       let outcome = r.outcome;
       if (outcome === Outcome.FAILED || outcome === Outcome.BLOCKED) {
@@ -622,6 +625,12 @@ export class Subscription {
       }
       if (outcome === Outcome.FATAL) return this.fail(r.error);
       if (outcome === Outcome.AUTH) {
+        if (refusals > 0) {
+          // A fresh token was refused too: say so, and do not hammer the server.
+          this.emit('onError', r.error ?? new TidewireError(401, 'unauthorized', 'the token was refused'));
+          await sleep(backoffDelay(refusals - 1, o.backoffBase, o.backoffMax), this.abort.signal);
+        }
+        refusals += 1;
         await this.renew();
         continue;
       }
@@ -746,7 +755,7 @@ async function connectWebSocket(sub) {
     const scheduleRenewal = () => {
       const ts = client.tokens;
       if (typeof ts.source !== 'function' || ts.renewAt === Infinity) return;
-      const wait = Math.max(0, ts.renewAt - Date.now());
+      const wait = Math.max(1000, ts.renewAt - Date.now());
       timers.push(
         setTimeout(async () => {
           try {
