@@ -3,10 +3,11 @@
 //! (one HTML page built on the client). Nothing is built or fetched at run time; the files
 //! live beside this module in `client/`.
 //!
-//! The client is served to any origin the CORS rules let read (module scripts are fetched
-//! with CORS, so `allowed_origins` decides who may import it); the console only to its own
-//! origin, and not at all with `console = false`. The console reads through the same API as
-//! everyone else, with the token its operator pastes, so it never widens who may read what.
+//! The client follows the CORS rules of every answer (module scripts are fetched with CORS,
+//! so `allowed_origins` decides which other origins' pages may import it). The console is a
+//! static page whose Content-Security-Policy lets it talk only to its own origin and forbids
+//! framing; `console = false` removes it (404). It reads through the same API as everyone
+//! else, with the token its operator pastes, so it never widens who may read what.
 
 use http::{header, HeaderValue, Response, StatusCode};
 
