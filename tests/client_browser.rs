@@ -5,7 +5,9 @@
 //! reports every event; the client must settle on `websocket`, `sse` and `poll` respectively
 //! and receive exactly the published ids, once each, in order, across a `kill -9` and restart
 //! of tidewire and a restart of nginx. A second test lets a short-lived token expire several
-//! times under each transport: the token function renews it and no event is lost.
+//! times under each transport: the token function renews it and no event is lost. A third
+//! turns `jwt_query_token` off: the WebSocket cannot carry the token, and the client settles
+//! on `sse`.
 
 mod common;
 
@@ -389,5 +391,65 @@ async fn a_token_that_expires_is_renewed_through_the_token_function_on_every_tra
             "{name}: the token function was called again before or at each expiry: {s}"
         );
     }
+    drop(browser);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn with_query_tokens_turned_off_the_websocket_cannot_carry_the_token_and_the_client_settles_on_sse(
+) {
+    Browser::require();
+    let tmp = tempfile::tempdir().expect("tempdir");
+    let client = reqwest::Client::new();
+    let page_port = free_addr().port();
+    let origin = format!("http://127.0.0.1:{page_port}");
+    let server = BinServer::spawn_with_env(
+        &tmp.path().join("data"),
+        &["--allowed-origin", origin.as_str()],
+        &[
+            ("TIDEWIRE_JWT_SECRET", SECRET),
+            ("TIDEWIRE_JWT_QUERY_TOKEN", "false"),
+        ],
+    )
+    .await;
+    let base = server.url("");
+    let token = |publish: &str, subscribe: &str| {
+        use tidewire::auth::mint::{mint, parse_hs_alg, TokenSpec};
+        mint(
+            SECRET.as_bytes(),
+            &TokenSpec {
+                publish: vec![publish.into()],
+                subscribe: vec![subscribe.into()],
+                ttl: Duration::from_secs(600),
+                sub: Some("query-off".into()),
+                aud: None,
+                iss: None,
+                alg: parse_hs_alg("HS256").expect("HS256"),
+            },
+        )
+        .expect("mint")
+    };
+    let reader = token("none/x", "mx/**");
+    let writer = token("mx/**", "none/x");
+    let options = json!({ "token": reader }).to_string();
+    let report = page_server_on(page_port, page(&base, &options, MATRIX_SETUP)).await;
+    let mut want = Vec::new();
+    for n in 0..3 {
+        let r = client
+            .post(format!("{base}/v1/topics/mx/{n}/events"))
+            .bearer_auth(&writer)
+            .json(&json!({ "data": { "n": n } }))
+            .send()
+            .await
+            .expect("publish");
+        assert_eq!(r.status(), 201);
+        want.push(r.json::<Value>().await.expect("receipt")["first_id"].clone());
+    }
+    let mut browser = Browser::launch(&format!("http://127.0.0.1:{page_port}/"));
+    let r = wait_for("3 events", &report, &mut browser, |r| ids(r).len() >= 3).await;
+    let got: Vec<Value> = ids(&r).into_iter().map(Value::from).collect();
+    assert_eq!(got, want, "{r}");
+    assert_eq!(r["transports"], json!(["websocket", "sse"]), "{r}");
+    assert_eq!(r["subs"]["main"]["transport"], "sse", "{r}");
+    assert_eq!(r["errors"], json!([]), "{r}");
     drop(browser);
 }
