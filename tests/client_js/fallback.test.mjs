@@ -197,3 +197,23 @@ test('a publish whose answer is lost is retried with the same msgId and stored o
     await proxy.close();
   }
 });
+
+for (const transport of ['sse', 'poll']) {
+  test(`over ${transport}, a cursor older than retention is told the gap once, then resumes from the oldest retained id`, async () => {
+    // tests/client_js.rs stored ids 1..=5 on gap/a and removed 1..=3.
+    const tw = new Tidewire(upstream(), { ...fast, transports: [transport] });
+    const seen = collect(tw, 'gap/**', 1);
+    try {
+      await until('the retained events', () => seen.ids.length >= 2);
+      await new Promise((r) => setTimeout(r, 300));
+      assert.deepEqual(seen.gaps, [{ requested: 1, oldest: 4 }]);
+      assert.deepEqual(seen.ids, [4, 5]);
+      // At least the last id delivered; a long-poll's `next` may carry it further (past
+      // events of other topics), which is as good a place to resume from.
+      assert.ok(seen.sub.cursor >= 5, `cursor ${seen.sub.cursor}`);
+      assert.equal(seen.sub.gaps, 1);
+    } finally {
+      seen.sub.close();
+    }
+  });
+}

@@ -71,7 +71,10 @@ export interface SubscribeOptions<T = unknown> {
 export interface Subscription {
   /** The transport in use (null before the first connection). */
   readonly transport: TransportName | null;
-  /** The id of the last event delivered; where the next connection resumes. */
+  /**
+   * Where the next connection resumes: the id of the last event delivered, or further when
+   * the server said nothing matched up to there (a long-poll's `next`, a gap's `oldest - 1`).
+   */
   readonly cursor: number | null;
   /** Connections made after the first. */
   readonly reconnects: number;

@@ -534,7 +534,11 @@ export class Subscription {
     this.done = this.run();
   }
 
-  /** The id of the last event delivered (null before the first on a live-only subscription). */
+  /**
+   * Where the next connection resumes: the last id delivered, or further when the server said
+   * nothing matched up to there (a long-poll's `next`, a gap). Null only until a live-only
+   * subscription has learnt the head.
+   */
   get cursor() {
     return this.cur.value;
   }
