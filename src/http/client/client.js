@@ -626,6 +626,7 @@ export class Subscription {
         const p = await this.probe();
         if (this.closed) break;
         outcome = p.outcome === 'ok' ? Outcome.BLOCKED : p.outcome;
+        if (p.error) r.error = p.error; // e.g. the 403 that says why the socket was refused
       }
       if (outcome === Outcome.FATAL) return this.fail(r.error);
       if (outcome === Outcome.AUTH) {
