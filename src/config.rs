@@ -96,6 +96,9 @@ pub struct Config {
     pub jwt_query_token: bool,
     /// When set, `/metrics` needs `Authorization: Bearer <metrics_token>`.
     pub metrics_token: Option<Secret>,
+    /// Serve the web console at `GET /console` (it reads through the API with the token its
+    /// operator pastes, so it grants nothing by itself).
+    pub console: bool,
     /// Publish requests per second each publisher may sustain (a token bucket per token
     /// subject, or per client address for tokens without `sub` and on an open server). One
     /// request is one cell, whatever the number of events it carries; a WebSocket publish op
@@ -267,6 +270,7 @@ impl Default for Config {
             jwt_leeway_secs: 30,
             jwt_query_token: true,
             metrics_token: None,
+            console: true,
             publish_rate_per_sec: 0.0,
             publish_burst: 0,
             max_connections: 16_384,

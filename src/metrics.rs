@@ -97,6 +97,30 @@ impl Drop for SubscriberGuard {
     }
 }
 
+/// One transport's share of [`Totals`].
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, serde::Serialize)]
+pub struct TransportTotals {
+    /// Events delivered over it since the server started.
+    pub delivered: u64,
+    /// Subscriptions open on it now.
+    pub subscribers: u64,
+}
+
+/// Server-wide counters since start, as `GET /v1/stats` shows them.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, serde::Serialize)]
+pub struct Totals {
+    /// Events stored.
+    pub events_stored: u64,
+    /// Publish requests acknowledged.
+    pub publishes: u64,
+    /// Server-Sent Events.
+    pub sse: TransportTotals,
+    /// WebSocket.
+    pub ws: TransportTotals,
+    /// Long-poll.
+    pub poll: TransportTotals,
+}
+
 /// All metrics of one server.
 #[derive(Clone)]
 pub struct Metrics {
@@ -430,6 +454,30 @@ impl Metrics {
             .clone();
         gauge.inc();
         SubscriberGuard(gauge)
+    }
+
+    /// Totals for the console's chart (`GET /v1/stats`): events stored, and per transport
+    /// (`sse`, `ws`, `poll`) the events delivered and the subscribers open now.
+    pub fn totals(&self) -> Totals {
+        let per = |t: &'static str| TransportTotals {
+            delivered: self
+                .delivered
+                .get_or_create(&TransportLabel { transport: t })
+                .get(),
+            subscribers: self
+                .subscribers
+                .get_or_create(&TransportLabel { transport: t })
+                .get()
+                .max(0)
+                .unsigned_abs(),
+        };
+        Totals {
+            events_stored: self.events_stored.get(),
+            publishes: self.publishes.get(),
+            sse: per("sse"),
+            ws: per("ws"),
+            poll: per("poll"),
+        }
     }
 
     /// The counter of events delivered over one transport.

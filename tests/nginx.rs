@@ -4,89 +4,13 @@
 //! delivers every event once.
 mod common;
 
-use std::path::PathBuf;
-use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
+use common::nginx::{Nginx, SITE};
 use common::*;
 use futures_util::{SinkExt, StreamExt};
 use serde_json::{json, Value};
 use tokio_tungstenite::tungstenite::Message;
-
-const NGINX: &str = "/usr/sbin/nginx";
-const SITE: &str = include_str!("../deploy/nginx.conf");
-
-/// A real nginx, unprivileged-style (no daemon, no master), in a temp dir, proxying to `upstream`.
-struct Nginx {
-    port: u16,
-    child: Child,
-    _dir: tempfile::TempDir,
-}
-
-impl Nginx {
-    async fn start(upstream: std::net::SocketAddr, site: &str) -> Nginx {
-        assert!(
-            std::path::Path::new(NGINX).exists(),
-            "{NGINX} is missing: run `bash .ci/run` or `apt-get install nginx`"
-        );
-        let dir = tempfile::tempdir().expect("tempdir");
-        let port = free_addr().port();
-        let site = site
-            .replace("127.0.0.1:7700", &upstream.to_string())
-            .replace("listen 127.0.0.1:8080", &format!("listen 127.0.0.1:{port}"));
-        assert!(site.contains(&upstream.to_string()) && site.contains(&port.to_string()));
-        let d = dir.path().display();
-        std::fs::write(dir.path().join("site.conf"), site).expect("site");
-        let main = format!(
-            "daemon off;\nmaster_process off;\nworker_processes 1;\npid {d}/nginx.pid;\n\
-             error_log {d}/error.log warn;\nevents {{ worker_connections 1024; }}\n\
-             http {{\n  access_log off;\n  client_body_temp_path {d}/body;\n  proxy_temp_path {d}/proxy;\n\
-             fastcgi_temp_path {d}/fastcgi;\n  uwsgi_temp_path {d}/uwsgi;\n  scgi_temp_path {d}/scgi;\n\
-             include {d}/site.conf;\n}}\n"
-        );
-        let conf: PathBuf = dir.path().join("nginx.conf");
-        std::fs::write(&conf, main).expect("nginx.conf");
-        let child = Command::new(NGINX)
-            .arg("-c")
-            .arg(&conf)
-            .arg("-p")
-            .arg(dir.path())
-            .arg("-e")
-            .arg(dir.path().join("error.log"))
-            .stdin(Stdio::null())
-            .stdout(Stdio::null())
-            .stderr(Stdio::inherit())
-            .spawn()
-            .expect("spawn nginx");
-        let mut nginx = Nginx {
-            port,
-            child,
-            _dir: dir,
-        };
-        let addr = format!("127.0.0.1:{port}").parse().expect("addr");
-        wait_ready_unless(addr, || {
-            nginx
-                .child
-                .try_wait()
-                .expect("wait")
-                .map(|st| format!("nginx exited with {st}"))
-        })
-        .await
-        .unwrap_or_else(|why| panic!("{why}"));
-        nginx
-    }
-
-    fn url(&self, path: &str) -> String {
-        format!("http://127.0.0.1:{}{}", self.port, path)
-    }
-}
-
-impl Drop for Nginx {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
-}
 
 #[tokio::test]
 async fn sse_through_nginx_passes_each_event_promptly_and_resumes_with_last_event_id() {

@@ -9,7 +9,7 @@ use std::collections::{BTreeMap, BTreeSet};
 use std::io::{Read as _, Write as _};
 use std::path::{Path, PathBuf};
 
-use common::{next_event, post, publish_one, retain_after, sse, TestServer, PATIENCE};
+use common::{get_json, next_event, post, publish_one, retain_after, sse, TestServer, PATIENCE};
 use futures_util::{SinkExt, StreamExt};
 use serde_json::{json, Value};
 use tokio::time::timeout;
@@ -1036,6 +1036,23 @@ async fn long_poll_answers_with_events_empty_and_with_a_gap_match_the_poll_schem
     assert_eq!(bodies[0]["events"].as_array().unwrap().len(), 5);
     assert_eq!(bodies[2]["events"], json!([]));
     documented(&doc, "GET", "/v1/poll", 200);
+    server.stop().await;
+}
+
+#[tokio::test]
+async fn the_stats_answer_matches_the_stats_schema_before_and_after_traffic() {
+    let s = Schemas::load();
+    let tmp = tempfile::tempdir().unwrap();
+    let server = TestServer::start(&tmp).await;
+    let client = reqwest::Client::new();
+    let empty = get_json(&client, &server.url("/v1/stats")).await;
+    s.check("stats.schema.json", &empty);
+    assert_eq!(empty["head"], 0, "{empty}");
+    publish_one(&client, &server.url(""), "st/a", json!(1)).await;
+    let _stream = sse(&server.url("/v1/sse?topic=st/**&last_event_id=0"), None).await;
+    let busy = get_json(&client, &server.url("/v1/stats")).await;
+    s.check("stats.schema.json", &busy);
+    assert_eq!(busy["head"], 1, "{busy}");
     server.stop().await;
 }
 

@@ -20,6 +20,7 @@ use crate::log::EventLog;
 use crate::metrics::Metrics;
 use crate::publish::Publisher;
 
+mod client;
 pub mod error;
 pub mod h1_stream;
 mod health;
@@ -28,6 +29,7 @@ mod poll;
 mod publish;
 pub mod refuse;
 mod sse;
+mod stats;
 mod topics;
 mod ws;
 
@@ -256,6 +258,10 @@ pub const ROUTES: &[(&str, &str)] = &[
     ("GET", "/healthz"),
     ("GET", "/readyz"),
     ("GET", "/metrics"),
+    ("GET", "/v1/stats"),
+    ("GET", "/v1/client.js"),
+    ("GET", "/v1/client.d.ts"),
+    ("GET", "/console"),
 ];
 
 async fn route<B>(
@@ -282,6 +288,16 @@ where
             get_only(method)?;
             state.check_metrics(req.headers())?;
             Ok(health::metrics(state))
+        }
+        "/v1/client.js" => get_only(method).map(|_| client::client_js()),
+        "/v1/client.d.ts" => get_only(method).map(|_| client::client_dts()),
+        "/console" => {
+            get_only(method)?;
+            client::console(state)
+        }
+        "/v1/stats" => {
+            get_only(method)?;
+            stats::stats(state, req.headers(), req.uri().query()).await
         }
         "/v1/poll" => {
             get_only(method)?;

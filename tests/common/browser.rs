@@ -27,6 +27,19 @@ pub async fn page_server(html: String) -> (u16, Report) {
         .await
         .expect("bind page server");
     let port = listener.local_addr().expect("page addr").port();
+    (port, serve_page(listener, html))
+}
+
+/// [`page_server`] on a port chosen beforehand (e.g. with `free_addr`), for a page whose
+/// origin the server must be told before the page can be written.
+pub async fn page_server_on(port: u16, html: String) -> Report {
+    let listener = TcpListener::bind(("127.0.0.1", port))
+        .await
+        .expect("bind page server");
+    serve_page(listener, html)
+}
+
+fn serve_page(listener: TcpListener, html: String) -> Report {
     let report: Report = Arc::new(Mutex::new(None));
     let html = Arc::new(html);
     let shared = report.clone();
@@ -44,7 +57,7 @@ pub async fn page_server(html: String) -> (u16, Report) {
             });
         }
     });
-    (port, report)
+    report
 }
 
 async fn serve_one(mut conn: TcpStream, html: &str, report: &Report) -> std::io::Result<()> {
@@ -127,6 +140,12 @@ impl Browser {
     }
 
     pub fn launch(url: &str) -> Browser {
+        Self::launch_with(url, &[])
+    }
+
+    /// [`Browser::launch`] with extra command-line switches (e.g. `--remote-debugging-port=0`
+    /// for [`DevTools`], `--window-size=W,H`).
+    pub fn launch_with(url: &str, extra: &[&str]) -> Browser {
         Self::require();
         let profile = tempfile::tempdir().expect("profile dir");
         let log = profile.path().join("chromium.log");
@@ -146,6 +165,7 @@ impl Browser {
             "--user-data-dir={}",
             profile.path().join("profile").display()
         ))
+        .args(extra)
         .arg(url)
         .stdin(Stdio::null())
         .stdout(Stdio::null())
@@ -168,6 +188,11 @@ impl Browser {
                 self.log_tail()
             );
         }
+    }
+
+    /// The profile directory Chromium runs with (where it writes `DevToolsActivePort`).
+    pub fn profile_dir(&self) -> PathBuf {
+        self._profile.path().join("profile")
     }
 
     pub fn log_tail(&self) -> String {
@@ -197,4 +222,142 @@ pub fn snapshot(report: &Report) -> Value {
         .expect("report lock")
         .clone()
         .unwrap_or(Value::Null)
+}
+
+// ---------------------------------------------------------------------------------------------
+// The Chrome DevTools Protocol, just enough to drive a page as its user would (type, click,
+// read what it shows) and take a screenshot: for pages that cannot report to the test's own
+// server (the console's Content-Security-Policy allows only its own origin).
+
+/// A DevTools session on the first page of a browser launched with `--remote-debugging-port=0`.
+pub struct DevTools {
+    ws: tokio_tungstenite::WebSocketStream<
+        tokio_tungstenite::MaybeTlsStream<tokio::net::TcpStream>,
+    >,
+    next: u64,
+}
+
+impl DevTools {
+    /// Attaches to the page `browser` opened (waits for Chromium to announce its port).
+    pub async fn attach(browser: &mut Browser) -> DevTools {
+        let file = browser.profile_dir().join("DevToolsActivePort");
+        let deadline = std::time::Instant::now() + super::PATIENCE;
+        let port = loop {
+            if let Some(port) = std::fs::read_to_string(&file)
+                .ok()
+                .and_then(|s| s.lines().next()?.trim().parse::<u16>().ok())
+            {
+                break port;
+            }
+            browser.assert_alive();
+            assert!(
+                std::time::Instant::now() < deadline,
+                "Chromium never wrote {}",
+                file.display()
+            );
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        };
+        let url = loop {
+            let list: Value = match reqwest::get(format!("http://127.0.0.1:{port}/json/list")).await
+            {
+                Ok(r) => r.json().await.unwrap_or(Value::Null),
+                Err(_) => Value::Null,
+            };
+            let page = list.as_array().and_then(|l| {
+                l.iter()
+                    .find(|t| t["type"] == "page")
+                    .and_then(|t| t["webSocketDebuggerUrl"].as_str().map(String::from))
+            });
+            if let Some(url) = page {
+                break url;
+            }
+            assert!(
+                std::time::Instant::now() < deadline,
+                "no page target in DevTools: {list}"
+            );
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        };
+        let (ws, _) = tokio_tungstenite::connect_async(url.as_str())
+            .await
+            .expect("attach to the page over DevTools");
+        DevTools { ws, next: 0 }
+    }
+
+    /// Calls a DevTools method and returns its `result` (panics on a protocol error).
+    pub async fn call(&mut self, method: &str, params: Value) -> Value {
+        use futures_util::{SinkExt, StreamExt};
+        use tokio_tungstenite::tungstenite::Message;
+        self.next += 1;
+        let id = self.next;
+        let msg = serde_json::json!({ "id": id, "method": method, "params": params });
+        self.ws
+            .send(Message::text(msg.to_string()))
+            .await
+            .expect("DevTools send");
+        loop {
+            let m = tokio::time::timeout(super::PATIENCE, self.ws.next())
+                .await
+                .unwrap_or_else(|_| panic!("DevTools {method}: no answer"))
+                .expect("DevTools closed")
+                .expect("DevTools error");
+            let Ok(text) = m.into_text() else { continue };
+            let v: Value = serde_json::from_str(&text).expect("DevTools JSON");
+            if v["id"] != id {
+                continue; // an event
+            }
+            if !v["error"].is_null() {
+                panic!("DevTools {method}: {}", v["error"]);
+            }
+            return v["result"].clone();
+        }
+    }
+
+    /// Evaluates `expr` in the page (awaiting a promise) and returns its value.
+    pub async fn eval(&mut self, expr: &str) -> Value {
+        let r = self
+            .call(
+                "Runtime.evaluate",
+                serde_json::json!({ "expression": expr, "awaitPromise": true, "returnByValue": true }),
+            )
+            .await;
+        if !r["exceptionDetails"].is_null() {
+            panic!("{expr}: threw {}", r["exceptionDetails"]);
+        }
+        r["result"]["value"].clone()
+    }
+
+    /// Evaluates `expr` (an expression, not awaited) until it is truthy, within
+    /// [`super::PATIENCE`]; returns its value.
+    pub async fn wait_for(&mut self, what: &str, expr: &str) -> Value {
+        let deadline = std::time::Instant::now() + super::PATIENCE;
+        // Not there yet (an element the page has not drawn) counts as not yet.
+        let guarded =
+            format!("(() => {{ try {{ return ({expr}); }} catch (e) {{ return null; }} }})()");
+        loop {
+            let v = self.eval(&guarded).await;
+            if !(v.is_null() || v == false || v == "" || v == 0) {
+                return v;
+            }
+            assert!(
+                std::time::Instant::now() < deadline,
+                "timed out waiting for {what} ({expr})"
+            );
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    }
+
+    /// Saves a PNG of the page as it is shown now.
+    pub async fn screenshot(&mut self, path: &Path) {
+        use base64::Engine as _;
+        let r = self
+            .call(
+                "Page.captureScreenshot",
+                serde_json::json!({ "format": "png" }),
+            )
+            .await;
+        let png = base64::engine::general_purpose::STANDARD
+            .decode(r["data"].as_str().expect("screenshot data"))
+            .expect("base64 PNG");
+        std::fs::write(path, png).expect("write the screenshot");
+    }
 }

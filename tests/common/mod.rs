@@ -14,6 +14,8 @@ pub mod auth;
 
 pub mod nats;
 
+pub mod nginx;
+
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
