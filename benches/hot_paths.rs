@@ -6,6 +6,10 @@
 //!   and for a 100-event batch with 10,000;
 //! - `decode_publish`: `codec::decode_publish` for JSON (one event, a batch of 100), NDJSON
 //!   (1000 lines), MessagePack (batches of 100 and 1000) and gzip'd NDJSON (1000 lines);
+//! - `gzip_stream`: gzip that streams against the whole-buffer form it replaced: a gzip'd
+//!   NDJSON body (1000 and 10,000 lines) inflated as 16 KiB and 1 KiB frames arrive
+//!   (`inflate::gunzip_stream`) vs at once (`codec::gunzip`), and one SSE event compressed
+//!   and flushed by async-compression's stream encoder vs flate2's `GzEncoder`;
 //! - `frames`: the SSE frame (`Event::sse_frame`, what `http::sse` writes) and the WebSocket
 //!   frames (`ws_frame::encode_event`, `encode_batch`) in JSON and MessagePack, on events
 //!   never rendered before ("cold", as after a log read) and on cached renderings;
@@ -341,6 +345,101 @@ fn decode(c: &mut Criterion) {
     g.finish();
 }
 
+// ---------------------------------------------------------------------------- gzip_stream
+
+/// `body` as the frames a connection hands over, `size` bytes each.
+fn frames_of(body: &[u8], size: usize) -> Vec<Result<Bytes, std::io::Error>> {
+    body.chunks(size)
+        .map(|c| Ok(Bytes::copy_from_slice(c)))
+        .collect()
+}
+
+/// Streaming gzip against the whole-buffer form it replaced, on the two paths that stream:
+/// a gzip'd publish body inflated (`inflate::gunzip_stream` over the body's frames vs
+/// `codec::gunzip` of the collected body), and one SSE event compressed and flushed to the
+/// client (async-compression's encoder over the stream of events, flushing when the next one
+/// is not ready, vs flate2's `GzEncoder` written and flushed by hand).
+fn gzip_stream(c: &mut Criterion) {
+    let mut g = c.benchmark_group("gzip_stream");
+    g.warm_up_time(Duration::from_millis(500))
+        .measurement_time(Duration::from_secs(3));
+    let rt = runtime();
+    let limit = Limits::default().max_decompressed;
+    for lines in [1000, 10_000] {
+        let raw = ndjson_body(lines);
+        let body = gzip(&raw);
+        eprintln!(
+            "gzip_stream/inflate_ndjson_{lines}: {} gzip'd bytes, {} inflated",
+            body.len(),
+            raw.len()
+        );
+        g.throughput(Throughput::Bytes(raw.len() as u64));
+        g.bench_function(format!("inflate_ndjson_{lines}/whole_buffer"), |b| {
+            b.iter(|| tidewire::codec::gunzip(black_box(&body), limit).expect("valid"))
+        });
+        for frame in [16 << 10, 1 << 10] {
+            assert_eq!(
+                rt.block_on(tidewire::inflate::gunzip_stream(
+                    tokio_stream::iter(frames_of(&body, frame)),
+                    limit,
+                    body.len() * 4
+                ))
+                .expect("valid"),
+                raw
+            );
+            g.bench_function(
+                format!("inflate_ndjson_{lines}/streamed_{}k_frames", frame >> 10),
+                |b| {
+                    b.iter_batched(
+                        || frames_of(&body, frame),
+                        |frames| {
+                            rt.block_on(tidewire::inflate::gunzip_stream(
+                                tokio_stream::iter(frames),
+                                limit,
+                                body.len() * 4,
+                            ))
+                            .expect("valid")
+                        },
+                        BatchSize::SmallInput,
+                    )
+                },
+            );
+        }
+    }
+
+    // One event's SSE frame per flush, as a live stream writes it.
+    let frame = committed(1, json_event(12)).sse_frame().clone();
+    g.throughput(Throughput::Bytes(frame.len() as u64));
+    g.bench_function("sse_event_flushed/flate2_write_flush", |b| {
+        let mut gz = flate2::write::GzEncoder::new(Vec::new(), flate2::Compression::fast());
+        b.iter(|| {
+            gz.write_all(&frame).expect("to a Vec");
+            gz.flush().expect("to a Vec");
+            Bytes::from(std::mem::take(gz.get_mut()))
+        })
+    });
+    g.bench_function("sse_event_flushed/async_compression_stream", |b| {
+        use tokio_stream::StreamExt as _;
+        let (tx, rx) = tokio::sync::mpsc::unbounded_channel::<Result<Bytes, std::io::Error>>();
+        let reader = tokio_util::io::StreamReader::new(
+            tokio_stream::wrappers::UnboundedReceiverStream::new(rx),
+        );
+        let encoder = async_compression::tokio::bufread::GzipEncoder::with_quality(
+            reader,
+            async_compression::Level::Fastest,
+        );
+        let mut out = tokio_util::io::ReaderStream::with_capacity(encoder, 16 << 10);
+        b.iter(|| {
+            tx.send(Ok(frame.clone())).expect("open");
+            // The event is consumed, the channel is empty: the encoder flushes and yields.
+            rt.block_on(out.next())
+                .expect("a chunk")
+                .expect("in memory")
+        })
+    });
+    g.finish();
+}
+
 // --------------------------------------------------------------------------------- frames
 
 /// Fresh events (no rendering cached yet), as the log's reads and commits hand them out.
@@ -586,6 +685,7 @@ criterion_group!(
     pattern_match,
     hub_fanout,
     decode,
+    gzip_stream,
     frames,
     log_append,
     log_read

@@ -127,7 +127,9 @@ pub enum DecodeError {
     Invalid(String),
 }
 
-/// Decodes a whole publish body. `gzip` says the body carries `Content-Encoding: gzip`.
+/// Decodes a whole publish body. `gzip` says the body is still gzip'd: it is then inflated
+/// here, as a whole, under `limits.max_decompressed` (the HTTP layer inflates a body as it
+/// arrives instead, with [`crate::inflate::gunzip_stream`], and passes it inflated).
 pub fn decode_publish(
     target: &Target,
     format: BodyFormat,
@@ -184,7 +186,9 @@ pub fn decode_publish(
         .collect()
 }
 
-/// Inflates a gzip body, refusing (without inflating further) once it passes `limit` bytes.
+/// Inflates a whole gzip body, refusing (without inflating further) once it passes `limit`
+/// bytes. The whole-buffer form of [`crate::inflate::gunzip_stream`]: the same bodies, the
+/// same results.
 pub fn gunzip(body: &[u8], limit: usize) -> Result<Vec<u8>, DecodeError> {
     let mut out = Vec::with_capacity(body.len().saturating_mul(4).min(limit));
     let mut decoder = flate2::read::MultiGzDecoder::new(body).take(limit as u64 + 1);

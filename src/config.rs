@@ -68,8 +68,9 @@ pub struct Config {
     /// Seconds a WebSocket may go without answering (no frame or pong heard, or no write
     /// progress) before it is closed with 1008; it can then resume with `since`.
     pub ws_unresponsive_secs: u64,
-    /// Gzip SSE streams for clients that accept it (each write is flushed at once). Costs a
-    /// compressor per stream (a few hundred KiB), so it is off by default.
+    /// Gzip SSE streams for clients that accept it (flushed whenever no further event is
+    /// ready, so none is held back). Costs a compressor per stream (a few hundred KiB), so it
+    /// is off by default.
     pub sse_gzip: bool,
     /// Longest a long-poll may wait for events, seconds (a larger `timeout=` is capped).
     pub poll_max_timeout_secs: u64,

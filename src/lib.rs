@@ -15,6 +15,7 @@
 //! - [`topic`]: topics, patterns (`*`, `**`) and cursors, validated at the edge.
 //! - [`envelope`]: the event and its wire forms (JSON, SSE frame, MessagePack), each built once.
 //! - [`codec`]: publish bodies (JSON, NDJSON, MessagePack, text, bytes, gzip) to events.
+//! - [`inflate`]: gzip'd request bodies inflated as they arrive, under a cap.
 //! - [`publish`]: the publish path, from validated events to a durable receipt.
 //! - [`log`]: the durable log behind a narrow trait; [`log::SledLog`] is the embedded engine,
 //!   [`log::NatsLog`] the gateways' engine over a NATS JetStream stream (`--log nats`).
@@ -43,6 +44,7 @@ pub mod envelope;
 pub mod export;
 pub mod http;
 pub mod hub;
+pub mod inflate;
 pub mod limits;
 pub mod log;
 pub mod metrics;

@@ -164,6 +164,55 @@ async fn bench_fanout_over_sse_reports_every_published_event_delivered_to_every_
 }
 
 #[tokio::test(flavor = "multi_thread")]
+async fn bench_fanout_over_gzip_sse_inflates_the_streams_and_counts_every_delivery() {
+    let tmp = tempfile::tempdir().expect("tempdir");
+    let server = BinServer::spawn_with_env(
+        &tmp.path().join("data"),
+        &[],
+        &[("TIDEWIRE_SSE_GZIP", "true")],
+    )
+    .await;
+    let addr = server.addr.to_string();
+    let args = [
+        "fanout",
+        "--addr",
+        &addr,
+        "--transport",
+        "sse",
+        "--gzip",
+        "--subscribers",
+        "5",
+        "--rate",
+        "50",
+        "--duration",
+        "2s",
+        "--publishers",
+        "2",
+    ];
+    let r = bench_json(&args).await;
+    assert_eq!(r["gzip"], Value::Bool(true), "{r}");
+    assert_eq!(u(&r, "published"), 100, "{r}");
+    assert_eq!(u(&r, "delivered"), 100 * 5, "{r}");
+    assert_eq!(u(&r, "lost"), 0, "{r}");
+    assert_eq!(u(&r, "latency_samples"), 500, "{r}");
+    assert_eq!(u(&r, "subscriber_errors"), 0, "{r}");
+    // A server without `sse_gzip` answers in plain text: the tool says so instead of
+    // counting nothing.
+    let plain_dir = tempfile::tempdir().expect("tempdir");
+    let plain = BinServer::spawn(&plain_dir.path().join("data"), &[]).await;
+    let plain_addr = plain.addr.to_string();
+    let mut args = args;
+    args[2] = &plain_addr;
+    let out = bench(&args).await;
+    assert!(!out.status.success(), "gzip asked of a plain server");
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("sse_gzip"), "{err}");
+    // Only SSE streams are gzip'd.
+    let out = bench(&["fanout", "--addr", &addr, "--transport", "ws", "--gzip"]).await;
+    assert!(!out.status.success(), "--gzip over WebSocket was accepted");
+}
+
+#[tokio::test(flavor = "multi_thread")]
 async fn bench_refuses_tidewire_only_options_against_nchan_before_connecting() {
     // Port 9 on loopback: nothing is contacted, the option is refused first.
     for args in [

@@ -8,6 +8,7 @@ use base64::Engine as _;
 use common::*;
 use flate2::write::GzEncoder;
 use serde_json::{json, Value};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
 // ---------------------------------------------------------------- helpers of this file
 
@@ -1100,6 +1101,178 @@ async fn body_inflating_past_max_decompressed_bytes_is_413_and_stores_nothing() 
     )
     .await;
     assert_receipt(status, &body, 1, 10);
+    server.stop().await;
+}
+
+/// One gzip member holding 1 MiB of zeros: about a kilobyte on the wire. Members repeated one
+/// after another are one gzip body (RFC 1952), so a bomb of any compressed size is cheap to
+/// build.
+fn zeros_member() -> Vec<u8> {
+    let mut enc = GzEncoder::new(Vec::new(), flate2::Compression::best());
+    enc.write_all(&vec![0u8; 1 << 20]).unwrap();
+    enc.finish().unwrap()
+}
+
+#[tokio::test]
+async fn gzip_bomb_larger_than_the_body_limit_is_cut_short_with_413_while_it_is_still_being_sent() {
+    let tmp = tempfile::tempdir().unwrap();
+    // Compressed bodies up to 64 KiB, inflated up to 1 MiB.
+    let server = TestServer::start_with(tmp.path(), |c| {
+        c.max_body_bytes = 64 << 10;
+        c.max_decompressed_bytes = 1 << 20;
+    })
+    .await;
+    let client = reqwest::Client::new();
+    let member = zeros_member();
+    // 512 MiB inflated from about half a megabyte: far more than the server would take as a
+    // whole body, so the only way to refuse it for what it inflates to is to inflate it as it
+    // arrives.
+    let bomb = member.repeat(512);
+    assert!(bomb.len() > 4 * (64 << 10), "bomb is {} bytes", bomb.len());
+    // Raw HTTP/1.1, chunked: the client sends the first 8 KiB (8 members, 8 MiB inflated),
+    // then stops sending, body unfinished, and waits for the answer.
+    let mut sock = tokio::net::TcpStream::connect(server.addr).await.unwrap();
+    let head = format!(
+        "POST /v1/topics/bomb/events HTTP/1.1\r\nHost: {}\r\ncontent-type: application/octet-stream\r\n\
+         content-encoding: gzip\r\ntransfer-encoding: chunked\r\n\r\n",
+        server.addr
+    );
+    sock.write_all(head.as_bytes()).await.unwrap();
+    let sent = 8 * member.len();
+    for piece in bomb[..sent].chunks(1024) {
+        sock.write_all(format!("{:x}\r\n", piece.len()).as_bytes())
+            .await
+            .unwrap();
+        sock.write_all(piece).await.unwrap();
+        sock.write_all(b"\r\n").await.unwrap();
+    }
+    let mut answer = Vec::new();
+    let mut buf = [0u8; 4096];
+    let deadline = tokio::time::Instant::now() + PATIENCE;
+    let (status, body) = loop {
+        let text = String::from_utf8_lossy(&answer).into_owned();
+        if let Some((head, body)) = text.split_once("\r\n\r\n") {
+            let length: Option<usize> = head.lines().find_map(|l| {
+                let (k, v) = l.split_once(':')?;
+                k.eq_ignore_ascii_case("content-length")
+                    .then(|| v.trim().parse().ok())?
+            });
+            if length.is_some_and(|n| body.len() >= n) {
+                let status: u16 = head.split(' ').nth(1).unwrap().parse().unwrap();
+                let body: Value = serde_json::from_str(&body[..length.unwrap()]).unwrap();
+                break (status, body);
+            }
+        }
+        let n = tokio::time::timeout_at(deadline, sock.read(&mut buf))
+            .await
+            .unwrap_or_else(|_| {
+                panic!("no answer while the bomb was half sent; read so far: {text:?}")
+            })
+            .unwrap();
+        assert!(n > 0, "connection closed without an answer: {text:?}");
+        answer.extend_from_slice(&buf[..n]);
+    };
+    assert_error(status, &body, 413, "payload_too_large");
+    // Refused for what it inflates to, not for its compressed size (it is still under it).
+    let message = body["error"]["message"].as_str().unwrap();
+    assert!(message.contains("inflates beyond"), "{message}");
+    assert!(sent < 64 << 10);
+    drop(sock);
+    // Sent whole, the same bomb is still refused (whichever limit it meets first).
+    let (status, body) = post_with(
+        &client,
+        &server.url("/v1/topics/bomb/events"),
+        &[
+            ("content-type", "application/octet-stream"),
+            ("content-encoding", "gzip"),
+        ],
+        bomb,
+    )
+    .await;
+    assert_error(status, &body, 413, "payload_too_large");
+    assert_topic_absent(&client, &server, "bomb").await;
+    assert_next_id(&client, &server, 1).await;
+    server.stop().await;
+}
+
+#[tokio::test]
+async fn gzip_body_split_across_many_small_chunks_is_inflated_and_stored_whole() {
+    let tmp = tempfile::tempdir().unwrap();
+    let server = TestServer::start(&tmp).await;
+    let client = reqwest::Client::new();
+    let ndjson: String = (0..200)
+        .map(|i| {
+            format!(
+                "{}\n",
+                json!({"data": {"reading": i, "pad": "x".repeat(i % 17)}})
+            )
+        })
+        .collect();
+    let zipped = gzip(ndjson.as_bytes());
+    // Pieces of 1 to 7 bytes, each its own chunk on the wire: the gzip header, deflate blocks
+    // and the trailer all arrive split.
+    let mut pieces: Vec<Result<Vec<u8>, std::io::Error>> = Vec::new();
+    let mut rest = &zipped[..];
+    let mut size = 1;
+    while !rest.is_empty() {
+        let n = size.min(rest.len());
+        pieces.push(Ok(rest[..n].to_vec()));
+        rest = &rest[n..];
+        size = size % 7 + 1;
+    }
+    assert!(pieces.len() > 100, "{} pieces", pieces.len());
+    let (status, body) = post_with(
+        &client,
+        &server.url("/v1/topics/split/events"),
+        &[
+            ("content-type", "application/x-ndjson"),
+            ("content-encoding", "gzip"),
+        ],
+        reqwest::Body::wrap_stream(futures_util::stream::iter(pieces)),
+    )
+    .await;
+    assert_receipt(status, &body, 1, 200);
+    let stored = poll_all(&client, &server.url(""), "split").await;
+    assert_eq!(stored.len(), 200);
+    for (i, e) in stored.iter().enumerate() {
+        assert_eq!(e["data"], json!({"reading": i, "pad": "x".repeat(i % 17)}));
+    }
+    server.stop().await;
+}
+
+#[tokio::test]
+async fn truncated_gzip_body_is_400_malformed_body_and_stores_nothing() {
+    let tmp = tempfile::tempdir().unwrap();
+    let server = TestServer::start(&tmp).await;
+    let client = reqwest::Client::new();
+    let whole = gzip(br#"[{"data":{"reading":1}},{"data":{"reading":2}}]"#);
+    // Without the trailer's size, without the whole trailer, cut inside the deflate data, only
+    // the header: every one ends before the gzip stream does.
+    for cut in [4, 8, whole.len() / 2, whole.len() - 10] {
+        let truncated = whole[..whole.len() - cut].to_vec();
+        for chunked in [false, true] {
+            let body = if chunked {
+                let pieces: Vec<Result<Vec<u8>, std::io::Error>> =
+                    truncated.chunks(3).map(|c| Ok(c.to_vec())).collect();
+                reqwest::Body::wrap_stream(futures_util::stream::iter(pieces))
+            } else {
+                reqwest::Body::from(truncated.clone())
+            };
+            let (status, resp) = post_with(
+                &client,
+                &server.url("/v1/topics/truncated/events"),
+                &[
+                    ("content-type", "application/json"),
+                    ("content-encoding", "gzip"),
+                ],
+                body,
+            )
+            .await;
+            assert_error(status, &resp, 400, "malformed_body");
+        }
+    }
+    assert_topic_absent(&client, &server, "truncated").await;
+    assert_next_id(&client, &server, 1).await;
     server.stop().await;
 }
 

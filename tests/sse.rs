@@ -431,6 +431,39 @@ async fn quiet_stream_gets_a_comment_heartbeat_at_the_configured_interval() {
     server.stop().await;
 }
 
+#[tokio::test]
+async fn heartbeats_keep_coming_while_the_stream_stays_quiet_plain_and_gzipped() {
+    let tmp = tempfile::tempdir().unwrap();
+    let server = TestServer::start_with(tmp.path(), |cfg| {
+        cfg.sse_heartbeat_secs = 1;
+        cfg.sse_gzip = true;
+    })
+    .await;
+    let base = server.url("");
+    let client = reqwest::Client::new();
+    // Plain: this client does not offer gzip.
+    let plain = reqwest::Client::builder().no_gzip().build().unwrap();
+    let resp = plain
+        .get(server.url("/v1/sse?topic=quiet"))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(resp.status(), 200);
+    assert!(!resp.headers().contains_key("content-encoding"));
+    // Not one heartbeat after the first quiet interval: one every interval.
+    let text = read_raw_until(resp, |t| t.matches(":\n\n").count() >= 3).await;
+    assert!(!text.contains("data:"), "{text:?}");
+    // Gzip'd, each heartbeat reaches the client (here curl's zlib) as it is written, and an
+    // event in between does not stop them.
+    let mut curl = CurlStream::open(&server.url("/v1/sse?topic=quiet"), &[]);
+    curl.until(":").await;
+    let id = publish_one(&client, &base, "quiet", json!("between")).await;
+    curl.until(&format!("id: {id}")).await;
+    curl.until(":").await;
+    curl.until(":").await;
+    server.stop().await;
+}
+
 // ---------------------------------------------------------------------------------------------
 // Patterns
 // ---------------------------------------------------------------------------------------------
@@ -977,6 +1010,98 @@ async fn gzip_stream_flushes_each_event_to_the_client_as_it_is_sent() {
     assert!(!resp.headers().contains_key("content-encoding"));
     drop(resp);
     plain.stop().await;
+    server.stop().await;
+}
+
+/// `curl -N --compressed` on `url` (plus `extra` flags), its stdout read line by line as curl
+/// writes it; the child is killed when dropped.
+struct CurlStream {
+    child: std::process::Child,
+    lines: tokio::sync::mpsc::UnboundedReceiver<String>,
+}
+
+impl CurlStream {
+    fn open(url: &str, extra: &[&str]) -> CurlStream {
+        use std::io::BufRead;
+        let mut child = std::process::Command::new("curl")
+            .args(["-sS", "-N", "--compressed", "-i", "--max-time", "60"])
+            .args(extra)
+            .arg(url)
+            .stdout(std::process::Stdio::piped())
+            .spawn()
+            .expect("run curl (is it installed?)");
+        let out = child.stdout.take().expect("curl's stdout");
+        let (tx, lines) = tokio::sync::mpsc::unbounded_channel();
+        std::thread::spawn(move || {
+            for line in std::io::BufReader::new(out).lines() {
+                let Ok(line) = line else { break };
+                if tx.send(line.trim_end_matches('\r').to_string()).is_err() {
+                    break;
+                }
+            }
+        });
+        CurlStream { child, lines }
+    }
+
+    /// Every line curl has written up to and including the first equal to `want`.
+    async fn until(&mut self, want: &str) -> Vec<String> {
+        let deadline = tokio::time::Instant::now() + PATIENCE;
+        let mut seen = Vec::new();
+        loop {
+            let line = tokio::time::timeout_at(deadline, self.lines.recv())
+                .await
+                .unwrap_or_else(|_| panic!("curl never printed {want:?}; it printed {seen:?}"))
+                .unwrap_or_else(|| panic!("curl ended before {want:?}; it printed {seen:?}"));
+            let done = line == want;
+            seen.push(line);
+            if done {
+                return seen;
+            }
+        }
+    }
+}
+
+impl Drop for CurlStream {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+#[tokio::test]
+async fn gzip_stream_decoded_by_curl_shows_each_event_before_the_next_is_published() {
+    let tmp = tempfile::tempdir().unwrap();
+    let server = TestServer::start_with(tmp.path(), |c| c.sse_gzip = true).await;
+    let base = server.url("");
+    let client = reqwest::Client::new();
+    // HTTP/1.1 (the lean stream path) and HTTP/2 (hyper's).
+    for (topic, extra) in [
+        ("gz/h1", &[][..]),
+        ("gz/h2", &["--http2-prior-knowledge"][..]),
+    ] {
+        let mut curl = CurlStream::open(&server.url(&format!("/v1/sse?topic={topic}")), extra);
+        let head = curl.until("retry: 2000").await;
+        assert!(
+            head.iter()
+                .any(|l| l.eq_ignore_ascii_case("content-encoding: gzip")),
+            "not gzip'd: {head:?}"
+        );
+        for i in 0..3 {
+            let id = publish_one(&client, &base, topic, json!({"n": i})).await;
+            // zlib in curl decodes the event while the stream stays open, and before the next
+            // one is even published: nothing waits for a compression block to fill.
+            let lines = curl.until(&format!("id: {id}")).await;
+            assert!(lines
+                .iter()
+                .all(|l| !l.starts_with("id: ") || l == &format!("id: {id}")));
+            let data = curl.until("").await;
+            assert!(
+                data.iter()
+                    .any(|l| l.starts_with("data: ") && l.contains(&format!("\"n\":{i}"))),
+                "{data:?}"
+            );
+        }
+    }
     server.stop().await;
 }
 

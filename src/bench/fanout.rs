@@ -17,7 +17,7 @@ use super::publish::{publish_at_rate, RatePlan};
 use super::report::{Latencies, Progress, Recorder, Report};
 use super::target::{Encoding, PublishTransport, Target, Transport, UrlTemplate, Via};
 use super::wire::{self, open_ws, LineScanner, Poller, SseStream, Ws};
-use super::{now_us, parse_duration, run_topic, Common, Error, MAX_CONNECTIONS, MAX_RATE};
+use super::{fail, now_us, parse_duration, run_topic, Common, Error, MAX_CONNECTIONS, MAX_RATE};
 
 /// Flags of `bench fanout`.
 #[derive(Debug, Args)]
@@ -42,6 +42,10 @@ pub struct FanoutArgs {
     /// Publishing connections sharing the rate (one request in flight each).
     #[arg(long, default_value_t = 16, value_parser = clap::value_parser!(u64).range(1..=1000))]
     pub publishers: u64,
+    /// Ask for gzip'd SSE streams (`Accept-Encoding: gzip`; the server needs `sse_gzip` on)
+    /// and inflate them as they arrive (tidewire only, `--transport sse`).
+    #[arg(long)]
+    pub gzip: bool,
     /// How long to wait after the last publish for deliveries still on their way; what has not
     /// arrived by then counts as lost.
     #[arg(long, default_value = "10s", value_parser = parse_duration)]
@@ -65,12 +69,13 @@ async fn subscribe(
     topic: &str,
     transport: Transport,
     encoding: Encoding,
+    gzip: bool,
     wire_bytes: Arc<AtomicU64>,
 ) -> Result<Sub, Error> {
     let token = c.token.as_deref();
     Ok(match transport {
         Transport::Sse => {
-            Sub::Sse(SseStream::open(url.authority(), &url.path(topic), token).await?)
+            Sub::Sse(SseStream::open(url.authority(), &url.path(topic), token, gzip).await?)
         }
         Transport::Ws => {
             let proto = (c.target == Target::Tidewire).then(|| encoding.subprotocol());
@@ -214,6 +219,10 @@ async fn read(
 pub(crate) async fn run(a: FanoutArgs) -> Result<(), Error> {
     let c = &a.common;
     a.via.check(c)?;
+    c.tidewire_only(a.gzip, "--gzip")?;
+    if a.gzip && a.via.transport != Transport::Sse {
+        return Err(fail("--gzip is for --transport sse"));
+    }
     let topic = run_topic("fanout");
     let sub_url = c.subscribe_url(a.via.transport)?;
     let pub_url = c.publish_url(PublishTransport::Http)?;
@@ -232,6 +241,7 @@ pub(crate) async fn run(a: FanoutArgs) -> Result<(), Error> {
                 &topic,
                 a.via.transport,
                 a.via.encoding,
+                a.gzip,
                 wire_bytes.clone(),
             )
         })
@@ -320,6 +330,9 @@ pub(crate) async fn run(a: FanoutArgs) -> Result<(), Error> {
     let mut r = Report::new("fanout");
     r.put("target", "target", c.target.name());
     a.via.report(&mut r);
+    if a.via.transport == Transport::Sse {
+        r.put("gzip", "gzip", a.gzip);
+    }
     r.put("subscribers", "subscribers", a.subscribers);
     r.put("rate", "offered events/s", a.rate);
     r.put_f(

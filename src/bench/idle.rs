@@ -64,7 +64,7 @@ async fn hold_one(
     let token = c.token.as_deref();
     let path = url.path(topic);
     Ok(match transport {
-        Transport::Sse => Held::Sse(SseStream::open(url.authority(), &path, token).await?),
+        Transport::Sse => Held::Sse(SseStream::open(url.authority(), &path, token, false).await?),
         Transport::Ws => {
             let proto = (c.target == Target::Tidewire).then(|| encoding.subprotocol());
             let read = Arc::new(AtomicU64::new(0));

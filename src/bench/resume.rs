@@ -148,7 +148,8 @@ async fn replay(
     match a.via.transport {
         Transport::Sse => {
             let mut s =
-                SseStream::open(url.authority(), &url.path(topic), c.token.as_deref()).await?;
+                SseStream::open(url.authority(), &url.path(topic), c.token.as_deref(), false)
+                    .await?;
             let mut lines = LineScanner::default();
             while r.received < a.events {
                 let chunk = match tokio::time::timeout_at(wait(deadline).into(), s.chunk()).await {

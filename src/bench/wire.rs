@@ -3,7 +3,7 @@
 //! without parsing envelopes, so the bench reads a million events a second without being the
 //! bottleneck.
 
-use std::io::Read as _;
+use std::io::{Read as _, Write as _};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
@@ -120,21 +120,29 @@ impl HttpConn {
 pub(crate) struct SseStream {
     _conn: HttpConn,
     body: Incoming,
+    /// Inflates the body as it arrives when the server gzip'd it (`--gzip`).
+    inflate: Option<Box<flate2::write::GzDecoder<Vec<u8>>>>,
 }
 
 impl SseStream {
     /// GETs `path` on `authority` with `Accept: text/event-stream` and `Last-Event-ID` when
-    /// given; returns once a 200 head has arrived.
+    /// given; returns once a 200 head has arrived. With `gzip` it asks for a gzip'd stream
+    /// (`Accept-Encoding: gzip`, served when the server has `sse_gzip` on) and, when the
+    /// answer is gzip'd, [`SseStream::chunk`] inflates it chunk by chunk.
     pub(crate) async fn open(
         authority: &str,
         path: &str,
         token: Option<&str>,
+        gzip: bool,
     ) -> Result<SseStream, Error> {
         let mut conn = HttpConn::open(authority, token).await?;
-        let req = conn
+        let mut req = conn
             .request(Method::GET, path)
-            .header("accept", "text/event-stream")
-            .body(Full::new(Bytes::new()))?;
+            .header("accept", "text/event-stream");
+        if gzip {
+            req = req.header("accept-encoding", "gzip");
+        }
+        let req = req.body(Full::new(Bytes::new()))?;
         let resp = tokio::time::timeout(CONNECT_TIMEOUT, conn.send(req))
             .await
             .map_err(|_| fail(format!("SSE {path}: no response head in time")))??;
@@ -144,21 +152,39 @@ impl SseStream {
                 resp.status()
             )));
         }
+        let gzipped = resp
+            .headers()
+            .get(http::header::CONTENT_ENCODING)
+            .is_some_and(|v| v.as_bytes().eq_ignore_ascii_case(b"gzip"));
+        if gzip && !gzipped {
+            return Err(fail(format!(
+                "SSE {path}: asked for gzip, the stream is not gzip'd (is sse_gzip on?)"
+            )));
+        }
         Ok(SseStream {
             _conn: conn,
             body: resp.into_body(),
+            inflate: gzipped.then(|| Box::new(flate2::write::GzDecoder::new(Vec::new()))),
         })
     }
 
-    /// The next chunk of the body; `None` when the server ended the stream.
+    /// The next chunk of the body (inflated when gzip'd; it may then be empty); `None` when
+    /// the server ended the stream.
     pub(crate) async fn chunk(&mut self) -> Option<Result<Bytes, Error>> {
         loop {
             match self.body.frame().await? {
                 Err(e) => return Some(Err(e.into())),
                 Ok(frame) => {
-                    if let Ok(data) = frame.into_data() {
+                    let Ok(data) = frame.into_data() else {
+                        continue;
+                    };
+                    let Some(gz) = self.inflate.as_mut() else {
                         return Some(Ok(data));
+                    };
+                    if let Err(e) = gz.write_all(&data).and_then(|()| gz.flush()) {
+                        return Some(Err(fail(format!("SSE gzip: {e}"))));
                     }
+                    return Some(Ok(Bytes::from(std::mem::take(gz.get_mut()))));
                 }
             }
         }

@@ -1,5 +1,6 @@
-//! `POST /v1/topics/{topic}/events` and `POST /v1/events`: read the body within its limits,
-//! decode it as a whole, hand it to the publish path, answer `201` once durable.
+//! `POST /v1/topics/{topic}/events` and `POST /v1/events`: read the body within its limits
+//! (a gzip'd one inflated as it arrives), decode it as a whole, hand it to the publish path,
+//! answer `201` once durable.
 
 use std::sync::Arc;
 
@@ -10,6 +11,7 @@ use http_body_util::{BodyExt, Limited};
 use super::{json_response, query_pairs, ApiError, AppState, Body};
 use crate::auth::Access;
 use crate::codec::{self, BareDefaults, BodyFormat, Limits, Target};
+use crate::inflate;
 use crate::topic::Topic;
 
 /// Publishes the request's body to `topic` (or, when `None`, to the topics its envelopes name).
@@ -37,9 +39,14 @@ where
             return Err(e);
         }
     };
-    let read = Limited::new(req.into_body(), cfg.max_body_bytes).collect();
     // A slow POST holds a connection and a buffer: the whole body gets a bounded time.
-    let collected = if cfg.body_read_timeout_secs == 0 {
+    let read = read_body(
+        req.into_body(),
+        cfg.max_body_bytes,
+        gzip,
+        cfg.max_decompressed_bytes,
+    );
+    let body = if cfg.body_read_timeout_secs == 0 {
         read.await
     } else {
         let limit = std::time::Duration::from_secs(cfg.body_read_timeout_secs);
@@ -50,22 +57,14 @@ where
                 return Err(ApiError::request_timeout(cfg.body_read_timeout_secs));
             }
         }
-    };
-    let body = collected
-        .map_err(|e| {
-            if e.is::<http_body_util::LengthLimitError>() {
-                payload_too_large(cfg.max_body_bytes)
-            } else {
-                ApiError::bad_request(format!("could not read the body: {e}"))
-            }
-        })?
-        .to_bytes();
+    }?;
     let limits = Limits {
         max_decompressed: cfg.max_decompressed_bytes,
         max_events: cfg.max_batch_events,
         max_topic_len: cfg.max_topic_len,
     };
-    let events = codec::decode_publish(&target, format, gzip, &body, &limits, &bare)?;
+    // Already inflated (as it arrived, by `read_body`).
+    let events = codec::decode_publish(&target, format, false, &body, &limits, &bare)?;
     // A batch is all or nothing: one topic outside the grants refuses the whole request.
     for e in &events {
         access.check_publish(&e.topic)?;
@@ -74,6 +73,41 @@ where
     let json = serde_json::to_vec(&receipt)
         .map_err(|e| ApiError::new(StatusCode::INTERNAL_SERVER_ERROR, "internal", e.to_string()))?;
     Ok(json_response(StatusCode::CREATED, json))
+}
+
+/// Reads the body, at most `max_body` bytes of it as sent. A gzip'd body is inflated as its
+/// frames arrive, at most `max_inflated` bytes of it: a bomb is refused as soon as it passes
+/// the cap, before the rest of it is read.
+async fn read_body<B>(
+    body: B,
+    max_body: usize,
+    gzip: bool,
+    max_inflated: usize,
+) -> Result<Bytes, ApiError>
+where
+    B: hyper::body::Body<Data = Bytes> + Send + 'static,
+    B::Error: std::error::Error + Send + Sync + 'static,
+{
+    // The declared length, when there is one: a gzip'd body of that size is given room for
+    // four times as much inflated, as the whole-buffer inflate always did.
+    let declared = usize::try_from(body.size_hint().lower()).unwrap_or(usize::MAX);
+    let body = Limited::new(body, max_body);
+    let refused = |e: Box<dyn std::error::Error + Send + Sync>| {
+        if e.is::<http_body_util::LengthLimitError>() {
+            payload_too_large(max_body)
+        } else {
+            ApiError::bad_request(format!("could not read the body: {e}"))
+        }
+    };
+    if !gzip {
+        return Ok(body.collect().await.map_err(refused)?.to_bytes());
+    }
+    let expected = declared.saturating_mul(4);
+    match inflate::gunzip_stream(body.into_data_stream(), max_inflated, expected).await {
+        Ok(inflated) => Ok(Bytes::from(inflated)),
+        Err(inflate::InflateError::Read(e)) => Err(refused(e)),
+        Err(inflate::InflateError::Decode(e)) => Err(e.into()),
+    }
 }
 
 /// 413 `payload_too_large` for a body over `max` bytes.

@@ -6,46 +6,49 @@
 //! asked for. The stream ends when the server shuts down, so clients reconnect and resume.
 //! With authorization on, every pattern needs a covering subscribe grant (403 otherwise), and
 //! the stream ends when its token expires (after a `: token expired` comment): the client
-//! reconnects with a fresh token and resumes by `Last-Event-ID`.
+//! reconnects with a fresh token and resumes by `Last-Event-ID`. With `sse_gzip` on and a
+//! client that accepts gzip, the stream is gzip'd as it goes and flushed whenever no further
+//! event is ready, so compression never holds an event back.
 
+use std::pin::Pin;
 use std::sync::Arc;
 use std::time::Duration;
 
-use std::io::Write;
-
-use crate::metrics::SubscriberGuard;
+use async_compression::tokio::bufread::GzipEncoder;
+use async_compression::Level;
 use bytes::{Bytes, BytesMut};
-use flate2::write::GzEncoder;
-use flate2::Compression;
 use futures_util::stream;
 use http::{header, HeaderValue, Request, Response};
 use http_body_util::{BodyExt, StreamBody};
 use hyper::body::Frame;
 use prometheus_client::metrics::counter::Counter;
 use tokio::sync::watch;
-use tokio::time::{sleep, Instant, Sleep};
+use tokio::time::{Instant, MissedTickBehavior, Sleep};
+use tokio_stream::StreamExt;
+use tokio_util::io::{ReaderStream, StreamReader};
 
 use super::{query_pairs, ApiError, AppState, Body};
 use crate::auth::Access;
 use crate::envelope::EventId;
+use crate::metrics::SubscriberGuard;
 use crate::subscription::{Delivery, Subscription};
 use crate::topic::{parse_cursor, Pattern, PatternSet};
 
 /// Frames of one write are coalesced up to this many bytes when events arrive in a burst.
 const MAX_CHUNK: usize = 64 * 1024;
 
+/// Largest gzip'd write: a burst compresses into writes of at most this many bytes. The
+/// buffer lives as long as the stream, beside the compressor's own state.
+const GZIP_OUT: usize = 16 * 1024;
+
+/// One SSE response body, before any compression.
 struct Stream {
-    sub: Subscription,
-    heartbeat: Duration,
-    quiet: std::pin::Pin<Box<Sleep>>,
+    /// The deliveries, a burst per item, with a heartbeat comment whenever they are quiet.
+    live: Pin<Box<dyn tokio_stream::Stream<Item = Bytes> + Send>>,
     stop: watch::Receiver<bool>,
     preamble: Option<Bytes>,
-    delivered: Counter,
-    /// Set when the client accepts gzip and `sse_gzip` is on: every write is compressed and
-    /// sync-flushed, so each event reaches the client when it is sent, never held back.
-    gzip: Option<GzEncoder<Vec<u8>>>,
     /// When the token stops being accepted; `None` for an open server or a token without `exp`.
-    expiry: Option<std::pin::Pin<Box<Sleep>>>,
+    expiry: Option<Pin<Box<Sleep>>>,
     /// Set once the expiry comment is written: the stream ends next.
     expired: bool,
     _gauge: SubscriberGuard,
@@ -104,41 +107,43 @@ pub async fn subscribe<B>(
     let log = state.log().await?;
     let cfg = &state.config;
     let gzip = cfg.sse_gzip && super::accepts_gzip(req.headers());
-    let heartbeat = Duration::from_secs(cfg.sse_heartbeat_secs);
+    let sub = Subscription::open(
+        log,
+        &state.hub,
+        patterns,
+        cursor,
+        cfg.replay_page,
+        state.metrics.clone(),
+    );
+    // A `:` comment once the stream has been quiet for the interval, and again every interval
+    // while it stays quiet (the interval restarts with each burst). Validated to be at least
+    // a second; never zero, which an interval cannot have.
+    let every = Duration::from_secs(cfg.sse_heartbeat_secs.max(1));
+    let mut heartbeat = tokio::time::interval_at(Instant::now() + every, every);
+    // A client that stopped reading for a while gets one heartbeat, not the missed ones.
+    heartbeat.set_missed_tick_behavior(MissedTickBehavior::Delay);
+    let live = bursts(sub, state.metrics.delivered("sse"))
+        .timeout_repeating(heartbeat)
+        .map(|burst| burst.unwrap_or(Bytes::from_static(b":\n\n")));
     let st = Stream {
-        sub: Subscription::open(
-            log,
-            &state.hub,
-            patterns,
-            cursor,
-            cfg.replay_page,
-            state.metrics.clone(),
-        ),
-        heartbeat,
-        quiet: Box::pin(sleep(heartbeat)),
+        live: Box::pin(live),
         stop: state.stop_signal(),
         preamble: Some(Bytes::from(format!("retry: {}\n\n", cfg.sse_retry_ms))),
-        delivered: state.metrics.delivered("sse"),
-        gzip: gzip.then(|| GzEncoder::new(Vec::new(), Compression::fast())),
         expiry: access
             .deadline()
             .map(|at| Box::pin(tokio::time::sleep_until(at))),
         expired: false,
         _gauge: state.metrics.track_subscriber("sse"),
     };
-    let body = stream::unfold(st, |mut st| async move {
-        let chunk = match next_chunk(&mut st).await {
-            Some(chunk) => chunk,
-            // The gzip trailer, once, so a client sees a complete stream.
-            None => Bytes::from(st.gzip.take()?.finish().ok()?),
-        };
-        let chunk = match st.gzip.as_mut() {
-            Some(gz) => compress(gz, &chunk)?,
-            None => chunk,
-        };
-        Some((Ok(Frame::data(chunk)), st))
+    let chunks = stream::unfold(st, |mut st| async move {
+        let chunk = next_chunk(&mut st).await?;
+        Some((chunk, st))
     });
-    let mut resp = Response::new(BodyExt::boxed_unsync(StreamBody::new(body)));
+    let mut resp = Response::new(if gzip {
+        gzipped(chunks)
+    } else {
+        BodyExt::boxed_unsync(StreamBody::new(chunks.map(|c| Ok(Frame::data(c)))))
+    });
     let h = resp.headers_mut();
     h.insert(
         header::CONTENT_TYPE,
@@ -154,18 +159,26 @@ pub async fn subscribe<B>(
 }
 
 /// Resolves at the deadline; never when there is none.
-async fn until(deadline: &mut Option<std::pin::Pin<Box<Sleep>>>) {
+async fn until(deadline: &mut Option<Pin<Box<Sleep>>>) {
     match deadline {
         Some(d) => d.as_mut().await,
         None => std::future::pending().await,
     }
 }
 
-/// Compresses one write and sync-flushes it, so the client can decode all of it now.
-fn compress(gz: &mut GzEncoder<Vec<u8>>, chunk: &[u8]) -> Option<Bytes> {
-    gz.write_all(chunk).ok()?;
-    gz.flush().ok()?;
-    Some(Bytes::from(std::mem::take(gz.get_mut())))
+/// The gzip'd body of a stream of `chunks`: compressed as they come, and sync-flushed whenever
+/// the next chunk is not ready yet (async-compression's encoder flushes when its input is
+/// pending), so every event and heartbeat reaches the client as soon as it is written, never
+/// held back; chunks that are ready together share one flush. The gzip trailer follows the
+/// last chunk, so a client sees a complete stream when the server ends it.
+fn gzipped(chunks: impl tokio_stream::Stream<Item = Bytes> + Send + 'static) -> Body {
+    let plain = StreamReader::new(chunks.map(Ok::<Bytes, std::io::Error>));
+    let encoder = GzipEncoder::with_quality(plain, Level::Fastest);
+    // Compressing in memory cannot fail; if it ever did, the stream ends there.
+    let out = ReaderStream::with_capacity(encoder, GZIP_OUT)
+        .map_while(Result::ok)
+        .map(|c| Ok(Frame::data(c)));
+    BodyExt::boxed_unsync(StreamBody::new(out))
 }
 
 /// The next bytes to write, or `None` when the stream ends (shutdown, log failure, token
@@ -186,40 +199,46 @@ async fn next_chunk(st: &mut Stream) -> Option<Bytes> {
         st.expired = true;
         return Some(Bytes::from_static(b": token expired\n\n"));
     }
-    let first = tokio::select! {
-        _ = st.stop.changed() => return None,
+    // `next` on a stream is cancel-safe: a burst being read when another branch wins stays in
+    // `live` for the next call.
+    tokio::select! {
+        _ = st.stop.changed() => None,
         _ = until(&mut st.expiry) => {
             st.expired = true;
-            return Some(Bytes::from_static(b": token expired\n\n"));
+            Some(Bytes::from_static(b": token expired\n\n"))
         }
-        d = st.sub.next() => match d {
+        chunk = st.live.next() => chunk,
+    }
+}
+
+/// The subscription's deliveries as SSE text, one item per burst: what is ready at once is
+/// coalesced into one write of up to about [`MAX_CHUNK`] bytes. Ends when the subscription
+/// cannot continue (log failure, the hub gone).
+fn bursts(sub: Subscription, delivered: Counter) -> impl tokio_stream::Stream<Item = Bytes> {
+    stream::unfold((sub, delivered), |(mut sub, delivered)| async move {
+        let first = match sub.next().await {
             Ok(d) => d,
             Err(e) => {
                 tracing::debug!(error = %e, "SSE stream ends");
                 return None;
             }
-        },
-        _ = &mut st.quiet => {
-            st.quiet.as_mut().reset(Instant::now() + st.heartbeat);
-            return Some(Bytes::from_static(b":\n\n"));
-        }
-    };
-    st.quiet.as_mut().reset(Instant::now() + st.heartbeat);
-    let mut chunk = BytesMut::new();
-    let mut next = Some(first);
-    let mut events = 0u64;
-    while let Some(d) = next.take() {
-        match d {
-            Delivery::Event(e) => {
-                chunk.extend_from_slice(e.sse_frame());
-                events += 1;
+        };
+        let mut chunk = BytesMut::new();
+        let mut next = Some(first);
+        let mut events = 0u64;
+        while let Some(d) = next.take() {
+            match d {
+                Delivery::Event(e) => {
+                    chunk.extend_from_slice(e.sse_frame());
+                    events += 1;
+                }
+                Delivery::Gap(g) => chunk.extend_from_slice(&g.sse_frame()),
             }
-            Delivery::Gap(g) => chunk.extend_from_slice(&g.sse_frame()),
+            if chunk.len() < MAX_CHUNK {
+                next = sub.next_ready();
+            }
         }
-        if chunk.len() < MAX_CHUNK {
-            next = st.sub.next_ready();
-        }
-    }
-    st.delivered.inc_by(events);
-    Some(chunk.freeze())
+        delivered.inc_by(events);
+        Some((chunk.freeze(), (sub, delivered)))
+    })
 }
