@@ -88,6 +88,14 @@ impl RecordBuilder {
         Self::default()
     }
 
+    /// An empty builder whose buffer holds records of up to `bytes` without growing.
+    pub fn with_capacity(bytes: usize) -> Self {
+        RecordBuilder {
+            buf: Vec::with_capacity(bytes),
+            chunks: 0,
+        }
+    }
+
     /// Starts a new record, dropping anything unfinished.
     pub fn begin(&mut self) {
         self.buf.clear();

@@ -1,26 +1,36 @@
 //! Making sled durable off the acknowledgement path, and the checkpoint that says how far it is.
 //!
 //! Acknowledging waits for the write-ahead log's fsync (see [`super::wal`]); sled itself is
-//! flushed here, in the background, at least every `storage_checkpoint_ms` (sooner once the WAL
-//! has grown by [`CHECKPOINT_BYTES`]). After each flush the checkpoint file records the
-//! highest id sled holds durably, and the WAL segments wholly at or below it are deleted.
+//! flushed by the writer between commits, at least every `storage_checkpoint_ms` while events
+//! arrive (sooner once the WAL has grown by [`checkpoint_bytes`]). After each flush the
+//! checkpoint file records the highest id sled holds durably, and the WAL segments wholly at
+//! or below it are deleted.
+//!
+//! Why on the writer's thread: it alone applies batches to sled, so a flush it runs between
+//! commits covers exactly the last id it applied, with no shared counter or lock; the price
+//! is that commits queued meanwhile wait for that flush, once every `storage_checkpoint_ms`
+//! under load (a background thread would contend for the same disk all the same).
 //!
 //! The checkpoint only ever names an id covered by a finished flush, so at start-up sled
 //! holding less than it says means sled lost data it had made durable: the log refuses to
 //! start, as it does when sled recovers less than the durable mark.
 
 use std::path::{Path, PathBuf};
-use std::sync::atomic::Ordering;
-use std::sync::{mpsc as std_mpsc, Arc, Mutex};
-use std::time::{Duration, Instant};
+use std::sync::mpsc as std_mpsc;
+use std::time::Duration;
 
-use super::wal::Segments;
-use super::{storage, LogError, Shared};
+use super::{storage, LogError};
 use crate::log::blobs::BlobSync;
-use crate::metrics::Metrics;
 
-/// WAL bytes written since the last checkpoint that bring the next one forward.
-pub(super) const CHECKPOINT_BYTES: u64 = 64 << 20;
+/// WAL bytes written since the last checkpoint that bring the next one forward, for a sled
+/// cache of `cache_bytes`: half the cache, between 1 and 64 MiB.
+///
+/// Why: sled cannot evict what it has not flushed, so everything written between two
+/// checkpoints stays in memory beside its cache; tying the two keeps the server's memory
+/// near what `cache_bytes` says however fast events arrive.
+pub(super) fn checkpoint_bytes(cache_bytes: u64) -> u64 {
+    (cache_bytes / 2).clamp(1 << 20, 64 << 20)
+}
 /// Name of the checkpoint file in the WAL directory.
 const CHECKPOINT_FILE: &str = "checkpoint";
 const PREFIX: &str = "tidewire-wal sled-durable-through ";
@@ -30,7 +40,7 @@ pub(super) struct StoreSync {
     pub(super) db: sled::Db,
     /// sled's main log file (`<dir>/db`), fdatasynced by every flush.
     log_file: std::fs::File,
-    blobs: Mutex<BlobSync>,
+    blobs: BlobSync,
 }
 
 impl StoreSync {
@@ -38,13 +48,13 @@ impl StoreSync {
         StoreSync {
             db,
             log_file,
-            blobs: Mutex::new(BlobSync::new(dir)),
+            blobs: BlobSync::new(dir),
         }
     }
 
     /// Makes everything written to sled before the call durable: sled's log, then the blob
     /// files sled's flush leaves unsynced. Returns how many blob files were synced.
-    pub(super) fn flush(&self) -> Result<u64, LogError> {
+    pub(super) fn flush(&mut self) -> Result<u64, LogError> {
         self.db.flush().map_err(storage)?;
         // sled's flush writes its log with sync_file_range on Linux, which neither flushes the
         // drive's write cache nor syncs the file's size and block map: an fdatasync makes the
@@ -52,11 +62,7 @@ impl StoreSync {
         self.log_file
             .sync_data()
             .map_err(|e| LogError::Storage(format!("syncing the log file: {e}")))?;
-        let mut blobs = self
-            .blobs
-            .lock()
-            .map_err(|_| LogError::Storage("the blob syncer panicked".into()))?;
-        blobs
+        self.blobs
             .sync()
             .map_err(|e| LogError::Storage(format!("syncing the log's blob files: {e}")))
     }
@@ -97,70 +103,39 @@ pub(super) fn check(dir: &Path, checkpoint: u64, stored: u64) -> Result<(), LogE
     Ok(())
 }
 
-/// The background checkpointer: flushes sled, records the checkpoint, deletes covered WAL
-/// segments. Runs until every sender of its nudges is dropped.
-pub(super) struct Checkpointer {
-    pub(super) store: Arc<StoreSync>,
-    pub(super) shared: Arc<Shared>,
-    pub(super) segments: Arc<Mutex<Segments>>,
+/// Keeps a zero-filled spare WAL segment ready for the writer (see
+/// [`prepare_spare`](super::wal::prepare_spare)), on its own thread so the writer never
+/// waits for the zeros. Runs until the sender of its stop channel is dropped.
+pub(super) struct SpareMaker {
     pub(super) wal_dir: PathBuf,
-    pub(super) metrics: Metrics,
-    /// The checkpoint on disk.
-    pub(super) checkpoint: u64,
-    /// Longest time between two checkpoints while events arrive.
-    pub(super) every: Duration,
-    /// Bytes of a WAL segment (the size of the spare prepared for the writer).
+    /// Bytes of a WAL segment.
     pub(super) segment_bytes: u64,
     /// Free bytes a spare must leave on the filesystem (`storage_min_free_bytes`).
     pub(super) min_free: u64,
 }
 
-impl Checkpointer {
-    /// Runs the loop on its own thread; the writer nudges it through `nudges` when the WAL
-    /// grew by [`CHECKPOINT_BYTES`], and ends it by dropping the sender.
+/// How often the spare maker looks whether the writer took the spare.
+const SPARE_CHECK_EVERY: Duration = Duration::from_millis(200);
+
+impl SpareMaker {
+    /// Runs the loop on its own thread until `stop`'s sender is dropped.
     pub(super) fn spawn(
         self,
-        nudges: std_mpsc::Receiver<()>,
+        stop: std_mpsc::Receiver<()>,
     ) -> Result<std::thread::JoinHandle<()>, LogError> {
         std::thread::Builder::new()
-            .name("tidewire-log-checkpoint".into())
-            .spawn(move || self.run(nudges))
-            .map_err(|e| LogError::Open(format!("cannot start the checkpoint thread: {e}")))
-    }
-
-    fn run(mut self, nudges: std_mpsc::Receiver<()>) {
-        loop {
-            // The writer's next segment, ready before it is needed.
-            if let Err(e) =
-                super::wal::prepare_spare(&self.wal_dir, self.segment_bytes, self.min_free)
-            {
-                tracing::warn!(error = %e, "preparing a WAL segment failed; retrying later");
-            }
-            match nudges.recv_timeout(self.every) {
-                Ok(()) | Err(std_mpsc::RecvTimeoutError::Timeout) => {}
-                Err(std_mpsc::RecvTimeoutError::Disconnected) => return,
-            }
-            if let Err(e) = self.step() {
-                tracing::warn!(error = %e, "checkpointing the log failed; retrying later");
-            }
-        }
-    }
-
-    /// One checkpoint, when sled holds anything the last one did not cover.
-    pub(super) fn step(&mut self) -> Result<(), LogError> {
-        // Read before the flush: every batch applied before this load is covered by it.
-        let applied = self.shared.applied.load(Ordering::Acquire);
-        if applied <= self.checkpoint {
-            return Ok(());
-        }
-        let started = Instant::now();
-        let synced = self.store.flush()?;
-        self.metrics.observe_blobs_synced(synced);
-        write(&self.wal_dir, applied)
-            .map_err(|e| LogError::Storage(format!("writing the WAL checkpoint: {e}")))?;
-        self.checkpoint = applied;
-        let deleted = super::wal::delete_through(&self.segments, applied);
-        self.metrics.observe_checkpoint(started.elapsed(), deleted);
-        Ok(())
+            .name("tidewire-wal-spare".into())
+            .spawn(move || loop {
+                if let Err(e) =
+                    super::wal::prepare_spare(&self.wal_dir, self.segment_bytes, self.min_free)
+                {
+                    tracing::warn!(error = %e, "preparing a WAL segment failed; retrying later");
+                }
+                match stop.recv_timeout(SPARE_CHECK_EVERY) {
+                    Ok(()) | Err(std_mpsc::RecvTimeoutError::Timeout) => {}
+                    Err(std_mpsc::RecvTimeoutError::Disconnected) => return,
+                }
+            })
+            .map_err(|e| LogError::Open(format!("cannot start the WAL spare thread: {e}")))
     }
 }

@@ -49,7 +49,7 @@ mod wal;
 mod wal_tests;
 mod writer;
 
-use checkpoint::{StoreSync, CHECKPOINT_BYTES};
+use checkpoint::StoreSync;
 pub use compact::Compacted;
 use dedupe::Dedupe;
 pub use dedupe::DedupeOptions;
@@ -176,8 +176,6 @@ struct Shared {
     tree: sled::Tree,
     /// Newest durable id: readers never look past it.
     head: AtomicU64,
-    /// Newest id applied to sled (durable or not yet): what a flush of sled covers.
-    applied: AtomicU64,
     /// Durable topic statistics; updated by the writer after each flush.
     registry: RwLock<BTreeMap<Topic, TopicRecord>>,
 }
@@ -370,20 +368,23 @@ impl SledLog {
         let shared = Arc::new(Shared {
             tree,
             head: AtomicU64::new(high_water),
-            applied: AtomicU64::new(high_water),
             registry: RwLock::new(registry),
         });
         let (tx, rx) = mpsc::channel(QUEUE_DEPTH);
         let (done_tx, done_rx) = oneshot::channel();
         let db_handle = db.clone();
-        let store = Arc::new(StoreSync::new(db, log_file, opts.dir.clone()));
+        let store = StoreSync::new(db, log_file, opts.dir.clone());
         let mut writer = Writer {
-            store: store.clone(),
+            store,
             wal,
             store_behind_wal: false,
-            checkpoint_nudge: None,
-            checkpointer: None,
+            spare_stop: None,
+            spare_maker: None,
+            checkpointed: high_water,
+            last_checkpoint: Instant::now(),
+            checkpoint_every: opts.checkpoint_every,
             wal_since_checkpoint: 0,
+            checkpoint_bytes: checkpoint::checkpoint_bytes(opts.cache_bytes),
             shared: shared.clone(),
             hub,
             metrics: metrics.clone(),
@@ -414,21 +415,15 @@ impl SledLog {
         };
         let recovery = writer.replay_wal(high_water)?;
         mark::check(&opts.dir, durable_mark, writer.last_applied)?;
-        let (nudge, nudges) = std::sync::mpsc::sync_channel(1);
-        writer.checkpoint_nudge = Some(nudge);
-        writer.checkpointer = Some(
-            checkpoint::Checkpointer {
-                store,
-                shared: shared.clone(),
-                segments: writer.wal.segments(),
+        let (stop, stopped) = std::sync::mpsc::sync_channel(1);
+        writer.spare_stop = Some(stop);
+        writer.spare_maker = Some(
+            checkpoint::SpareMaker {
                 wal_dir: writer.wal.dir().to_path_buf(),
-                metrics,
-                checkpoint: writer.last_applied,
-                every: opts.checkpoint_every,
                 segment_bytes: opts.wal_segment_bytes,
                 min_free: opts.space.min_free_bytes,
             }
-            .spawn(nudges)?,
+            .spawn(stopped)?,
         );
         let ticks = tx.downgrade();
         let mut tick_every = SWEEP_EVERY;
@@ -438,6 +433,8 @@ impl SledLog {
         if opts.retention.removes_anything() {
             tick_every = tick_every.min(opts.retention.check_every);
         }
+        // A quiet log is checkpointed by the tick; a busy one after its commits.
+        tick_every = tick_every.min(opts.checkpoint_every.max(Duration::from_millis(1)));
         std::thread::Builder::new()
             .name("tidewire-log-writer".into())
             .spawn(move || {

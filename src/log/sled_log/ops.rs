@@ -340,7 +340,6 @@ impl Writer {
         let (delta, committed) = self.write_with_ids(events, now_ms())?;
         self.next_id = last + 1;
         self.last_applied = last;
-        self.shared.applied.store(last, Ordering::Release);
         self.flush_store()?;
         self.publish(delta, committed);
         Ok(count)

@@ -102,9 +102,6 @@ impl Writer {
         let (delta, committed) = self.write_with_ids(events, bucket_time)?;
         self.next_id = self.next_id.max(rec.last + 1);
         self.last_applied = self.last_applied.max(rec.last);
-        self.shared
-            .applied
-            .store(self.last_applied, Ordering::Release);
         self.publish(delta, committed);
         Ok(count)
     }

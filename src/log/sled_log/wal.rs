@@ -46,6 +46,10 @@ pub(super) fn prepare_spare(wal_dir: &Path, bytes: u64, min_free: u64) -> std::i
     filled.map(|()| true)
 }
 
+/// The zeros a spare is filled with. Static, not allocated: a freed 1 MiB buffer would raise
+/// glibc's mmap threshold (see the writer's `RECORD_CAPACITY`).
+static ZEROS: [u8; 64 << 10] = [0; 64 << 10];
+
 /// Writes `bytes` zeros to a new file at `path`, synced.
 fn zero_fill(path: &Path, bytes: u64) -> std::io::Result<()> {
     let file = OpenOptions::new()
@@ -53,11 +57,10 @@ fn zero_fill(path: &Path, bytes: u64) -> std::io::Result<()> {
         .truncate(true)
         .write(true)
         .open(path)?;
-    let zeros = vec![0u8; 1 << 20];
     let mut at = 0;
     while at < bytes {
-        let n = zeros.len().min((bytes - at) as usize);
-        file.write_all_at(&zeros[..n], at)?;
+        let n = ZEROS.len().min((bytes - at) as usize);
+        file.write_all_at(&ZEROS[..n], at)?;
         at += n as u64;
     }
     file.sync_data()

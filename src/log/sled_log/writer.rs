@@ -8,18 +8,26 @@ use super::*;
 /// The single writer: assigns ids, writes, syncs the WAL, then publishes and acknowledges.
 pub(super) struct Writer {
     /// sled and what its flush must sync.
-    pub(super) store: Arc<StoreSync>,
+    pub(super) store: StoreSync,
     /// The write-ahead log: what acknowledging waits for.
     pub(super) wal: Wal,
     /// Events were applied to sled that no WAL record holds (a WAL write failed): until a
     /// flush of sled covers them, durability means flushing sled.
     pub(super) store_behind_wal: bool,
-    /// Brings the next checkpoint forward; dropped to stop the checkpointer.
-    pub(super) checkpoint_nudge: Option<std::sync::mpsc::SyncSender<()>>,
-    /// The checkpointer's thread, joined at shutdown.
-    pub(super) checkpointer: Option<std::thread::JoinHandle<()>>,
-    /// WAL bytes appended since the checkpointer was last nudged.
+    /// Dropped to stop the spare maker (see [`checkpoint::SpareMaker`]).
+    pub(super) spare_stop: Option<std::sync::mpsc::SyncSender<()>>,
+    /// The spare maker's thread, joined at shutdown.
+    pub(super) spare_maker: Option<std::thread::JoinHandle<()>>,
+    /// The checkpoint on disk: sled durably holds every event up to it.
+    pub(super) checkpointed: u64,
+    /// When the last checkpoint was taken (or the log opened).
+    pub(super) last_checkpoint: Instant,
+    /// Longest time between checkpoints while events arrive (`storage_checkpoint_ms`).
+    pub(super) checkpoint_every: Duration,
+    /// WAL bytes appended since the last checkpoint.
     pub(super) wal_since_checkpoint: u64,
+    /// WAL bytes that bring the next checkpoint forward (see [`checkpoint::checkpoint_bytes`]).
+    pub(super) checkpoint_bytes: u64,
     pub(super) shared: Arc<Shared>,
     pub(super) hub: Hub,
     pub(super) metrics: Metrics,
@@ -90,6 +98,15 @@ pub(super) struct OpenChunk {
     wal: Option<RecordBuilder>,
 }
 
+/// Bytes the WAL record buffer is given up front.
+///
+/// Why: a buffer grown by doubling frees each smaller copy, and glibc answers the free of a
+/// large mmapped block by raising its mmap threshold to that size, so later allocations of
+/// that size (events, hub batches, sled's values) stay in its arenas instead of going back
+/// to the OS: tests/ws.rs saw the server's memory grow by ~10 MB more. Reserved once and
+/// never shrunk, untouched pages cost nothing; only commits larger than this grow it.
+const RECORD_CAPACITY: usize = 8 << 20;
+
 /// Most emptied offset lists kept for reuse.
 pub(super) const SPARE_OFFSET_LISTS: usize = 64;
 
@@ -110,7 +127,7 @@ impl OpenChunk {
     /// The same, gathering the WAL record of each commit.
     pub(super) fn logged(caps: ChunkCaps) -> Self {
         OpenChunk {
-            wal: Some(RecordBuilder::new()),
+            wal: Some(RecordBuilder::with_capacity(RECORD_CAPACITY)),
             ..Self::new(caps)
         }
     }
@@ -267,14 +284,35 @@ impl Writer {
             self.store_behind_wal = true;
             return;
         }
-        let grown = self.wal.take_appended();
-        self.wal_since_checkpoint += grown;
-        if self.wal_since_checkpoint >= CHECKPOINT_BYTES {
-            self.wal_since_checkpoint = 0;
-            if let Some(n) = &self.checkpoint_nudge {
-                let _ = n.try_send(());
-            }
+        self.wal_since_checkpoint += self.wal.take_appended();
+    }
+
+    /// Whether sled holds events the checkpoint does not cover, for long enough or in WAL
+    /// bytes enough, to flush it now.
+    fn checkpoint_due(&self) -> bool {
+        self.last_applied > self.checkpointed
+            && (self.last_checkpoint.elapsed() >= self.checkpoint_every
+                || self.wal_since_checkpoint >= self.checkpoint_bytes)
+    }
+
+    /// One checkpoint: flushes sled, records that it holds every applied event, and deletes
+    /// the WAL segments that covers. A failure is logged; the WAL keeps everything meanwhile.
+    fn checkpoint(&mut self) {
+        let started = Instant::now();
+        self.last_checkpoint = started;
+        let through = self.last_applied;
+        if let Err(e) = self.flush_store() {
+            tracing::warn!(error = %e, "flushing sled for a checkpoint failed; retrying later");
+            return;
         }
+        if let Err(e) = checkpoint::write(self.wal.dir(), through) {
+            tracing::warn!(error = %e, "writing the WAL checkpoint failed; retrying later");
+            return;
+        }
+        self.checkpointed = through;
+        self.wal_since_checkpoint = 0;
+        let deleted = wal::delete_through(&self.wal.segments(), through);
+        self.metrics.observe_checkpoint(started.elapsed(), deleted);
     }
 
     /// Brings the mark file up to what is durable (see [`super::mark`]).
@@ -327,6 +365,9 @@ impl Writer {
                 // Under load ticks wait behind appends: the interval is kept here too.
                 self.flush_and_publish();
             }
+            if self.checkpoint_due() {
+                self.checkpoint();
+            }
             if self.compact_more {
                 // A retention backlog goes in bounded steps between commit rounds.
                 self.compact_step();
@@ -344,9 +385,8 @@ impl Writer {
                 tracing::error!(error = %e, "recording the last id on shutdown failed");
             }
         }
-        // The checkpointer stops first, so the WAL is settled by this thread alone.
-        self.checkpoint_nudge = None;
-        if let Some(handle) = self.checkpointer.take() {
+        self.spare_stop = None;
+        if let Some(handle) = self.spare_maker.take() {
             let _ = handle.join();
         }
         match self.flush_store() {
@@ -362,6 +402,7 @@ impl Writer {
         let through = self.last_applied;
         match checkpoint::write(self.wal.dir(), through) {
             Ok(()) => {
+                self.checkpointed = through;
                 self.wal.delete_all();
             }
             Err(e) => tracing::warn!(error = %e, "writing the WAL checkpoint failed"),
@@ -407,6 +448,9 @@ impl Writer {
         }
         if self.flush_due() {
             self.flush_and_publish();
+        }
+        if self.checkpoint_due() {
+            self.checkpoint();
         }
         if self.last_sweep.elapsed() >= SWEEP_EVERY {
             self.last_sweep = Instant::now();
@@ -609,7 +653,6 @@ impl Writer {
         let first = self.next_id;
         if id > first {
             self.last_applied = id - 1;
-            self.shared.applied.store(id - 1, Ordering::Release);
             self.log_commit(first, id - 1);
         }
         self.next_id = id;
