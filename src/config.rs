@@ -198,6 +198,10 @@ pub struct Config {
     /// Milliseconds a gateway waits for JetStream to answer one request (a publish's
     /// acknowledgement, a read) before the client gets a 503 it can retry.
     pub nats_timeout_ms: u64,
+    /// The clock that dates events: the system clock, except in tests that step it
+    /// (see [`Clock::step`](crate::clock::Clock::step)). Not configuration: never read from a file or flag.
+    #[serde(skip)]
+    pub clock: crate::clock::Clock,
 }
 
 /// The log backends `tidewire serve` can keep its events in.
@@ -306,6 +310,7 @@ impl Default for Config {
             nats_tls_ca: None,
             nats_max_batch: 1000,
             nats_timeout_ms: 5000,
+            clock: crate::clock::Clock::system(),
         }
     }
 }

@@ -31,6 +31,7 @@
 //! - [`ops`]: operator commands on a data dir (`inspect`, `verify`, `export`, `import`).
 //! - [`config`], [`cli`], [`client`], [`metrics`]: configuration, the command line, the
 //!   client behind `publish`/`tail`, Prometheus metrics.
+//! - [`clock`]: the wall clock that dates events, steppable in tests.
 //! - [`bench`]: `tidewire bench`, the load generator (against tidewire or nginx + Nchan).
 #![warn(missing_docs)]
 
@@ -38,6 +39,7 @@ pub mod auth;
 pub mod bench;
 pub mod cli;
 pub mod client;
+pub mod clock;
 pub mod codec;
 pub mod config;
 pub mod envelope;

@@ -204,9 +204,11 @@ async fn open_sled(
         checkpoint_every: Duration::from_millis(config.storage_checkpoint_ms),
         wal_segment_bytes: config.storage_wal_segment_bytes,
     };
-    let log = tokio::task::spawn_blocking(move || SledLog::open(&opts, hub, metrics))
-        .await
-        .map_err(|e| LogError::Open(format!("log open task failed: {e}")))??;
+    let clock = config.clock.clone();
+    let log =
+        tokio::task::spawn_blocking(move || SledLog::open_with_clock(&opts, hub, metrics, clock))
+            .await
+            .map_err(|e| LogError::Open(format!("log open task failed: {e}")))??;
     tracing::info!(
         data_dir = %config.data_dir.display(),
         events = log.event_count(),

@@ -13,6 +13,7 @@ use serde::{Deserialize, Serialize};
 
 use crate::codec::{self, BareDefaults, BodyFormat, DecodeError, Limits, Target};
 use crate::envelope::{write_envelope_array, EventId, Gap, NewEvent, SharedEvent, WireFormat};
+use crate::http::start::StartOptions;
 use crate::topic::{parse_cursor, Pattern, Topic};
 
 /// The subprotocol offered by JSON clients (text frames); also the default when none is offered.
@@ -83,6 +84,8 @@ pub enum ClientOp {
         topics: Vec<Pattern>,
         /// Resume cursor for these patterns.
         since: Option<EventId>,
+        /// `"start": "latest"` and `"start_time"` (a cursor wins over both).
+        start: StartOptions,
         /// Request id.
         r#ref: Option<Ref>,
     },
@@ -158,6 +161,10 @@ struct Head {
     topics: Option<Vec<String>>,
     #[serde(default)]
     since: Option<Since>,
+    #[serde(default)]
+    start: Option<String>,
+    #[serde(default)]
+    start_time: Option<Since>,
     #[serde(default)]
     topic: Option<serde::de::IgnoredAny>,
 }
@@ -252,9 +259,25 @@ pub fn parse_client(enc: Encoding, frame: &[u8], limits: &Limits) -> Result<Clie
                     }
                 },
             };
+            let mut start = StartOptions::default();
+            let read_start = |start: &mut StartOptions| -> Result<(), crate::http::ApiError> {
+                if let Some(v) = &head.start {
+                    start.set_start(v)?;
+                }
+                match &head.start_time {
+                    None => {}
+                    Some(Since::Num(n)) => start.time = Some(*n),
+                    Some(Since::Text(t)) => start.set_time(t)?,
+                }
+                Ok(())
+            };
+            if let Err(e) = read_start(&mut start) {
+                return Err(FrameError::new(e.code, e.message).with_ref(r));
+            }
             ClientOp::Subscribe {
                 topics,
                 since,
+                start,
                 r#ref: r,
             }
         }
@@ -468,6 +491,7 @@ mod tests {
             topics,
             since,
             r#ref,
+            ..
         } = op
         else {
             panic!("{op:?}")

@@ -81,6 +81,20 @@ impl ApiError {
         )
     }
 
+    /// 400 `invalid_start` for a start option that cannot be read, or two at once.
+    pub fn invalid_start(message: impl Into<String>) -> Self {
+        Self::new(StatusCode::BAD_REQUEST, "invalid_start", message)
+    }
+
+    /// 404 `no_event` when a topic retains no event.
+    pub fn no_event(topic: &str) -> Self {
+        Self::new(
+            StatusCode::NOT_FOUND,
+            "no_event",
+            format!("topic {topic:?} retains no event"),
+        )
+    }
+
     /// 422 when a subscription names more patterns than allowed.
     pub fn too_many_patterns(max: usize) -> Self {
         Self::new(
@@ -281,6 +295,18 @@ impl From<LogError> for ApiError {
             LogError::PayloadTooLarge(m) => {
                 Self::new(StatusCode::PAYLOAD_TOO_LARGE, "payload_too_large", m)
             }
+            LogError::Unsupported(m) => {
+                Self::new(StatusCode::NOT_IMPLEMENTED, "not_implemented", m)
+            }
+        }
+    }
+}
+
+impl From<crate::subscription::SubscriptionError> for ApiError {
+    fn from(e: crate::subscription::SubscriptionError) -> Self {
+        match e {
+            crate::subscription::SubscriptionError::Log(e) => e.into(),
+            crate::subscription::SubscriptionError::Closed => Self::not_ready(),
         }
     }
 }

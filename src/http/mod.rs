@@ -24,11 +24,13 @@ mod client;
 pub mod error;
 pub mod h1_stream;
 mod health;
+mod latest;
 pub mod origin;
 mod poll;
 mod publish;
 pub mod refuse;
 mod sse;
+pub mod start;
 mod stats;
 mod topics;
 mod ws;
@@ -255,6 +257,8 @@ pub const ROUTES: &[(&str, &str)] = &[
     ("GET", "/v1/poll"),
     ("GET", "/v1/topics"),
     ("GET", "/v1/topics/{topic}"),
+    ("GET", "/v1/latest"),
+    ("GET", "/v1/latest/{topic}"),
     ("GET", "/healthz"),
     ("GET", "/readyz"),
     ("GET", "/metrics"),
@@ -325,6 +329,17 @@ where
             get_only(method)?;
             let access = state.access(req.headers(), req.uri().query())?;
             topics::list(state, req.uri().query(), &access).await
+        }
+        "/v1/latest" => {
+            get_only(method)?;
+            let access = state.access(req.headers(), req.uri().query())?;
+            latest::many(state, &req, &access).await
+        }
+        _ if path.starts_with("/v1/latest/") => {
+            get_only(method)?;
+            let access = state.access(req.headers(), req.uri().query())?;
+            let topic = path.strip_prefix("/v1/latest/").unwrap_or_default();
+            latest::one(state, &req, topic, &access).await
         }
         _ => {
             let Some(rest) = path.strip_prefix("/v1/topics/") else {

@@ -1,6 +1,9 @@
 //! `GET /v1/poll`: the long-poll fallback, for clients behind proxies that buffer or cut streams.
 //!
-//! `?topic=P[&topic=P2…]&since=c&timeout=T&limit=N`. Returns at once when events with id > c
+//! `?topic=P[&topic=P2…]&since=c&timeout=T&limit=N`, or instead of `since` a start option:
+//! `start=latest` (the newest event of each matching topic, then as usual; a snapshot larger
+//! than `limit` goes on in the next polls, whose `next` then lies inside it and re-reads from
+//! there, so nothing is missed) or `start_time=T` (see [`super::start`]). Returns at once when events with id > c
 //! match; otherwise holds until one is committed (woken by the hub, no sleep loop) or `T`
 //! seconds pass. The body is `{"events":[…],"next":n}` (+ `"gap"` when history before the
 //! cursor is gone); `next` is the cursor to send next, so a client that loops on it sees every
@@ -25,10 +28,11 @@ use std::time::Duration;
 use bytes::Bytes;
 use http::{header, HeaderMap, HeaderValue, Request, Response, StatusCode};
 
+use super::start::StartOptions;
 use super::{full, query_pairs, ApiError, AppState, Body};
 use crate::auth::Access;
 use crate::envelope::{write_envelope_array, EventId, Gap, SharedEvent, WireFormat};
-use crate::subscription::{Delivery, Subscription};
+use crate::subscription::{Delivery, Start, Subscription};
 use crate::topic::{parse_cursor, Pattern, PatternSet};
 
 /// `timeout=` when absent, seconds.
@@ -41,7 +45,7 @@ const GZIP_MIN_BYTES: usize = 1024;
 /// A validated poll request.
 struct PollRequest {
     patterns: PatternSet,
-    since: Option<EventId>,
+    start: Start,
     timeout: Duration,
     limit: usize,
 }
@@ -50,6 +54,7 @@ fn parse(state: &AppState, query: Option<&str>) -> Result<PollRequest, ApiError>
     let cfg = &state.config;
     let mut patterns = Vec::new();
     let mut since = None;
+    let mut start = StartOptions::default();
     let mut timeout = DEFAULT_TIMEOUT_SECS;
     let mut limit = DEFAULT_LIMIT;
     for (k, v) in query_pairs(query) {
@@ -63,6 +68,8 @@ fn parse(state: &AppState, query: Option<&str>) -> Result<PollRequest, ApiError>
                     parse_cursor(&v).ok_or_else(|| ApiError::invalid_cursor(&v))?,
                 ))
             }
+            "start" => start.set_start(&v)?,
+            "start_time" => start.set_time(&v)?,
             "timeout" => {
                 timeout = v.parse().map_err(|_| {
                     ApiError::bad_request(format!("timeout {v:?} is not a number of seconds"))
@@ -84,7 +91,7 @@ fn parse(state: &AppState, query: Option<&str>) -> Result<PollRequest, ApiError>
         .ok_or_else(|| ApiError::bad_request("at least one `topic` query parameter is required"))?;
     Ok(PollRequest {
         patterns,
-        since,
+        start: start.start(since)?,
         timeout: Duration::from_secs(timeout.min(cfg.poll_max_timeout_secs)),
         limit: limit.min(cfg.poll_max_limit),
     })
@@ -111,14 +118,15 @@ pub async fn poll<B>(
     let gzip = super::accepts_gzip(req.headers());
     let log = state.log().await?;
     let _waiting = state.metrics.track_subscriber("poll");
-    let mut sub = Subscription::open(
+    let mut sub = Subscription::open_at(
         log,
         &state.hub,
         p.patterns,
-        p.since,
+        p.start,
         p.limit.min(state.config.replay_page),
         state.metrics.clone(),
     );
+    sub.prepare().await?;
     let mut gap = None;
     let mut events = Vec::new();
     let mut stop = state.stop_signal();
@@ -242,7 +250,7 @@ fn gzip_bytes(body: &[u8]) -> std::io::Result<Vec<u8>> {
 }
 
 /// Whether `Accept` names `media` (parameters ignored).
-fn accepts(headers: &HeaderMap, media: &str) -> bool {
+pub(super) fn accepts(headers: &HeaderMap, media: &str) -> bool {
     headers
         .get_all(header::ACCEPT)
         .iter()

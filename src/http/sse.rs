@@ -1,6 +1,7 @@
 //! `GET /v1/sse`: Server-Sent Events, exactly as the contract says.
 //!
-//! Resume cursor from `Last-Event-ID`, else `last_event_id`; `retry:` first; a `:` heartbeat
+//! Resume cursor from `Last-Event-ID`, else `last_event_id`; without one, `start=latest` or
+//! `start_time=T` (see [`super::start`]); `retry:` first; a `:` heartbeat
 //! comment when the stream has been quiet for the configured interval; `event:` only for typed
 //! events; one-line JSON `data:`; `event: gap` first when retention dropped what the client
 //! asked for. The stream ends when the server shuts down, so clients reconnect and resume.
@@ -27,11 +28,12 @@ use tokio::time::{Instant, MissedTickBehavior, Sleep};
 use tokio_stream::StreamExt;
 use tokio_util::io::{ReaderStream, StreamReader};
 
+use super::start::StartOptions;
 use super::{query_pairs, ApiError, AppState, Body};
 use crate::auth::Access;
 use crate::envelope::EventId;
 use crate::metrics::SubscriberGuard;
-use crate::subscription::{Delivery, Subscription};
+use crate::subscription::{Delivery, Start, Subscription};
 use crate::topic::{parse_cursor, Pattern, PatternSet};
 
 /// Frames of one write are coalesced up to this many bytes when events arrive in a burst.
@@ -54,13 +56,14 @@ struct Stream {
     _gauge: SubscriberGuard,
 }
 
-/// The patterns and cursor of a subscription request, validated.
+/// The patterns and start of a subscription request, validated.
 pub fn subscription_request<B>(
     state: &AppState,
     req: &Request<B>,
-) -> Result<(PatternSet, Option<EventId>), ApiError> {
+) -> Result<(PatternSet, Start), ApiError> {
     let mut patterns = Vec::new();
     let mut query_cursor = None;
+    let mut start = StartOptions::default();
     for (k, v) in query_pairs(req.uri().query()) {
         match &*k {
             "topic" => {
@@ -70,6 +73,8 @@ pub fn subscription_request<B>(
                 );
             }
             "last_event_id" => query_cursor = Some(v.into_owned()),
+            "start" => start.set_start(&v)?,
+            "start_time" => start.set_time(&v)?,
             _ => {}
         }
     }
@@ -91,7 +96,7 @@ pub fn subscription_request<B>(
             parse_cursor(&v).ok_or_else(|| ApiError::invalid_cursor(&v))?,
         )),
     };
-    Ok((patterns, cursor))
+    Ok((patterns, start.start(cursor)?))
 }
 
 /// Opens an SSE stream for the request, if `access` covers every pattern.
@@ -100,21 +105,22 @@ pub async fn subscribe<B>(
     req: &Request<B>,
     access: &Access,
 ) -> Result<Response<Body>, ApiError> {
-    let (patterns, cursor) = subscription_request(state, req)?;
+    let (patterns, start) = subscription_request(state, req)?;
     for p in patterns.patterns() {
         access.check_subscribe(p)?;
     }
     let log = state.log().await?;
     let cfg = &state.config;
     let gzip = cfg.sse_gzip && super::accepts_gzip(req.headers());
-    let sub = Subscription::open(
+    let mut sub = Subscription::open_at(
         log,
         &state.hub,
         patterns,
-        cursor,
+        start,
         cfg.replay_page,
         state.metrics.clone(),
     );
+    sub.prepare().await?;
     // A `:` comment once the stream has been quiet for the interval, and again every interval
     // while it stays quiet (the interval restarts with each burst). Validated to be at least
     // a second; never zero, which an interval cannot have.

@@ -11,6 +11,13 @@
 //!   deliver an event once and ids on the socket stay strictly increasing. A `subscribe` whose
 //!   `since` is below what the socket already sent cannot be replayed in order: it is answered
 //!   with a gap frame (`requested`: the since, `oldest`: last sent + 1) and continues from there.
+//! - **Start options**: `start=latest` / `start_time=T` in the query, or `"start": "latest"` /
+//!   `"start_time"` in a `subscribe` op, start the subscription with a snapshot (see
+//!   [`Subscription`]); a cursor wins over both. In an op they apply to a socket that holds no
+//!   pattern yet (else an `invalid_start` error frame): the snapshot's events come before
+//!   anything else the socket sends, so ids stay strictly increasing. The start is read from
+//!   the log before the socket reads its next message; when the log cannot serve it, an error
+//!   frame says so and the patterns continue live.
 //! - **Backpressure**: built frames wait in a queue of at most `ws_send_queue` event frames
 //!   while the socket writes them. When it is full the socket stops taking deliveries; the
 //!   subscription falls behind the hub ring and later reads from the log, so memory stays
@@ -57,6 +64,7 @@ use tokio_tungstenite::tungstenite::{self, Message, Utf8Bytes};
 use tokio_tungstenite::WebSocketStream;
 
 use super::origin::{self, OriginTrust};
+use super::start::StartOptions;
 use super::{full, query_pairs, ApiError, AppState, Body};
 use crate::auth::{Access, AuthError};
 use crate::codec::Limits;
@@ -65,6 +73,7 @@ use crate::limits::{ClientAddr, RateKey};
 use crate::log::EventLog;
 use crate::metrics::{ReasonLabel, WsErrorLabel, WsLabel};
 use crate::publish::Publisher;
+use crate::subscription::Start;
 use crate::subscription::{Delivery, Subscription};
 use crate::topic::{parse_cursor, Pattern, PatternSet};
 use crate::ws_frame::{self, ClientOp, Encoding, FrameError, Ref, ServerFrame};
@@ -91,7 +100,7 @@ type PendingPublish = Pin<Box<dyn Future<Output = ServerFrame> + Send>>;
 struct Opening {
     enc: Encoding,
     patterns: Vec<Pattern>,
-    since: Option<EventId>,
+    start: Start,
     batch: bool,
     /// What the handshake's `Origin` allows (a `*`-only origin may not publish).
     origin: OriginTrust,
@@ -150,6 +159,7 @@ fn opening<B>(
     let cfg = &state.config;
     let mut patterns = Vec::new();
     let mut since = None;
+    let mut start = StartOptions::default();
     let mut batch = false;
     for (k, v) in query_pairs(req.uri().query()) {
         match &*k {
@@ -162,6 +172,8 @@ fn opening<B>(
                     parse_cursor(&v).ok_or_else(|| ApiError::invalid_cursor(&v))?,
                 ))
             }
+            "start" => start.set_start(&v)?,
+            "start_time" => start.set_time(&v)?,
             "batch" => match &*v {
                 "gzip" => batch = true,
                 "" | "none" => batch = false,
@@ -184,7 +196,7 @@ fn opening<B>(
         Opening {
             enc: negotiated.unwrap_or(Encoding::Json),
             patterns,
-            since,
+            start: start.start(since)?,
             batch,
             origin: OriginTrust::Absent,
             client: req.extensions().get::<ClientAddr>().map(|c| c.0),
@@ -278,7 +290,25 @@ struct Subs {
 }
 
 impl Subs {
+    /// Raises every pattern's start to what the current subscription has handed out, so a
+    /// re-open continues from there (for patterns that began with a snapshot, whose start is
+    /// 0, it is the only record of where they are).
+    fn settle(&mut self) {
+        if let Some(sub) = &self.sub {
+            let handed_out = sub.resume_cursor();
+            for (_, s) in &mut self.patterns {
+                *s = (*s).max(handed_out);
+            }
+        }
+    }
+
     fn reopen(&mut self, state: &AppState) {
+        self.reopen_at(state, None)
+    }
+
+    /// Re-opens over the current patterns: from `start` when given (a snapshot start), else
+    /// from the lowest pattern start (never below what was sent).
+    fn reopen_at(&mut self, state: &AppState, start: Option<Start>) {
         let Some(set) = PatternSet::new(self.patterns.iter().map(|(p, _)| p.clone()).collect())
         else {
             self.sub = None;
@@ -291,11 +321,11 @@ impl Subs {
             .min()
             .unwrap_or_default()
             .max(self.sent);
-        self.sub = Some(Subscription::open(
+        self.sub = Some(Subscription::open_at(
             self.log.clone(),
             &state.hub,
             set,
-            Some(from),
+            start.unwrap_or(Start::After(from)),
             state.config.replay_page,
             state.metrics.clone(),
         ));
@@ -372,7 +402,14 @@ fn serve(
     let bytes_out = wsm.bytes.get_or_create(&label("out")).clone();
     let frames_in = wsm.frames.get_or_create(&label("in")).clone();
     let bytes_in = wsm.bytes.get_or_create(&label("in")).clone();
-    let start = opening.since.unwrap_or_else(|| log.head());
+    let snapshot = matches!(opening.start, Start::Latest | Start::Time(_));
+    let start = match opening.start {
+        Start::After(c) => c,
+        Start::Live => log.head(),
+        // The snapshot's events are below the head: the subscription's own start says where
+        // they begin, and `settle` records where the patterns are once it has run.
+        Start::Latest | Start::Time(_) => EventId(0),
+    };
     let mut sock = Socket {
         enc,
         batch: opening.batch,
@@ -407,7 +444,8 @@ fn serve(
         origin: opening.origin,
         client: opening.client,
     };
-    sock.subs.reopen(&state);
+    let first = snapshot.then_some(opening.start);
+    sock.subs.reopen_at(&state, first);
 
     let (sink, mut stream) = ws.split();
     let unresponsive = Duration::from_secs(cfg.ws_unresponsive_secs);
@@ -547,6 +585,12 @@ impl Socket {
         loop {
             if *stop.borrow() {
                 return Box::pin(self.shut_down(out)).await;
+            }
+            // A snapshot start reads the log before the next message can change the patterns.
+            if let Some(sub) = self.subs.sub.as_mut().filter(|s| s.is_pending()) {
+                if let Err(e) = sub.prepare().await {
+                    Box::pin(self.start_failed(e)).await;
+                }
             }
             let room = self.queued.outbox.len() < self.send_queue;
             if room == is_lagging {
@@ -840,6 +884,7 @@ impl Socket {
             ClientOp::Subscribe {
                 topics,
                 since,
+                start,
                 r#ref,
             } => {
                 if let Some(e) = topics
@@ -849,10 +894,43 @@ impl Socket {
                     self.refuse(e, r#ref);
                     return;
                 }
-                self.subscribe(topics, since, r#ref)
+                match start.start(since) {
+                    Ok(Start::Latest) | Ok(Start::Time(_)) if !self.subs.patterns.is_empty() => {
+                        let e = ApiError::invalid_start(
+                            "start and start_time apply to a socket that holds no pattern yet \
+                             (a snapshot after other events would break id order): use since, \
+                             or open another socket",
+                        );
+                        self.answer(ServerFrame::Error {
+                            code: e.code,
+                            message: e.message,
+                            r#ref,
+                        });
+                    }
+                    Ok(s @ (Start::Latest | Start::Time(_))) => {
+                        self.subs.settle();
+                        self.subs.patterns = topics.into_iter().map(|t| (t, EventId(0))).collect();
+                        let state = self.state.clone();
+                        self.subs.reopen_at(&state, Some(s));
+                        if r#ref.is_some() {
+                            self.answer(ServerFrame::Ack {
+                                r#ref,
+                                id: None,
+                                duplicate: false,
+                            });
+                        }
+                    }
+                    Ok(_) => self.subscribe(topics, since, r#ref),
+                    Err(e) => self.answer(ServerFrame::Error {
+                        code: e.code,
+                        message: e.message,
+                        r#ref,
+                    }),
+                }
             }
             ClientOp::Auth { token, r#ref } => self.reauthorize(&token, r#ref),
             ClientOp::Unsubscribe { topics, r#ref } => {
+                self.subs.settle();
                 self.subs
                     .patterns
                     .retain(|(p, _)| !topics.iter().any(|t| t.as_str() == p.as_str()));
@@ -896,6 +974,7 @@ impl Socket {
             });
             return;
         }
+        self.subs.settle();
         let sent = self.subs.sent;
         let start = match since {
             // Events below what this socket already sent cannot come in order any more: say so.
@@ -930,6 +1009,21 @@ impl Socket {
                 duplicate: false,
             });
         }
+    }
+
+    /// The log could not serve a snapshot start: say so, and continue the patterns live.
+    async fn start_failed(&mut self, e: crate::subscription::SubscriptionError) {
+        let e = ApiError::from(e);
+        self.answer(ServerFrame::Error {
+            code: e.code,
+            message: e.message,
+            r#ref: None,
+        });
+        let head = self.subs.log.head().max(self.subs.sent);
+        for (_, s) in &mut self.subs.patterns {
+            *s = (*s).max(head);
+        }
+        self.restart();
     }
 
     /// Re-opens the subscription after the pattern set changed. Frames already built keep

@@ -11,7 +11,10 @@
 //! - an event whose `(topic, msg_id)` was stored within the dedupe window is not stored
 //!   again, whichever append or restart lies between (JetStream's `Nats-Msg-Id` window is the
 //!   same promise, so it stays behind this trait);
-//! - readers, and the hub, only ever see durable events, in id order.
+//! - readers, and the hub, only ever see durable events, in id order;
+//! - an event's `time` is never below the `time` of an event with a smaller id (the writer
+//!   stamps `max(clock, previous time)`), so "every event at or after T" is one cut in id
+//!   order, found by [`EventLog::time_start`].
 
 use std::future::Future;
 use std::pin::Pin;
@@ -70,6 +73,9 @@ pub enum LogError {
     /// was stored.
     #[error("{0}")]
     PayloadTooLarge(String),
+    /// This log cannot answer the request (a start option its engine does not serve yet).
+    #[error("{0}")]
+    Unsupported(String),
 }
 
 /// When an append is acknowledged relative to the flush (fsync) that makes it durable.
@@ -180,6 +186,31 @@ pub struct Page {
     pub complete: bool,
 }
 
+/// The newest retained event of each of a set of topics (see [`EventLog::latest`]).
+#[derive(Debug, Default)]
+pub struct Latest {
+    /// One event per topic, in strictly increasing id order.
+    pub events: Vec<SharedEvent>,
+    /// Every matching event with an id up to this one is older than an event of its topic in
+    /// `events` or newer than none: reading on from `cursor` continues without a gap or a
+    /// repeat.
+    pub cursor: EventId,
+    /// More topics matched than the limit: `events` holds the first `limit` in name order.
+    pub truncated: bool,
+}
+
+/// Where a start at a point in time begins (see [`EventLog::time_start`]).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct TimeStart {
+    /// Every matching event with an id above this has `time` at or after the start, and
+    /// none at or below it does (apart from what `gap` covers).
+    pub cursor: EventId,
+    /// Set when the start lies before the oldest retained event and retention removed
+    /// events of the matching topics: they may have been at or after the start. `requested`
+    /// is 0 (there is no cursor), `oldest` the id after the last removed one.
+    pub gap: Option<Gap>,
+}
+
 /// Statistics of one topic.
 #[derive(Debug, Clone, PartialEq, Eq, serde::Serialize)]
 pub struct TopicStats {
@@ -216,6 +247,41 @@ pub trait EventLog: Send + Sync + 'static {
 
     /// The id of the newest durable event (0 when the log has never held one).
     fn head(&self) -> EventId;
+
+    /// The newest retained event of each topic matching `patterns` whose newest event has an
+    /// id at most `at_most` (a topic with a newer one is left out: reading on from the
+    /// cursor delivers that newer event), for at most `limit` topics in name order. A topic
+    /// whose events retention removed has none. Costs one lookup per matching topic, never
+    /// the size of the log. `cursor` is `at_most`.
+    fn latest(
+        &self,
+        patterns: PatternSet,
+        at_most: EventId,
+        limit: usize,
+    ) -> BoxFuture<'_, Result<Latest, LogError>> {
+        let _ = (patterns, at_most, limit);
+        Box::pin(async {
+            Err(LogError::Unsupported(
+                "this log does not serve start=latest".into(),
+            ))
+        })
+    }
+
+    /// The cursor before the first event whose `time` is at or after `time_ms` (Unix
+    /// milliseconds; the head when there is none yet), by binary search over the stored
+    /// events: costs the logarithm of the log's size, never a scan of it.
+    fn time_start(
+        &self,
+        patterns: PatternSet,
+        time_ms: u64,
+    ) -> BoxFuture<'_, Result<TimeStart, LogError>> {
+        let _ = (patterns, time_ms);
+        Box::pin(async {
+            Err(LogError::Unsupported(
+                "this log does not serve start_time".into(),
+            ))
+        })
+    }
 
     /// Statistics of the topics matching `filter` (all when `None`), in name order, at most `limit`.
     fn topics<'a>(

@@ -23,7 +23,10 @@ use tokio::sync::{mpsc, oneshot};
 use super::record::{self, Chunk, ChunkBuilder, CorruptRecord, TopicRecord};
 use super::retention::RetentionPolicy;
 use super::wal_record::RecordBuilder;
-use super::{Appended, BoxFuture, EventLog, FsyncPolicy, LogError, Page, TopicStats};
+use super::{
+    Appended, BoxFuture, EventLog, FsyncPolicy, Latest, LogError, Page, TimeStart, TopicStats,
+};
+use crate::clock::Clock;
 use crate::envelope::{Event, EventId, Gap, NewEvent, SharedEvent};
 use crate::hub::Hub;
 use crate::metrics::Metrics;
@@ -42,6 +45,9 @@ mod read;
 mod replay;
 #[cfg(test)]
 mod retention_tests;
+mod start;
+#[cfg(test)]
+mod start_tests;
 #[cfg(test)]
 mod tests;
 mod wal;
@@ -264,7 +270,18 @@ impl SledLog {
     /// to `hub`. Refuses a directory that holds something other than a tidewire log, and
     /// one another open log holds (after waiting [`LOCK_WAIT`] for its lock).
     pub fn open(opts: &LogOptions, hub: Hub, metrics: Metrics) -> Result<Arc<Self>, LogError> {
-        Self::open_with_caps(opts, hub, metrics, CHUNK_CAPS)
+        Self::open_with_clock(opts, hub, metrics, Clock::system())
+    }
+
+    /// Like [`SledLog::open`], with events dated by `clock` (tests step it). Whatever the
+    /// clock says, an event's time is never below the time of the event before it.
+    pub fn open_with_clock(
+        opts: &LogOptions,
+        hub: Hub,
+        metrics: Metrics,
+        clock: Clock,
+    ) -> Result<Arc<Self>, LogError> {
+        Self::open_with_caps(opts, hub, metrics, CHUNK_CAPS, clock)
     }
 
     fn open_with_caps(
@@ -272,6 +289,7 @@ impl SledLog {
         hub: Hub,
         metrics: Metrics,
         caps: ChunkCaps,
+        clock: Clock,
     ) -> Result<Arc<Self>, LogError> {
         refuse_foreign_dir(&opts.dir)?;
         let config = sled::Config::new()
@@ -338,11 +356,17 @@ impl SledLog {
         }
         // The topic records already cover every id (they are written with the events), but
         // the newest chunk is checked too, so a topic-less log still never reuses an id.
+        // Its last event's time is where the writer's clock resumes: time never goes back,
+        // across restarts too (the WAL's events, replayed below, move it on).
+        let mut last_time = 0;
         if let Some(item) = tree.scan_prefix([record::CHUNK_PREFIX]).next_back() {
             let (k, v) = item.map_err(storage)?;
             let first = record::chunk_first_of_key(&k).map_err(corrupt)?;
-            let n = Chunk::parse(&v).map_err(corrupt)?.len() as u64;
+            let chunk = Chunk::parse(&v).map_err(corrupt)?;
+            let n = chunk.len() as u64;
             high_water = high_water.max(first.saturating_add(n - 1));
+            let rec = chunk.record(chunk.len() - 1).map_err(corrupt)?;
+            last_time = record::peek_event(rec).map_err(corrupt)?.time;
         }
 
         let dedupe_count = match tree.get(record::DEDUPE_COUNT_KEY).map_err(storage)? {
@@ -412,6 +436,8 @@ impl SledLog {
             space: opts.space,
             dir: opts.dir.clone(),
             over_disk_budget: None,
+            clock,
+            last_time,
         };
         let recovery = writer.replay_wal(high_water)?;
         mark::check(&opts.dir, durable_mark, writer.last_applied)?;
@@ -576,6 +602,34 @@ impl EventLog for SledLog {
 
     fn head(&self) -> EventId {
         EventId(self.shared.head.load(Ordering::Acquire))
+    }
+
+    fn latest(
+        &self,
+        patterns: PatternSet,
+        at_most: EventId,
+        limit: usize,
+    ) -> BoxFuture<'_, Result<Latest, LogError>> {
+        let shared = self.shared.clone();
+        Box::pin(async move {
+            tokio::task::spawn_blocking(move || start::latest(&shared, &patterns, at_most, limit))
+                .await
+                .map_err(|e| LogError::Storage(format!("read task failed: {e}")))?
+        })
+    }
+
+    fn time_start(
+        &self,
+        patterns: PatternSet,
+        time_ms: u64,
+    ) -> BoxFuture<'_, Result<TimeStart, LogError>> {
+        let shared = self.shared.clone();
+        Box::pin(async move {
+            tokio::task::spawn_blocking(move || start::time_start(&shared, &patterns, time_ms))
+                .await
+                .map_err(|e| LogError::Storage(format!("read task failed: {e}")))?
+                .map(|(start, _)| start)
+        })
     }
 
     fn topics<'a>(

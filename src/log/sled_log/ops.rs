@@ -360,6 +360,8 @@ impl Writer {
         {
             let reg = self.shared.registry.read().map_err(|_| LogError::Closed)?;
             for ImportEvent { id, time, event } in events {
+                // Replayed and imported events keep their time; later commits never go below.
+                self.last_time = self.last_time.max(time);
                 if let Some(m) = event.msg_id.as_deref() {
                     if self
                         .dedupe

@@ -42,7 +42,14 @@ fn open(dir: &std::path::Path) -> Arc<SledLog> {
 }
 
 fn open_caps(dir: &std::path::Path, caps: ChunkCaps) -> Arc<SledLog> {
-    SledLog::open_with_caps(&opts(dir), Hub::new(16), Metrics::new(), caps).expect("open")
+    SledLog::open_with_caps(
+        &opts(dir),
+        Hub::new(16),
+        Metrics::new(),
+        caps,
+        Clock::system(),
+    )
+    .expect("open")
 }
 
 /// How many stored chunks hold `ids`.

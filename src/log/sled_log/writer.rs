@@ -66,6 +66,10 @@ pub(super) struct Writer {
     pub(super) dir: std::path::PathBuf,
     /// The data dir's size on disk when it was last found over `max_disk_bytes`.
     pub(super) over_disk_budget: Option<u64>,
+    /// What dates commits.
+    pub(super) clock: Clock,
+    /// The time of the newest event written: no commit is dated before it.
+    pub(super) last_time: u64,
 }
 
 /// Topic records and events a commit wrote that are not yet visible.
@@ -535,7 +539,10 @@ impl Writer {
             return;
         }
         let started = Instant::now();
-        let time = now_ms();
+        // Never below the previous commit, whatever the clock did (stepped back by NTP, a
+        // resumed VM): time is non-decreasing in id order, so a time start is one cut.
+        let time = self.clock.now_ms().max(self.last_time);
+        self.last_time = time;
         let total: usize = appends.iter().map(|(e, _)| e.len()).sum();
         let bytes: u64 = appends
             .iter()
