@@ -689,9 +689,13 @@ async fn every_error_status_the_server_gives_has_the_error_body_and_is_documente
         case("GET", "/v1/sse", u("/v1/sse?topic=a"), 400, "invalid_cursor")
             .header("last-event-id", "ten"),
         case("GET", "/v1/topics", u("/v1/topics?limit=-1"), 400, "bad_request"),
+        case("GET", "/v1/sse", u("/v1/sse?topic=a&start=latest&start_time=0"), 400, "invalid_start"),
+        case("GET", "/v1/poll", u("/v1/poll?topic=a&start_time=soon"), 400, "invalid_start"),
+        case("GET", "/v1/latest", u("/v1/latest?topic=a&limit=0"), 400, "bad_request"),
         // 404
         case("GET", "/nope", u("/nope"), 404, "not_found"),
         case("GET", "/v1/topics/{topic}", u("/v1/topics/never/seen"), 404, "unknown_topic"),
+        case("GET", "/v1/latest/{topic}", u("/v1/latest/never/seen"), 404, "no_event"),
         // 405
         case("PUT", "/healthz", u("/healthz"), 405, "method_not_allowed"),
         case("GET", "/v1/events", u("/v1/events"), 405, "method_not_allowed"),
@@ -726,6 +730,8 @@ async fn every_error_status_the_server_gives_has_the_error_body_and_is_documente
         case("GET", "/v1/poll", u(&format!("/v1/poll?{thirty_three}")), 422, "too_many_patterns"),
         case("GET", "/v1/topics", u("/v1/topics?pattern=a**"), 422, "invalid_pattern"),
         case("GET", "/v1/topics/{topic}", u("/v1/topics/a//b"), 422, "invalid_topic"),
+        case("GET", "/v1/latest/{topic}", u("/v1/latest/a//b"), 422, "invalid_topic"),
+        case("GET", "/v1/latest", u("/v1/latest?topic=a**"), 422, "invalid_pattern"),
         // 426
         case("GET", "/v1/ws", u("/v1/ws?topic=a"), 426, "upgrade_required"),
     ];
@@ -1057,6 +1063,69 @@ async fn the_stats_answer_matches_the_stats_schema_before_and_after_traffic() {
 }
 
 #[tokio::test]
+async fn latest_answers_and_snapshot_polls_match_their_schemas_in_json_and_msgpack() {
+    let s = Schemas::load();
+    let doc = openapi();
+    let tmp = tempfile::tempdir().unwrap();
+    let server = server_with_a_retention_gap(&tmp).await;
+    let client = reqwest::Client::new();
+    for accept in ["application/json", "application/msgpack"] {
+        let decode = |bytes: &[u8]| match accept {
+            "application/json" => serde_json::from_slice::<Value>(bytes).expect("JSON"),
+            _ => decode_msgpack(bytes),
+        };
+        for q in ["topic=g/**", "topic=**&limit=1", "topic=gone/t"] {
+            let r = client
+                .get(server.url(&format!("/v1/latest?{q}")))
+                .header("accept", accept)
+                .send()
+                .await
+                .unwrap();
+            assert_eq!(r.status(), 200);
+            assert_eq!(r.headers()["content-type"], accept);
+            let v = decode(&r.bytes().await.unwrap());
+            s.check("latest-response.schema.json", &v);
+        }
+        for q in [
+            "topic=g/**&start=latest&timeout=0",
+            "topic=**&start_time=0&timeout=0",
+        ] {
+            let r = client
+                .get(server.url(&format!("/v1/poll?{q}")))
+                .header("accept", accept)
+                .send()
+                .await
+                .unwrap();
+            assert_eq!(r.status(), 200);
+            s.check(
+                "poll-response.schema.json",
+                &decode(&r.bytes().await.unwrap()),
+            );
+        }
+        let r = client
+            .get(server.url("/v1/latest/g/even"))
+            .header("accept", accept)
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(r.status(), 200);
+        let etag = r.headers()["etag"].to_str().unwrap().to_string();
+        s.check("envelope.schema.json", &decode(&r.bytes().await.unwrap()));
+        let r = client
+            .get(server.url("/v1/latest/g/even"))
+            .header("if-none-match", etag)
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(r.status(), 304);
+    }
+    documented(&doc, "GET", "/v1/latest", 200);
+    documented(&doc, "GET", "/v1/latest/{topic}", 200);
+    documented(&doc, "GET", "/v1/latest/{topic}", 304);
+    server.stop().await;
+}
+
+#[tokio::test]
 async fn topics_api_answers_match_the_topic_schemas() {
     let s = Schemas::load();
     let tmp = tempfile::tempdir().unwrap();
@@ -1197,6 +1266,9 @@ async fn websocket_client_and_server_frames_in_both_subprotocols_match_the_frame
         let client_frames = vec![
             json!({"op": "subscribe", "topics": ["h/*"], "since": "0", "ref": "s1"}),
             json!({"op": "subscribe", "topics": ["g/odd"], "since": 3, "ref": 2}),
+            // Refused on a socket that holds patterns (an `invalid_start` error frame).
+            json!({"op": "subscribe", "topics": ["h/x"], "start": "latest", "ref": "l1"}),
+            json!({"op": "subscribe", "topics": ["h/x"], "start_time": "2026-12-06T05:00:00Z", "ref": "l2"}),
             json!({"op": "unsubscribe", "topics": ["h/*"], "ref": "u1"}),
             json!({"op": "publish", "topic": "g/odd", "data": {"x": 1}, "type": "t", "msg_id": format!("ws-{proto}"), "ref": "p1"}),
             json!({"op": "publish", "topic": "g/odd", "data": {"x": 1}, "type": "t", "msg_id": format!("ws-{proto}"), "ref": "p2"}),
@@ -1236,6 +1308,8 @@ async fn websocket_client_and_server_frames_in_both_subprotocols_match_the_frame
                 && has_op(f, "pong", &json!("g1"))
                 && has_op(f, "pong", &Value::Null)
                 && has_op(f, "error", &json!("a1"))
+                && has_op(f, "error", &json!("l1"))
+                && has_op(f, "error", &json!("l2"))
                 && has_op(f, "error", &json!("d1"))
                 && has_op(f, "error", &json!("e1"))
                 && f.iter()

@@ -57,7 +57,7 @@ impl StartOptions {
 }
 
 /// `start_time`: milliseconds since the Unix epoch, or an RFC 3339 date-time
-/// (`2026-12-06T05:00:00Z`, `…+01:00`, fractions allowed).
+/// (`2026-12-06T05:00:00Z`, `…+01:00`, fractions allowed; before 1970 reads as 0).
 pub fn parse_time(value: &str) -> Result<u64, ApiError> {
     let bad = || {
         ApiError::invalid_start(format!(
@@ -70,7 +70,8 @@ pub fn parse_time(value: &str) -> Result<u64, ApiError> {
         return v.parse::<u64>().map_err(|_| bad());
     }
     let at = OffsetDateTime::parse(v, &Rfc3339).map_err(|_| bad())?;
-    let ms = at.unix_timestamp_nanos() / 1_000_000;
+    // Before 1970 is before every event: from the oldest retained one.
+    let ms = (at.unix_timestamp_nanos() / 1_000_000).max(0);
     u64::try_from(ms).map_err(|_| bad())
 }
 
@@ -80,6 +81,11 @@ mod tests {
 
     #[test]
     fn start_time_reads_rfc3339_and_epoch_milliseconds() {
+        assert_eq!(
+            parse_time("1969-12-31T23:59:59Z").unwrap(),
+            0,
+            "before 1970: from the start"
+        );
         assert_eq!(parse_time("1700000000123").unwrap(), 1_700_000_000_123);
         assert_eq!(
             parse_time("2023-11-14T22:13:20.123Z").unwrap(),
@@ -93,9 +99,9 @@ mod tests {
             "",
             "yesterday",
             "-5",
-            "1969-12-31T23:59:59Z",
             "2023-11-14",
             "1e3",
+            "99999999999999999999",
         ] {
             let e = parse_time(bad).unwrap_err();
             assert_eq!(e.code, "invalid_start", "{bad}");
