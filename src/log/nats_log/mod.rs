@@ -32,7 +32,7 @@ use futures_util::{FutureExt, StreamExt};
 use tokio::sync::{watch, Semaphore};
 
 use super::retention::RetentionPolicy;
-use super::{Appended, BoxFuture, EventLog, LogError, Page, TopicStats};
+use super::{Appended, BoxFuture, EventLog, Latest, LogError, Page, TopicStats};
 use crate::envelope::{EventId, NewEvent, SharedEvent};
 use crate::hub::Hub;
 use crate::metrics::Metrics;
@@ -583,6 +583,15 @@ impl EventLog for NatsLog {
 
     fn head(&self) -> EventId {
         EventId(self.inner.head())
+    }
+
+    fn latest(
+        &self,
+        patterns: PatternSet,
+        at_most: EventId,
+        limit: usize,
+    ) -> BoxFuture<'_, Result<Latest, LogError>> {
+        Box::pin(async move { read::latest(&self.inner, &patterns, at_most.0, limit).await })
     }
 
     fn topics<'a>(

@@ -13,7 +13,7 @@ use std::collections::BTreeMap;
 use super::api::{self, Batch};
 use super::{subject, wire, Inner};
 use crate::envelope::{EventId, Gap, SharedEvent};
-use crate::log::{LogError, Page, TopicStats};
+use crate::log::{Latest, LogError, Page, TopicStats};
 use crate::topic::{Pattern, PatternSet, Topic};
 
 /// Most direct gets of topic statistics in flight at once.
@@ -190,6 +190,71 @@ pub async fn topics(
         out.extend(s?);
     }
     Ok(out)
+}
+
+/// The newest retained event of each topic matching `patterns` whose newest event is at
+/// most `at_most` (see [`EventLog::latest`](crate::log::EventLog::latest)), for at most
+/// `limit` topics by name: the matching subjects from the stream's subject counts, then per
+/// topic its last sequence (`last_by_subj`, asked of the leader) and that message (a direct
+/// get). Costs two requests per matching topic, never the size of the stream.
+pub async fn latest(
+    inner: &Inner,
+    patterns: &PatternSet,
+    at_most: u64,
+    limit: usize,
+) -> Result<Latest, LogError> {
+    inner.check_ready()?;
+    let at_most = at_most.min(inner.head());
+    let prefix = &inner.wanted.prefix;
+    let mut names: BTreeMap<String, Topic> = BTreeMap::new();
+    for p in patterns.patterns() {
+        for f in subject::pattern_filters(prefix, p) {
+            for (subject, count) in api::subject_counts(inner, &f).await? {
+                match subject::subject_topic(prefix, &subject) {
+                    // A filter may be wider than its pattern: the pattern decides.
+                    Some(t) if count > 0 && patterns.matches(&t) => {
+                        names.insert(t.as_str().to_owned(), t);
+                    }
+                    _ => {}
+                }
+            }
+        }
+    }
+    let truncated = names.len() > limit;
+    use futures_util::StreamExt;
+    let found: Vec<Result<Option<SharedEvent>, LogError>> =
+        futures_util::stream::iter(names.into_values().take(limit))
+            .map(|t| async move {
+                let subject = subject::topic_subject(prefix, &t);
+                let last =
+                    api::leader_get(inner, serde_json::json!({ "last_by_subj": subject })).await?;
+                let Some(seq) = last.filter(|s| *s <= at_most) else {
+                    // None retained, or newer than the snapshot: reading on delivers it.
+                    return Ok(None);
+                };
+                let batch = api::direct_batch(inner, &subject, seq, 1).await?;
+                Ok(batch
+                    .messages
+                    .into_iter()
+                    .find(|m| m.seq == seq)
+                    .and_then(|m| {
+                        wire::decode(prefix, &m.subject, seq, Some(&m.headers), m.payload, 0)
+                    })
+                    .map(std::sync::Arc::new))
+            })
+            .buffered(STATS_IN_FLIGHT)
+            .collect()
+            .await;
+    let mut events = Vec::new();
+    for f in found {
+        events.extend(f?);
+    }
+    events.sort_by_key(|e| e.id);
+    Ok(Latest {
+        events,
+        cursor: EventId(at_most),
+        truncated,
+    })
 }
 
 /// Statistics of one topic; `None` when the stream retains none of its events.
