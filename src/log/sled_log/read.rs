@@ -3,16 +3,16 @@
 
 use super::*;
 
-/// The topics a pattern set matches: (topic id, newest id, removed-through), deduplicated.
-pub(super) fn matching_topics(
-    reg: &BTreeMap<Topic, TopicRecord>,
+/// The topics matching `patterns`, each once, in name order, with their records.
+pub(super) fn matching_records<'r>(
+    reg: &'r BTreeMap<Topic, TopicRecord>,
     patterns: &PatternSet,
-) -> Vec<(u64, u64, u64)> {
-    let mut out: BTreeMap<u64, (u64, u64)> = BTreeMap::new();
+) -> BTreeMap<&'r Topic, &'r TopicRecord> {
+    let mut out = BTreeMap::new();
     for p in patterns.patterns() {
         if let Some(t) = p.as_topic() {
-            if let Some(r) = reg.get(&t) {
-                out.insert(r.topic_id, (r.last_id, r.removed_through));
+            if let Some((t, r)) = reg.get_key_value(&t) {
+                out.insert(t, r);
             }
             continue;
         }
@@ -25,11 +25,25 @@ pub(super) fn matching_topics(
             .take_while(|(t, _)| t.as_str().starts_with(prefix))
         {
             if p.matches(t) {
-                out.insert(r.topic_id, (r.last_id, r.removed_through));
+                out.insert(t, r);
             }
         }
     }
-    out.into_iter().map(|(id, (l, rm))| (id, l, rm)).collect()
+    out
+}
+
+/// The topics a pattern set matches: (topic id, newest id, removed-through), deduplicated, in
+/// topic id order.
+pub(super) fn matching_topics(
+    reg: &BTreeMap<Topic, TopicRecord>,
+    patterns: &PatternSet,
+) -> Vec<(u64, u64, u64)> {
+    let mut out: Vec<(u64, u64, u64)> = matching_records(reg, patterns)
+        .values()
+        .map(|r| (r.topic_id, r.last_id, r.removed_through))
+        .collect();
+    out.sort_unstable();
+    out
 }
 
 /// What one read touched, so tests can check that a read costs what it returns.

@@ -5,35 +5,6 @@
 
 use super::*;
 
-/// The topics matching `patterns`, each once, in name order, with their records.
-fn matching_records<'r>(
-    reg: &'r BTreeMap<Topic, TopicRecord>,
-    patterns: &PatternSet,
-) -> BTreeMap<&'r Topic, &'r TopicRecord> {
-    let mut out = BTreeMap::new();
-    for p in patterns.patterns() {
-        if let Some(t) = p.as_topic() {
-            if let Some((t, r)) = reg.get_key_value(&t) {
-                out.insert(t, r);
-            }
-            continue;
-        }
-        let prefix = p.literal_prefix();
-        for (t, r) in reg
-            .range::<str, _>((
-                std::ops::Bound::Included(prefix),
-                std::ops::Bound::Unbounded,
-            ))
-            .take_while(|(t, _)| t.as_str().starts_with(prefix))
-        {
-            if p.matches(t) {
-                out.insert(t, r);
-            }
-        }
-    }
-    out
-}
-
 /// The stored chunk holding `id` or, when `id` lies in no chunk, the last one before it:
 /// `(first id, bytes)`.
 fn chunk_at_or_before(tree: &sled::Tree, id: u64) -> Result<Option<(u64, IVec)>, LogError> {
