@@ -122,11 +122,17 @@ async fn a_full_disk_refuses_publishes_with_storage_full_keeps_reads_and_recover
     assert!(acked > 0, "nothing fitted");
     assert_eq!(refusal["error"]["code"], "storage_full", "{refusal}");
     check_reads(&client, &base, acked).await;
-    // Still full: still refused, still nothing stored.
+    // Still full: still refused, still nothing stored. A checkpoint may meanwhile have
+    // deleted the write-ahead log segments it covered, which gives room back: take it too,
+    // leaving less than storage_min_free_bytes (but some, so sled never meets ENOSPC).
+    let top_up = fs.0.join("filler-2");
+    let free = fs4::available_space(&fs.0).unwrap();
+    std::fs::write(&top_up, vec![0u8; free.saturating_sub(2 << 20) as usize]).unwrap();
     assert_eq!(publish(&client, &base, 999).await.0, 503);
     assert_eq!(stored_count(&client, &base).await, acked);
 
     // Room again: publishing resumes without a restart.
+    std::fs::remove_file(&top_up).unwrap();
     std::fs::remove_file(&filler).unwrap();
     let deadline = Instant::now() + PATIENCE;
     loop {
