@@ -129,15 +129,21 @@ impl TestServer {
                 panic!("server failed: {e}");
             }
         });
-        let server = TestServer {
+        // A server that fails to start (its log cannot open, say) panics in its task: say so
+        // at once, rather than waiting out the readiness deadline with no reason given.
+        wait_ready_unless(addr, || {
+            task.is_finished()
+                .then(|| "its task ended; the panic printed above says why".to_string())
+        })
+        .await
+        .unwrap_or_else(|why| panic!("{why}"));
+        TestServer {
             addr,
             dir: dir.to_path_buf(),
             nats,
             stop: Some(stop_tx),
             task: Some(task),
-        };
-        wait_ready(addr).await;
-        server
+        }
     }
 
     pub fn url(&self, path: &str) -> String {
