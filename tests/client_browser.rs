@@ -13,13 +13,10 @@ mod common;
 
 use std::time::{Duration, Instant};
 
-use common::browser::{page_server_on, snapshot, Browser, Report};
+use common::browser::{page_server_on, report_ids as ids, snapshot, wait_for, Browser};
 use common::nginx::{Nginx, SITE};
 use common::{free_addr, BinServer};
 use serde_json::{json, Value};
-
-/// Bound on every wait of these tests.
-const WAIT: Duration = Duration::from_secs(60);
 
 /// (b): the WebSocket location forwards no `Upgrade` header, as a proxy that does not know
 /// WebSocket does; tidewire answers 426 and the browser's handshake fails.
@@ -119,35 +116,6 @@ async fn publish(client: &reqwest::Client, base: &str, n: u64) {
 async fn publish_range(client: &reqwest::Client, base: &str, ns: std::ops::RangeInclusive<u64>) {
     for n in ns {
         publish(client, base, n).await;
-    }
-}
-
-fn ids(report: &Value) -> Vec<u64> {
-    report["events"]
-        .as_array()
-        .map(|evs| evs.iter().map(|e| e["id"].as_u64().unwrap_or(0)).collect())
-        .unwrap_or_default()
-}
-
-async fn wait_for(
-    what: &str,
-    report: &Report,
-    browser: &mut Browser,
-    done: impl Fn(&Value) -> bool,
-) -> Value {
-    let deadline = Instant::now() + WAIT;
-    loop {
-        let r = snapshot(report);
-        if done(&r) {
-            return r;
-        }
-        browser.assert_alive();
-        assert!(
-            Instant::now() < deadline,
-            "timed out waiting for {what}; the page's last report: {r}\nchromium log:\n{}",
-            browser.log_tail()
-        );
-        tokio::time::sleep(Duration::from_millis(20)).await;
     }
 }
 

@@ -11,12 +11,9 @@ const WS_SOCKETS: &str = "tidewire_live_subscribers{transport=\"ws\"}";
 
 use std::time::{Duration, Instant};
 
-use common::browser::{page_server, snapshot, Browser, Report};
+use common::browser::{page_server, report_ids as received_ids, snapshot, wait_for, Browser};
 use common::{free_addr, metric, BinServer};
 use serde_json::{json, Value};
-
-/// Bound on every wait of this test.
-const WAIT: Duration = Duration::from_secs(60);
 
 /// How long the page waits before reconnecting after a close. Long enough that the events
 /// published right after the restart are missed by the page (proved with the socket gauge),
@@ -82,35 +79,6 @@ async fn publish(client: &reqwest::Client, base: &str, n: u64) {
 async fn publish_range(client: &reqwest::Client, base: &str, ns: std::ops::RangeInclusive<u64>) {
     for n in ns {
         publish(client, base, n).await;
-    }
-}
-
-fn received_ids(report: &Value) -> Vec<u64> {
-    report["events"]
-        .as_array()
-        .map(|evs| evs.iter().map(|e| e["id"].as_u64().unwrap_or(0)).collect())
-        .unwrap_or_default()
-}
-
-async fn wait_for(
-    what: &str,
-    report: &Report,
-    browser: &mut Browser,
-    done: impl Fn(&Value) -> bool,
-) -> Value {
-    let deadline = Instant::now() + WAIT;
-    loop {
-        let r = snapshot(report);
-        if done(&r) {
-            return r;
-        }
-        browser.assert_alive();
-        assert!(
-            Instant::now() < deadline,
-            "timed out waiting for {what}; the page's last report: {r}\nchromium log:\n{}",
-            browser.log_tail()
-        );
-        tokio::time::sleep(Duration::from_millis(20)).await;
     }
 }
 

@@ -215,6 +215,41 @@ impl Drop for Browser {
     }
 }
 
+/// How long [`wait_for`] waits for a page.
+pub const PAGE_WAIT: Duration = Duration::from_secs(60);
+
+/// Waits until the page's report satisfies `done`; panics with the report and the browser's
+/// log after [`PAGE_WAIT`], or at once if the browser died.
+pub async fn wait_for(
+    what: &str,
+    report: &Report,
+    browser: &mut Browser,
+    done: impl Fn(&Value) -> bool,
+) -> Value {
+    let deadline = std::time::Instant::now() + PAGE_WAIT;
+    loop {
+        let r = snapshot(report);
+        if done(&r) {
+            return r;
+        }
+        browser.assert_alive();
+        assert!(
+            std::time::Instant::now() < deadline,
+            "timed out waiting for {what}; the page's last report: {r}\nchromium log:\n{}",
+            browser.log_tail()
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+/// The ids of the envelopes a page reported under `events`, in the order it got them.
+pub fn report_ids(report: &Value) -> Vec<u64> {
+    report["events"]
+        .as_array()
+        .map(|evs| evs.iter().map(|e| e["id"].as_u64().unwrap_or(0)).collect())
+        .unwrap_or_default()
+}
+
 /// The page's latest report, or `null` before the first one.
 pub fn snapshot(report: &Report) -> Value {
     report
