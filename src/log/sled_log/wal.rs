@@ -8,18 +8,17 @@
 //!   increasing ids and a segment is never written again once the next one exists;
 //! - a segment is deleted only when the checkpoint (sled durable) covers every id in it.
 
-use std::collections::BTreeMap;
+use std::collections::BTreeSet;
 use std::fs::{File, OpenOptions};
 use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
-use std::sync::{Arc, Mutex};
 
 use super::LogError;
 
 /// Name of the WAL directory inside the data directory.
 pub(super) const WAL_DIR: &str = "wal";
 const SUFFIX: &str = ".wal";
-/// The next segment, zero-filled ahead by the checkpointer (see [`prepare_spare`]).
+/// The next segment, zero-filled ahead by the spare maker (see [`prepare_spare`]).
 const SPARE: &str = "spare";
 /// A spare being filled.
 const SPARE_TMP: &str = "spare.tmp";
@@ -66,61 +65,17 @@ fn zero_fill(path: &Path, bytes: u64) -> std::io::Result<()> {
     file.sync_data()
 }
 
-/// The segments on disk, shared by the writer (which appends) and the checkpointer (which
-/// deletes what the checkpoint covers).
-#[derive(Debug, Default)]
-pub(super) struct Segments {
-    dir: PathBuf,
-    /// First id → bytes, of every segment on disk, the open one included (the last).
-    on_disk: BTreeMap<u64, u64>,
-}
-
 fn segment_path(dir: &Path, first: u64) -> PathBuf {
     dir.join(format!("{first:020}{SUFFIX}"))
-}
-
-/// Deletes every segment whose ids all lie at or below `through`; the newest segment is kept
-/// (the writer may still append to it) unless `including_open`. Returns how many were deleted.
-fn delete(segments: &Mutex<Segments>, through: u64, including_open: bool) -> u64 {
-    let Ok(mut s) = segments.lock() else {
-        return 0;
-    };
-    let firsts: Vec<u64> = s.on_disk.keys().copied().collect();
-    let mut deleted = 0;
-    for (i, first) in firsts.iter().enumerate() {
-        // A segment ends where the next begins; the newest is covered only when asked.
-        let covered = match firsts.get(i + 1) {
-            Some(next) => next.saturating_sub(1) <= through,
-            None => including_open,
-        };
-        if !covered {
-            break;
-        }
-        match std::fs::remove_file(segment_path(&s.dir, *first)) {
-            Ok(()) => {}
-            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
-            Err(e) => {
-                tracing::warn!(error = %e, "deleting a WAL segment failed; retrying later");
-                break;
-            }
-        }
-        s.on_disk.remove(first);
-        deleted += 1;
-    }
-    deleted
-}
-
-/// Deletes the closed segments wholly at or below `through` (see [`Segments`]).
-pub(super) fn delete_through(segments: &Mutex<Segments>, through: u64) -> u64 {
-    delete(segments, through, false)
 }
 
 /// The appending side of the WAL, owned by the writer thread.
 pub(super) struct Wal {
     dir: PathBuf,
-    segments: Arc<Mutex<Segments>>,
-    /// The segment being appended to, with its first id and length.
-    open: Option<(File, u64, u64)>,
+    /// The first ids of the segments on disk, the open one included (the last).
+    segments: BTreeSet<u64>,
+    /// The segment being appended to, with its length.
+    open: Option<(File, u64)>,
     /// A segment is closed, and the next one started, once it holds this many bytes.
     segment_bytes: u64,
     /// Whether anything was appended since the last sync.
@@ -161,7 +116,7 @@ impl Wal {
                 .and_then(|d| d.sync_all())
                 .map_err(open_err)?;
         }
-        let mut on_disk = BTreeMap::new();
+        let mut segments = BTreeSet::new();
         for entry in std::fs::read_dir(&dir).map_err(open_err)? {
             let entry = entry.map_err(open_err)?;
             let name = entry.file_name().to_string_lossy().into_owned();
@@ -171,14 +126,10 @@ impl Wal {
             else {
                 continue;
             };
-            let len = entry.metadata().map_err(open_err)?.len();
-            on_disk.insert(first, len);
+            segments.insert(first);
         }
         Ok(Wal {
-            segments: Arc::new(Mutex::new(Segments {
-                dir: dir.clone(),
-                on_disk,
-            })),
+            segments,
             dir,
             open: None,
             segment_bytes,
@@ -193,22 +144,45 @@ impl Wal {
         &self.dir
     }
 
-    /// The segment list, shared with the checkpointer.
-    pub(super) fn segments(&self) -> Arc<Mutex<Segments>> {
-        self.segments.clone()
-    }
-
     /// The paths of the segments on disk, oldest first.
     pub(super) fn segment_paths(&self) -> Vec<PathBuf> {
         self.segments
-            .lock()
-            .map(|s| {
-                s.on_disk
-                    .keys()
-                    .map(|f| segment_path(&self.dir, *f))
-                    .collect()
-            })
-            .unwrap_or_default()
+            .iter()
+            .map(|f| segment_path(&self.dir, *f))
+            .collect()
+    }
+
+    /// Deletes the closed segments wholly at or below `through`. Returns how many.
+    pub(super) fn delete_through(&mut self, through: u64) -> u64 {
+        self.delete(through, false)
+    }
+
+    /// Deletes every segment whose ids all lie at or below `through`; the newest is kept
+    /// (the writer may still append to it) unless `including_open`. Returns how many.
+    fn delete(&mut self, through: u64, including_open: bool) -> u64 {
+        let firsts: Vec<u64> = self.segments.iter().copied().collect();
+        let mut deleted = 0;
+        for (i, first) in firsts.iter().enumerate() {
+            // A segment ends where the next begins; the newest is covered only when asked.
+            let covered = match firsts.get(i + 1) {
+                Some(next) => next.saturating_sub(1) <= through,
+                None => including_open,
+            };
+            if !covered {
+                break;
+            }
+            match std::fs::remove_file(segment_path(&self.dir, *first)) {
+                Ok(()) => {}
+                Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+                Err(e) => {
+                    tracing::warn!(error = %e, "deleting a WAL segment failed; retrying later");
+                    break;
+                }
+            }
+            self.segments.remove(first);
+            deleted += 1;
+        }
+        deleted
     }
 
     /// Appends one record holding the ids from `first` on. Starts a new segment first when
@@ -224,11 +198,11 @@ impl Wal {
         let full = self
             .open
             .as_ref()
-            .is_some_and(|(_, _, len)| *len >= self.segment_bytes);
+            .is_some_and(|(_, len)| *len >= self.segment_bytes);
         if self.open.is_none() || full {
             self.start_segment(first)?;
         }
-        let Some((file, seg_first, len)) = self.open.as_mut() else {
+        let Some((file, len)) = self.open.as_mut() else {
             return Err(LogError::Storage("no WAL segment is open".into()));
         };
         if let Err(e) = file.write_all_at(record, *len) {
@@ -243,17 +217,13 @@ impl Wal {
         *len += record.len() as u64;
         self.dirty = true;
         self.appended += record.len() as u64;
-        let (seg_first, len) = (*seg_first, *len);
-        if let Ok(mut s) = self.segments.lock() {
-            s.on_disk.insert(seg_first, len);
-        }
         Ok(())
     }
 
     /// Closes the open segment (synced) and creates the next one, durably named.
     fn start_segment(&mut self, first: u64) -> Result<(), LogError> {
         let err = |e: std::io::Error| LogError::Storage(format!("starting a WAL segment: {e}"));
-        if let Some((file, _, _)) = &self.open {
+        if let Some((file, _)) = &self.open {
             // Its records must be durable before any record of the next segment is: the
             // torn-tail rule holds only for the newest segment.
             if self.dirty {
@@ -263,7 +233,7 @@ impl Wal {
         }
         self.open = None;
         let path = segment_path(&self.dir, first);
-        // The spare the checkpointer zero-filled, when there is one: each sync of a record
+        // The spare zero-filled ahead (see [`prepare_spare`]), when there is one: each sync of a record
         // then writes data only, where appending to a growing file makes every fdatasync
         // commit the file's new size too. Without one, a growing file does (slower, as safe).
         let file = match std::fs::rename(self.dir.join(SPARE), &path) {
@@ -278,10 +248,8 @@ impl Wal {
         File::open(&self.dir)
             .and_then(|d| d.sync_all())
             .map_err(err)?;
-        if let Ok(mut s) = self.segments.lock() {
-            s.on_disk.insert(first, 0);
-        }
-        self.open = Some((file, first, 0));
+        self.segments.insert(first);
+        self.open = Some((file, 0));
         Ok(())
     }
 
@@ -291,7 +259,7 @@ impl Wal {
         if !self.dirty {
             return Ok(());
         }
-        if let Some((file, _, _)) = &self.open {
+        if let Some((file, _)) = &self.open {
             file.sync_data()
                 .map_err(|e| LogError::Storage(format!("syncing the WAL: {e}")))?;
         }
@@ -309,6 +277,6 @@ impl Wal {
         self.open = None;
         self.dirty = false;
         self.broken = false;
-        delete(&self.segments, u64::MAX, true)
+        self.delete(u64::MAX, true)
     }
 }

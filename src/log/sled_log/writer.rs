@@ -315,7 +315,7 @@ impl Writer {
         }
         self.checkpointed = through;
         self.wal_since_checkpoint = 0;
-        let deleted = wal::delete_through(&self.wal.segments(), through);
+        let deleted = self.wal.delete_through(through);
         self.metrics.observe_checkpoint(started.elapsed(), deleted);
     }
 
