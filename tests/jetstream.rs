@@ -926,7 +926,29 @@ async fn with_the_whole_cluster_down_for_a_while_subscribers_continue_exactly_on
     let mut expected = before.clone();
     expected.push(body["first_id"].as_u64().unwrap());
     for i in 3..5 {
-        expected.push(common::publish_one(&c, &g.url(""), "o/t", json!(i)).await);
+        // Just after the outage the stream can still change leaders, and a publish then gets
+        // the contract's retryable 503: retry it with the same msg_id, as a client would.
+        let body = json!({"data": i, "msg_id": format!("after-{i}")}).to_string();
+        let deadline = std::time::Instant::now() + common::PATIENCE;
+        loop {
+            let (status, answer) = post(
+                &c,
+                &g.url("/v1/topics/o/t/events"),
+                "application/json",
+                body.clone(),
+            )
+            .await;
+            if status == 201 {
+                expected.push(answer["first_id"].as_u64().unwrap());
+                break;
+            }
+            assert_eq!(status, 503, "{answer}");
+            assert!(
+                std::time::Instant::now() < deadline,
+                "still refused: {answer}"
+            );
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
     }
     // The stream either stayed open or ended cleanly; either way the cursor takes it on.
     while seen.len() < expected.len() {
