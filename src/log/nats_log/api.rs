@@ -40,8 +40,12 @@ pub struct ApiErr {
 pub mod code {
     /// The stream does not exist.
     pub const STREAM_NOT_FOUND: u64 = 10059;
-    /// `Nats-Expected-Last-Msg-Id` did not match (the dedupe probe's "not a duplicate").
+    /// `Nats-Expected-Last-Msg-Id` did not match (the dedupe probe's "not a duplicate" on a
+    /// stream without a raft group).
     pub const WRONG_LAST_MSG_ID: u64 = 10070;
+    /// `Nats-Expected-Last-Sequence` did not match (the dedupe probe's "not a duplicate" on a
+    /// replicated stream).
+    pub const WRONG_LAST_SEQUENCE: u64 = 10071;
     /// An atomic batch holds more messages than the server commits at once.
     pub const BATCH_TOO_LARGE: u64 = 10199;
     /// An atomic batch holds a `Nats-Msg-Id` already stored within the window.

@@ -5,10 +5,16 @@
 //! anything is sent); by JetStream for a single publish (`duplicate: true` names the
 //! original); and for a batch, where JetStream refuses the whole batch when any message
 //! repeats an id. Then each event with a `msg_id` is probed: a publish carrying its
-//! `Nats-Msg-Id` and an expectation no message meets (`Nats-Expected-Last-Msg-Id`), which
-//! JetStream answers with the original for a repeat (the duplicate check comes first) and
-//! with an error, storing nothing, for a new one. The repeats are set aside and the rest is
-//! sent again as one atomic batch, so the new events of a mixed batch keep contiguous ids.
+//! `Nats-Msg-Id` and an expectation no stream meets, which JetStream answers with the original
+//! for a repeat (the duplicate check comes first) and with an error, storing nothing, for a
+//! new one. The repeats are set aside and the rest is sent again as one atomic batch, so the
+//! new events of a mixed batch keep contiguous ids.
+//!
+//! Which expectation depends on where JetStream checks it. A replicated stream (one with a
+//! raft group) checks the msg_id, then `Nats-Expected-Last-Sequence`, on the leader before
+//! anything is proposed; `Nats-Expected-Last-Msg-Id` it checks only when each replica applies
+//! the entry, where a mismatch stops that replica's stream for good. A stream without a raft
+//! group checks the expected sequence *before* the msg_id, and the expected msg_id after it.
 //!
 //! Group commit: concurrent appends are queued and sent together as one atomic batch (up to
 //! `nats_max_batch` events), each append's events contiguous within it, so a burst of small
@@ -32,6 +38,8 @@ use crate::log::{Appended, LogError};
 
 /// A `Nats-Expected-Last-Msg-Id` no stored message has (tidewire's ids all contain `|`).
 const NO_SUCH_MSG_ID: &str = "tidewire-dedupe-probe";
+/// A `Nats-Expected-Last-Sequence` no stream reaches.
+const NO_SUCH_SEQUENCE: &str = "9223372036854775807";
 /// Room kept for an event's headers and subject within a NATS message (a topic is at most
 /// 200 bytes, a msg_id 256 before base64, a type 128).
 const MESSAGE_OVERHEAD: usize = 2048;
@@ -94,9 +102,11 @@ pub async fn append(inner: &Arc<Inner>, events: Vec<NewEvent>) -> Result<Appende
                 break;
             }
             Outcome::Conflict if round + 1 < DEDUPE_ROUNDS => {
+                // Asked each time: an operator may scale the stream while gateways run.
+                let replicated = is_replicated(inner).await?;
                 for &i in &send {
                     if events[i].msg_id.is_some() {
-                        stored_before[i] = probe(inner, &events[i]).await?;
+                        stored_before[i] = probe(inner, &events[i], replicated).await?;
                     }
                 }
             }
@@ -386,15 +396,36 @@ async fn publish_batch(inner: &Inner, messages: Vec<Message>) -> Result<Result<u
     Err(LogError::Storage("empty batch".into()))
 }
 
+/// Whether the stream is replicated through a raft group (see the module header for why the
+/// dedupe probe must know).
+async fn is_replicated(inner: &Inner) -> Result<bool, LogError> {
+    let stream = inner
+        .js
+        .get_stream(&inner.wanted.name)
+        .await
+        .map_err(|e| LogError::Unavailable(format!("NATS JetStream stream info: {e}")))?;
+    Ok(stream
+        .cached_info()
+        .cluster
+        .as_ref()
+        .is_some_and(|c| c.raft_group.is_some()))
+}
+
 /// The original id of `event` when its `(topic, msg_id)` is stored within the window; stores
-/// nothing either way.
-async fn probe(inner: &Inner, event: &NewEvent) -> Result<Option<u64>, LogError> {
+/// nothing either way. `replicated` is [`is_replicated`]'s answer.
+async fn probe(inner: &Inner, event: &NewEvent, replicated: bool) -> Result<Option<u64>, LogError> {
     let Some(msg_id) = event.msg_id.as_deref() else {
         return Ok(None);
     };
     let mut headers = HeaderMap::new();
     headers.insert(wire::MSG_ID, wire::dedupe_id(&event.topic, msg_id));
-    headers.insert("Nats-Expected-Last-Msg-Id", NO_SUCH_MSG_ID);
+    let not_stored = if replicated {
+        headers.insert("Nats-Expected-Last-Sequence", NO_SUCH_SEQUENCE);
+        code::WRONG_LAST_SEQUENCE
+    } else {
+        headers.insert("Nats-Expected-Last-Msg-Id", NO_SUCH_MSG_ID);
+        code::WRONG_LAST_MSG_ID
+    };
     let subject = subject::topic_subject(&inner.wanted.prefix, &event.topic);
     let answer = api::request(inner, subject, Some(headers), Bytes::new()).await?;
     match api::parse_ack(&answer.payload)? {
@@ -404,7 +435,7 @@ async fn probe(inner: &Inner, event: &NewEvent) -> Result<Option<u64>, LogError>
              before the duplicate); refusing to go on",
             ack.seq
         ))),
-        Err(e) if e.err_code == code::WRONG_LAST_MSG_ID => Ok(None),
+        Err(e) if e.err_code == not_stored => Ok(None),
         Err(e) => Err(refused(inner, e)),
     }
 }
