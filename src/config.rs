@@ -160,6 +160,20 @@ pub struct Config {
     /// counted: about three segments more); over it publishes get
     /// 503 `storage_full` until retention frees room.
     pub storage_max_disk_bytes: u64,
+    /// Destinations webhooks may call: addresses or networks (CIDR), each with an optional
+    /// `:port`, or host names (matched literally, with an optional `:port`). A url is
+    /// allowed when every address its host resolves to is listed (or its name is).
+    /// Default: loopback only.
+    pub webhook_allow: Vec<String>,
+    /// First retry delay of a failed webhook call, milliseconds (doubles per failure).
+    pub webhook_retry_min_ms: u64,
+    /// Longest retry delay of a failed webhook call, milliseconds (also the delay after a
+    /// 4xx other than 408, 410 and 429).
+    pub webhook_retry_max_ms: u64,
+    /// Webhooks declared in the configuration (`[[webhooks]]`, the fields of
+    /// `PUT /v1/webhooks/{name}` plus `name`): created at start when missing, updated
+    /// otherwise (their cursors are kept).
+    pub webhooks: Vec<crate::webhook::spec::Request>,
     /// Longest time, milliseconds, between background flushes of sled while events arrive
     /// (a checkpoint: the write-ahead log up to it is then deleted). Acknowledgements wait
     /// for the write-ahead log, never for this; it bounds the WAL replayed after a crash.
@@ -298,6 +312,13 @@ impl Default for Config {
             storage_checkpoint_ms: 500,
             storage_wal_segment_bytes: 32 << 20,
             storage_max_disk_bytes: 0,
+            webhook_allow: crate::webhook::allow::DEFAULT
+                .iter()
+                .map(|s| s.to_string())
+                .collect(),
+            webhook_retry_min_ms: 1000,
+            webhook_retry_max_ms: 300_000,
+            webhooks: Vec::new(),
             log: LogBackend::Sled,
             nats_urls: vec!["nats://127.0.0.1:4222".into()],
             nats_stream: "tidewire".into(),
@@ -483,7 +504,35 @@ impl Config {
         if self.log == LogBackend::Nats {
             self.validate_nats()?;
         }
+        self.webhook_options()?;
+        for w in &self.webhooks {
+            let name = w.name.as_deref().unwrap_or_default();
+            let name = crate::webhook::spec::Name::parse(name)
+                .map_err(|e| ConfigError::Invalid(format!("[[webhooks]]: {e}")))?;
+            crate::webhook::spec::Spec::apply(name.clone(), w, None).map_err(|e| {
+                ConfigError::Invalid(format!("[[webhooks]] {:?}: {e}", name.as_str()))
+            })?;
+        }
         Ok(())
+    }
+
+    /// The webhooks' allow-list and retry delays; refuses a malformed allow-list entry.
+    pub fn webhook_options(&self) -> Result<crate::webhook::Options, ConfigError> {
+        let allow = crate::webhook::allow::AllowList::parse(&self.webhook_allow)
+            .map_err(ConfigError::Invalid)?;
+        if self.webhook_retry_min_ms == 0 || self.webhook_retry_max_ms < self.webhook_retry_min_ms {
+            return Err(ConfigError::Invalid(
+                "webhook_retry_min_ms must be at least 1 and at most webhook_retry_max_ms".into(),
+            ));
+        }
+        Ok(crate::webhook::Options {
+            allow,
+            backoff: crate::webhook::backoff::Backoff {
+                min: std::time::Duration::from_millis(self.webhook_retry_min_ms),
+                max: std::time::Duration::from_millis(self.webhook_retry_max_ms),
+            },
+            page_size: self.replay_page,
+        })
     }
 
     /// The subject prefix of the JetStream stream's events.

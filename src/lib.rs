@@ -23,6 +23,7 @@
 //! - [`subscription`]: history from a cursor, then live, without gap or duplicate.
 //! - [`http`]: routing, errors and the HTTP transports (publish, SSE, WebSocket, topics, health).
 //! - [`ws_frame`]: WebSocket ops and frames (JSON, MessagePack, gzip batches), pure functions.
+//! - [`webhook`]: webhooks: events pushed to HTTP endpoints, signed, in order, at least once.
 //! - [`auth`]: JWT verification and topic-pattern grants, checked by every transport.
 //! - [`server`]: accept loop, HTTP/1.1 + HTTP/2, graceful shutdown.
 //! - [`limits`]: abuse limits: publish rate, connection caps, slow-client timeouts.
@@ -31,6 +32,7 @@
 //! - [`ops`]: operator commands on a data dir (`inspect`, `verify`, `export`, `import`).
 //! - [`config`], [`cli`], [`client`], [`metrics`]: configuration, the command line, the
 //!   client behind `publish`/`tail`, Prometheus metrics.
+//! - [`durable`]: small files replaced atomically and durably (marks, webhook state).
 //! - [`clock`]: the wall clock that dates events, steppable in tests.
 //! - [`bench`]: `tidewire bench`, the load generator (against tidewire or nginx + Nchan).
 #![warn(missing_docs)]
@@ -42,6 +44,7 @@ pub mod client;
 pub mod clock;
 pub mod codec;
 pub mod config;
+pub mod durable;
 pub mod envelope;
 pub mod export;
 pub mod http;
@@ -56,4 +59,5 @@ pub mod server;
 pub mod subscription;
 pub mod tls;
 pub mod topic;
+pub mod webhook;
 pub mod ws_frame;

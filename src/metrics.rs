@@ -29,6 +29,39 @@ pub struct CodeLabel {
     pub code: &'static str,
 }
 
+/// One webhook (its name).
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct WebhookLabel {
+    /// The webhook's name.
+    pub webhook: String,
+}
+
+/// One webhook and why a call of it failed.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct WebhookFailureLabel {
+    /// The webhook's name.
+    pub webhook: String,
+    /// `timeout`, `connect`, `status_3xx`, `status_4xx`, `status_410`, `status_429`,
+    /// `status_5xx` or `destination_not_allowed`.
+    pub reason: &'static str,
+}
+
+/// Webhook delivery metrics.
+#[derive(Clone, Default)]
+pub struct WebhookMetrics {
+    /// Batches answered 2xx.
+    pub batches: Family<WebhookLabel, Counter>,
+    /// Events in batches answered 2xx.
+    pub events: Family<WebhookLabel, Counter>,
+    /// Failed calls, by reason.
+    pub failures: Family<WebhookFailureLabel, Counter>,
+    /// Failed calls that will be tried again.
+    pub retries: Family<WebhookLabel, Counter>,
+    /// Ids between the webhook's cursor and the log's head while it has events to deliver
+    /// (an upper bound of its matching backlog); 0 when it waits for events.
+    pub lag: Family<WebhookLabel, Gauge>,
+}
+
 /// One direction and subprotocol of WebSocket traffic.
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct WsLabel {
@@ -147,6 +180,8 @@ pub struct Metrics {
     ws: WsMetrics,
     limits: LimitMetrics,
     nats: NatsMetrics,
+    webhooks: WebhookMetrics,
+    webhook_latency: Histogram,
 }
 
 /// Metrics of a gateway over NATS JetStream (`log = "nats"`); zero on the sled log.
@@ -185,6 +220,9 @@ impl Metrics {
             events_stored: Counter::default(),
             bytes_stored: Counter::default(),
             publish_latency: latency_histogram(),
+            webhooks: WebhookMetrics::default(),
+            // 1 ms to ~9 min: a retried batch is delivered minutes later.
+            webhook_latency: Histogram::new(exponential_buckets(0.001, 2.0, 20)),
             flush_latency: latency_histogram(),
             commit_latency: latency_histogram(),
             subscribers: Family::default(),
@@ -243,6 +281,36 @@ impl Metrics {
             "event_bytes_stored",
             "Payload bytes durably stored",
             m.bytes_stored.clone(),
+        );
+        r.register(
+            "webhook_batches",
+            "Webhook calls answered 2xx, per webhook",
+            m.webhooks.batches.clone(),
+        );
+        r.register(
+            "webhook_events",
+            "Events in webhook calls answered 2xx, per webhook (re-sent batches count again)",
+            m.webhooks.events.clone(),
+        );
+        r.register(
+            "webhook_failures",
+            "Failed webhook calls, per webhook and reason",
+            m.webhooks.failures.clone(),
+        );
+        r.register(
+            "webhook_retries",
+            "Failed webhook calls that will be tried again, per webhook",
+            m.webhooks.retries.clone(),
+        );
+        r.register(
+            "webhook_lag_events",
+            "Ids between a webhook's cursor and the head while it has events to deliver",
+            m.webhooks.lag.clone(),
+        );
+        r.register(
+            "webhook_delivery_seconds",
+            "Time from an event's time to the 2xx of the webhook call that carried it",
+            m.webhook_latency.clone(),
         );
         r.register(
             "publish_latency_seconds",
@@ -485,6 +553,49 @@ impl Metrics {
         self.delivered
             .get_or_create(&TransportLabel { transport })
             .clone()
+    }
+
+    /// Records a webhook batch of `events` events answered 2xx.
+    pub fn observe_webhook_delivered(&self, webhook: &str, events: u64) {
+        let label = WebhookLabel {
+            webhook: webhook.to_owned(),
+        };
+        self.webhooks.batches.get_or_create(&label).inc();
+        self.webhooks.events.get_or_create(&label).inc_by(events);
+    }
+
+    /// Records a failed webhook call (`status_410` is not retried; every other reason is).
+    pub fn observe_webhook_failure(&self, webhook: &str, reason: &'static str) {
+        self.webhooks
+            .failures
+            .get_or_create(&WebhookFailureLabel {
+                webhook: webhook.to_owned(),
+                reason,
+            })
+            .inc();
+        if reason != "status_410" {
+            self.webhooks
+                .retries
+                .get_or_create(&WebhookLabel {
+                    webhook: webhook.to_owned(),
+                })
+                .inc();
+        }
+    }
+
+    /// Sets a webhook's lag gauge.
+    pub fn set_webhook_lag(&self, webhook: &str, lag: u64) {
+        self.webhooks
+            .lag
+            .get_or_create(&WebhookLabel {
+                webhook: webhook.to_owned(),
+            })
+            .set(i64::try_from(lag).unwrap_or(i64::MAX));
+    }
+
+    /// Records the time from an event's `time` to the 2xx that delivered it.
+    pub fn observe_webhook_latency(&self, latency: Duration) {
+        self.webhook_latency.observe(latency.as_secs_f64());
     }
 
     /// The WebSocket metrics.

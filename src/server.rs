@@ -46,6 +46,9 @@ pub enum ServerError {
     /// The configured TLS certificate or key cannot be used.
     #[error(transparent)]
     Tls(#[from] TlsError),
+    /// The webhooks could not be loaded or started.
+    #[error("webhooks: {0}")]
+    Webhook(#[from] crate::webhook::WebhookError),
     /// An open server (no key) was handed a non-loopback listener without `insecure_open`.
     #[error(
         "refusing to serve on {0} without authentication: configure a JWT key or set insecure_open"
@@ -142,6 +145,16 @@ pub async fn run_with_keys(
             return Err(e.into());
         }
     };
+    let webhooks = match start_webhooks(&config, log.clone(), &state).await {
+        Ok(w) => Arc::new(w),
+        Err(e) => {
+            let _ = stop_tx.send(true);
+            let _ = accept.await;
+            let _ = log.close().await;
+            return Err(e.into());
+        }
+    };
+    state.set_webhooks(webhooks.clone());
     tracing::info!(
         listen = %addr,
         log = ?config.log,
@@ -169,6 +182,10 @@ pub async fn run_with_keys(
     if tokio::time::timeout(grace, drained).await.is_err() {
         tracing::warn!("connections still open after the grace period; closing anyway");
     }
+    // A call in flight is abandoned (its batch goes again after the restart), but a record
+    // being written is finished before the log closes.
+    webhooks.stop(grace).await;
+    drop(webhooks);
     log.close().await?;
     // Every handle to the log must be gone before the checkpoint can open its directory.
     drop(log);
@@ -178,6 +195,29 @@ pub async fn run_with_keys(
     }
     tracing::info!("stopped");
     Ok(())
+}
+
+/// Loads the webhooks (their records beside the log) and starts delivering.
+async fn start_webhooks(
+    config: &Config,
+    log: Arc<dyn EventLog>,
+    state: &AppState,
+) -> Result<crate::webhook::Webhooks, crate::webhook::WebhookError> {
+    use crate::webhook::{store, WebhookError};
+    let opts = config
+        .webhook_options()
+        .map_err(|e| WebhookError::Invalid(e.to_string()))?;
+    let dir = config.data_dir.join(store::DIR);
+    let store: Arc<dyn store::Store> = Arc::new(store::FileStore::open(dir)?);
+    crate::webhook::Webhooks::start(
+        log,
+        state.hub.clone(),
+        state.metrics.clone(),
+        store,
+        opts,
+        &config.webhooks,
+    )
+    .await
 }
 
 /// Opens the embedded sled log in `config.data_dir`.

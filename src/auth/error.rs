@@ -32,7 +32,7 @@ pub enum AuthError {
     /// A valid token whose grants do not cover the request.
     #[error("the token does not grant {action} on {target:?}")]
     Forbidden {
-        /// `publish` or `subscribe`.
+        /// `publish`, `subscribe` or `admin`.
         action: &'static str,
         /// The topic or pattern asked for.
         target: String,

@@ -18,6 +18,7 @@ pub struct Grants {
     subject: Option<String>,
     exp: Option<u64>,
     leeway: Duration,
+    admin: bool,
 }
 
 impl Grants {
@@ -36,7 +37,19 @@ impl Grants {
             subject,
             exp,
             leeway,
+            admin: false,
         }
+    }
+
+    /// The same grants, plus operator rights when `admin` (the claim `"admin": true`).
+    pub fn with_admin(mut self, admin: bool) -> Self {
+        self.admin = admin;
+        self
+    }
+
+    /// Whether the token carries operator rights (managing webhooks).
+    pub fn is_admin(&self) -> bool {
+        self.admin
     }
 
     /// Whether the token may publish to `topic`: some publish grant matches it.
@@ -125,6 +138,19 @@ impl Access {
             Access::Token(_) => Err(AuthError::Forbidden {
                 action: "subscribe",
                 target: topic.as_str().to_string(),
+            }),
+        }
+    }
+
+    /// `Ok` when the request may manage webhooks (an open server, or a token with the admin
+    /// claim), else [`AuthError::Forbidden`].
+    pub fn check_admin(&self) -> Result<(), AuthError> {
+        match self {
+            Access::Open => Ok(()),
+            Access::Token(g) if g.is_admin() => Ok(()),
+            Access::Token(_) => Err(AuthError::Forbidden {
+                action: "admin",
+                target: "webhooks".to_string(),
             }),
         }
     }

@@ -31,6 +31,9 @@ struct TidewireClaim {
     publish: Vec<String>,
     #[serde(default)]
     subscribe: Vec<String>,
+    /// Operator rights: managing webhooks.
+    #[serde(default)]
+    admin: bool,
 }
 
 /// The claims tidewire reads; the registered ones are checked by `jsonwebtoken` as well.
@@ -236,7 +239,8 @@ impl Authenticator {
             claims.sub,
             exp,
             self.leeway,
-        ))
+        )
+        .with_admin(claims.tidewire.admin))
     }
 
     /// Finds the request's token (header, cookie, then query when allowed) and verifies it.

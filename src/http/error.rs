@@ -302,6 +302,27 @@ impl From<LogError> for ApiError {
     }
 }
 
+impl From<crate::webhook::WebhookError> for ApiError {
+    fn from(e: crate::webhook::WebhookError) -> Self {
+        use crate::webhook::WebhookError as W;
+        match e {
+            W::Invalid(m) => Self::new(StatusCode::UNPROCESSABLE_ENTITY, "invalid_webhook", m),
+            W::NotAllowed(m) => Self::new(StatusCode::FORBIDDEN, "destination_not_allowed", m),
+            W::NotFound(name) => Self::new(
+                StatusCode::NOT_FOUND,
+                "webhook_not_found",
+                format!("no webhook named {name:?}"),
+            ),
+            W::Store(e) => Self::new(
+                StatusCode::SERVICE_UNAVAILABLE,
+                "storage_unavailable",
+                format!("nothing was changed: {e}"),
+            ),
+            W::Log(e) => e.into(),
+        }
+    }
+}
+
 impl From<crate::subscription::SubscriptionError> for ApiError {
     fn from(e: crate::subscription::SubscriptionError) -> Self {
         match e {

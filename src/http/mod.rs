@@ -33,6 +33,7 @@ mod sse;
 pub mod start;
 mod stats;
 mod topics;
+mod webhooks;
 mod ws;
 
 pub use error::ApiError;
@@ -66,6 +67,7 @@ pub struct AppState {
     sockets: watch::Sender<usize>,
     /// Publish rate and connection caps (src/limits/).
     pub limits: Arc<crate::limits::Limits>,
+    webhooks: OnceLock<Arc<crate::webhook::Webhooks>>,
 }
 
 /// Counts one live WebSocket task in [`AppState`] until dropped.
@@ -93,6 +95,7 @@ impl AppState {
             stop,
             sockets: watch::Sender::new(0),
             limits,
+            webhooks: OnceLock::new(),
         }
     }
 
@@ -140,6 +143,17 @@ impl AppState {
         let _ = self.log.set(log);
         self.log_opened.send_replace(true);
         self.ready.store(true, Ordering::Release);
+    }
+
+    /// Installs the webhooks (before [`AppState::set_log`]: a ready server serves them).
+    pub fn set_webhooks(&self, webhooks: Arc<crate::webhook::Webhooks>) {
+        let _ = self.webhooks.set(webhooks);
+    }
+
+    /// The webhooks, once the log is open (waits like [`AppState::log`]).
+    pub async fn webhooks(&self) -> Result<Arc<crate::webhook::Webhooks>, ApiError> {
+        self.log().await?;
+        self.webhooks.get().cloned().ok_or_else(ApiError::not_ready)
     }
 
     /// Declares the server not ready (shutting down).
@@ -266,6 +280,10 @@ pub const ROUTES: &[(&str, &str)] = &[
     ("GET", "/v1/client.js"),
     ("GET", "/v1/client.d.ts"),
     ("GET", "/console"),
+    ("GET", "/v1/webhooks"),
+    ("GET", "/v1/webhooks/{name}"),
+    ("PUT", "/v1/webhooks/{name}"),
+    ("DELETE", "/v1/webhooks/{name}"),
 ];
 
 async fn route<B>(
@@ -334,6 +352,19 @@ where
             get_only(method)?;
             let access = state.access(req.headers(), req.uri().query())?;
             latest::many(state, &req, &access).await
+        }
+        "/v1/webhooks" => {
+            get_only(method)?;
+            let access = state.access(req.headers(), req.uri().query())?;
+            webhooks::list(state, &access).await
+        }
+        _ if path.starts_with("/v1/webhooks/") => {
+            let access = state.access(req.headers(), req.uri().query())?;
+            let name = path
+                .strip_prefix("/v1/webhooks/")
+                .unwrap_or_default()
+                .to_owned();
+            webhooks::one(state, req, method, &name, &access).await
         }
         _ if path.starts_with("/v1/latest/") => {
             get_only(method)?;

@@ -78,7 +78,7 @@ where
 /// Reads the body, at most `max_body` bytes of it as sent. A gzip'd body is inflated as its
 /// frames arrive, at most `max_inflated` bytes of it: a bomb is refused as soon as it passes
 /// the cap, before the rest of it is read.
-async fn read_body<B>(
+pub(super) async fn read_body<B>(
     body: B,
     max_body: usize,
     gzip: bool,

@@ -6,7 +6,6 @@
 //! came before as if nothing were missing. Comparing what it recovered with this mark turns
 //! that silent loss into a refusal to start, before tidewire writes anything.
 
-use std::io::Write;
 use std::path::Path;
 
 use super::LogError;
@@ -36,15 +35,9 @@ pub(super) fn write(dir: &Path, through: u64) -> std::io::Result<()> {
     replace_durably(dir, MARK_FILE, &format!("{PREFIX}{through}\n"))
 }
 
-/// Replaces `dir/name` with `text` so that a crash leaves the old file or the new one: write
-/// a temporary file, fsync it, rename it over the old, fsync the directory.
+/// Replaces `dir/name` with `text` durably (see [`crate::durable::replace_file`]).
 pub(super) fn replace_durably(dir: &Path, name: &str, text: &str) -> std::io::Result<()> {
-    let tmp = dir.join(format!("{name}.tmp"));
-    let mut f = std::fs::File::create(&tmp)?;
-    f.write_all(text.as_bytes())?;
-    f.sync_all()?;
-    std::fs::rename(&tmp, dir.join(name))?;
-    std::fs::File::open(dir)?.sync_all()
+    crate::durable::replace_file(dir, name, text.as_bytes())
 }
 
 /// Refuses a log that recovered less than the mark says was durable.

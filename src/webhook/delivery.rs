@@ -1,0 +1,550 @@
+//! One webhook's delivery task: the only writer of its record, so every step is recorded in
+//! order. The loop:
+//! 1. with no batch in flight, wait for matching events (a [`Subscription`] from the cursor:
+//!    history, then live, with the gap signal) and cut a batch (`batch_max_events`,
+//!    `batch_max_bytes`, or a gap, which always opens a batch);
+//! 2. record the batch (body and `webhook-id`) durably, before its first attempt;
+//! 3. resolve the destination and check the allow-list, then call; on a 2xx the cursor moves
+//!    to the batch's last id and is recorded (with the next batch, when one is ready, in the
+//!    same write); on a failure wait as [`super::backoff`] says and send the same batch again.
+//!
+//! Commands (update, delete, stop) are taken while waiting for events, while calling and
+//! while backing off; a call cut short by one counts as not delivered (the batch goes again,
+//! whole, with its `webhook-id`: a receiver may see a batch twice, never a partial one).
+
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use bytes::Bytes;
+use tokio::sync::{mpsc, oneshot};
+
+use super::allow;
+use super::sender::{self, Connection, Outcome, Retry};
+use super::spec::Spec;
+use super::store::{InFlight, Record, StoreError};
+use super::Context;
+use crate::envelope::{EventId, Gap, SharedEvent};
+use crate::subscription::{Delivery, Subscription};
+
+/// How long a task waits before trying again a step that failed on our side (the store, the
+/// log).
+const LOCAL_RETRY: Duration = Duration::from_secs(1);
+
+/// What the manager asks of a task.
+pub(super) enum Command {
+    /// Use this definition from now on; `since` moves the cursor.
+    Update {
+        spec: Box<Spec>,
+        since: Option<u64>,
+        reply: oneshot::Sender<Result<(), StoreError>>,
+    },
+    /// Forget the webhook (its record too) and end.
+    Delete {
+        reply: oneshot::Sender<Result<(), StoreError>>,
+    },
+    /// End (the server is stopping); the record stays as it is.
+    Stop,
+}
+
+/// What `GET /v1/webhooks/{name}` shows, as the task last left it.
+#[derive(Debug, Clone)]
+pub struct Status {
+    /// The definition in force.
+    pub spec: Spec,
+    /// The record as last changed (stored, or about to be).
+    pub record: Record,
+    /// Failed attempts of the batch in flight.
+    pub attempts: u64,
+    /// When the next attempt is due (Unix ms), while backing off.
+    pub next_attempt_at: Option<u64>,
+}
+
+/// A batch cut from the subscription.
+struct Batch {
+    in_flight: InFlight,
+    /// The events' times, for the delivery-latency histogram.
+    times: Vec<u64>,
+}
+
+/// What a wait ended with.
+enum Woken<T> {
+    Done(T),
+    Command(Option<Command>),
+}
+
+pub(super) struct Task {
+    ctx: Arc<Context>,
+    spec: Spec,
+    record: Record,
+    /// Whether `record` is stored as it is in memory.
+    saved: bool,
+    status: Arc<Mutex<Status>>,
+    sub: Option<Subscription>,
+    /// A delivery read from the subscription that did not fit the batch it was read for.
+    pending: Option<Delivery>,
+    conn: Option<Connection>,
+    attempts: u32,
+    /// Times of the events of the batch in flight (empty for a batch recovered from disk).
+    times: Vec<u64>,
+}
+
+impl Task {
+    pub(super) fn new(
+        ctx: Arc<Context>,
+        spec: Spec,
+        record: Record,
+        status: Arc<Mutex<Status>>,
+    ) -> Task {
+        Task {
+            ctx,
+            spec,
+            record,
+            saved: true,
+            status,
+            sub: None,
+            pending: None,
+            conn: None,
+            attempts: 0,
+            times: Vec::new(),
+        }
+    }
+
+    /// Runs until deleted or stopped.
+    pub(super) async fn run(mut self, mut commands: mpsc::Receiver<Command>) {
+        loop {
+            self.publish_status(None);
+            if !self.spec.enabled || self.record.disabled.is_some() {
+                self.set_lag(0);
+                let cmd = commands.recv().await;
+                if !self.handle(cmd).await {
+                    return;
+                }
+                continue;
+            }
+            if !self.saved {
+                if let Err(e) = self.save().await {
+                    tracing::warn!(webhook = self.spec.name.as_str(), error = %e, "cannot record the webhook's state; trying again");
+                    match sleep_or_command(&mut commands, LOCAL_RETRY).await {
+                        Woken::Done(()) => continue,
+                        Woken::Command(cmd) => {
+                            if !self.handle(cmd).await {
+                                return;
+                            }
+                            continue;
+                        }
+                    }
+                }
+            }
+            if self.record.in_flight.is_none() {
+                let first = match self.pending.take() {
+                    Some(d) => Ok(d),
+                    None => {
+                        self.set_lag(0);
+                        tokio::select! {
+                            // Cancel-safe: a command taken here loses no delivery.
+                            d = self.subscription().next() => d,
+                            cmd = commands.recv() => {
+                                if !self.handle(cmd).await {
+                                    return;
+                                }
+                                continue;
+                            }
+                        }
+                    }
+                };
+                let batch = match first {
+                    Ok(first) => self.cut(first).await,
+                    Err(e) => Err(e),
+                };
+                match batch {
+                    Ok(batch) => {
+                        self.record.in_flight = Some(batch.in_flight);
+                        self.times = batch.times;
+                        self.attempts = 0;
+                        self.saved = false;
+                        // Recorded before its first attempt (next turn of the loop).
+                        continue;
+                    }
+                    Err(e) => {
+                        tracing::warn!(webhook = self.spec.name.as_str(), error = %e, "reading the log for a webhook failed; trying again");
+                        self.sub = None;
+                        self.pending = None;
+                        match sleep_or_command(&mut commands, LOCAL_RETRY).await {
+                            Woken::Done(()) => continue,
+                            Woken::Command(cmd) => {
+                                if !self.handle(cmd).await {
+                                    return;
+                                }
+                                continue;
+                            }
+                        }
+                    }
+                }
+            }
+            let Some(batch) = self.record.in_flight.clone() else {
+                continue;
+            };
+            self.set_lag(self.ctx.log.head().0.saturating_sub(self.record.cursor));
+            let outcome = tokio::select! {
+                o = attempt(&self.ctx, &mut self.conn, &self.spec, &batch) => o,
+                cmd = commands.recv() => {
+                    // The call is abandoned: not delivered, so the batch goes again.
+                    self.conn = None;
+                    if !self.handle(cmd).await {
+                        return;
+                    }
+                    continue;
+                }
+            };
+            let wait = self.settle(&batch, outcome).await;
+            if let Some(wait) = wait {
+                self.publish_status(Some(now_ms() + wait.as_millis() as u64));
+                if let Woken::Command(cmd) = sleep_or_command(&mut commands, wait).await {
+                    if !self.handle(cmd).await {
+                        return;
+                    }
+                }
+            }
+        }
+    }
+
+    /// Applies a call's outcome to the record; how long to wait before the next attempt, if
+    /// it failed.
+    async fn settle(&mut self, batch: &InFlight, outcome: Outcome) -> Option<Duration> {
+        let ctx = self.ctx.clone();
+        let m = &ctx.metrics;
+        let name = self.spec.name.as_str().to_owned();
+        let name = name.as_str();
+        match outcome {
+            Outcome::Delivered => {
+                let now = now_ms();
+                for t in self.times.drain(..) {
+                    m.observe_webhook_latency(Duration::from_millis(now.saturating_sub(t)));
+                }
+                m.observe_webhook_delivered(name, batch.events);
+                let p = &mut self.record.progress;
+                p.delivered_events += batch.events;
+                p.delivered_batches += 1;
+                p.last_success_at = Some(now);
+                self.record.cursor = batch.last_id;
+                self.record.in_flight = None;
+                self.attempts = 0;
+                // The next batch, when it is ready now, is recorded in the same write.
+                if let Some(next) = self.cut_ready().await {
+                    self.record.in_flight = Some(next.in_flight);
+                    self.times = next.times;
+                }
+                self.saved = false;
+                if let Err(e) = self.save().await {
+                    tracing::warn!(webhook = name, error = %e, "cannot record the webhook's cursor; trying again");
+                }
+                None
+            }
+            Outcome::Gone => {
+                m.observe_webhook_failure(name, "status_410");
+                let why = "the receiver answered 410 Gone: delivery is disabled until the \
+                           webhook is put again";
+                tracing::warn!(webhook = name, "{why}");
+                self.record.disabled = Some(why.into());
+                self.note_error("410 Gone".into());
+                self.saved = false;
+                if let Err(e) = self.save().await {
+                    tracing::warn!(webhook = name, error = %e, "cannot record that the webhook is disabled");
+                }
+                None
+            }
+            Outcome::Failed {
+                reason,
+                retry,
+                message,
+            } => {
+                m.observe_webhook_failure(name, reason);
+                self.attempts = self.attempts.saturating_add(1);
+                self.note_error(message.clone());
+                let backoff = self.ctx.backoff;
+                let wait = match retry {
+                    Retry::Backoff => backoff.delay(self.attempts, fastrand::f64()),
+                    Retry::After(d) => d,
+                    Retry::Slowly => backoff.max,
+                };
+                tracing::debug!(webhook = name, attempts = self.attempts, reason, %message, wait_ms = wait.as_millis() as u64, "webhook call failed");
+                Some(wait)
+            }
+        }
+    }
+
+    fn note_error(&mut self, message: String) {
+        self.record.progress.last_error = Some(message);
+        self.record.progress.last_error_at = Some(now_ms());
+    }
+
+    /// Applies `cmd`; `false` when the task should end.
+    async fn handle(&mut self, cmd: Option<Command>) -> bool {
+        match cmd {
+            None | Some(Command::Stop) => false,
+            Some(Command::Delete { reply }) => {
+                let done = self.ctx.store.remove(self.spec.name.as_str()).await;
+                let ok = done.is_ok();
+                let _ = reply.send(done);
+                if ok {
+                    self.set_lag(0);
+                }
+                // A failed removal leaves the webhook as it was, still delivering.
+                !ok
+            }
+            Some(Command::Update { spec, since, reply }) => {
+                let before = (self.spec.clone(), self.record.clone());
+                let restart = spec.delivers_differently(&self.spec) || since.is_some();
+                self.spec = *spec;
+                self.record.spec = self.spec.to_request();
+                self.record.disabled = None;
+                if let Some(c) = since {
+                    self.record.cursor = c;
+                }
+                if restart {
+                    // Another destination, other events or another cursor: the batch in
+                    // flight belonged to the old definition.
+                    self.record.in_flight = None;
+                    self.sub = None;
+                    self.pending = None;
+                    self.times.clear();
+                }
+                self.attempts = 0;
+                self.saved = false;
+                let done = self.save().await;
+                if done.is_err() {
+                    (self.spec, self.record) = before;
+                    self.saved = true;
+                } else if restart {
+                    self.conn = None;
+                }
+                let _ = reply.send(done);
+                true
+            }
+        }
+    }
+
+    async fn save(&mut self) -> Result<(), StoreError> {
+        self.ctx
+            .store
+            .save(self.spec.name.as_str(), &self.record)
+            .await?;
+        self.saved = true;
+        Ok(())
+    }
+
+    fn subscription(&mut self) -> &mut Subscription {
+        let ctx = &self.ctx;
+        let from = self
+            .record
+            .in_flight
+            .as_ref()
+            .map_or(self.record.cursor, |b| b.last_id);
+        self.sub.get_or_insert_with(|| {
+            Subscription::open(
+                ctx.log.clone(),
+                &ctx.hub,
+                self.spec.topics.clone(),
+                Some(EventId(from)),
+                ctx.page_size,
+                ctx.metrics.clone(),
+            )
+        })
+    }
+
+    /// A batch starting with `first`, filled with what is available now.
+    async fn cut(
+        &mut self,
+        first: Delivery,
+    ) -> Result<Batch, crate::subscription::SubscriptionError> {
+        let mut b = Builder::new(&self.spec);
+        b.push(first);
+        while !b.full() {
+            let next = match self.pending.take() {
+                Some(d) => Some(d),
+                None => self.subscription().next_available().await?,
+            };
+            let Some(d) = next else { break };
+            if let Some(back) = b.try_push(d) {
+                self.pending = Some(back);
+                break;
+            }
+        }
+        Ok(b.finish())
+    }
+
+    /// The next batch if events are available now (without waiting for new ones).
+    async fn cut_ready(&mut self) -> Option<Batch> {
+        let first = match self.pending.take() {
+            Some(d) => d,
+            None => self.sub.as_mut()?.next_available().await.ok()??,
+        };
+        self.cut(first).await.ok()
+    }
+
+    fn set_lag(&self, lag: u64) {
+        self.ctx
+            .metrics
+            .set_webhook_lag(self.spec.name.as_str(), lag);
+    }
+
+    fn publish_status(&self, next_attempt_at: Option<u64>) {
+        if let Ok(mut s) = self.status.lock() {
+            s.spec = self.spec.clone();
+            s.record = self.record.clone();
+            s.attempts = u64::from(self.attempts);
+            s.next_attempt_at = next_attempt_at;
+        }
+    }
+}
+
+/// One attempt of `batch`: resolve and check the destination, then call.
+async fn attempt(
+    ctx: &Context,
+    conn: &mut Option<Connection>,
+    spec: &Spec,
+    batch: &InFlight,
+) -> Outcome {
+    let addr = match allow::resolve(&ctx.allow, &spec.target.dest).await {
+        Ok(addr) => addr,
+        Err(refusal) => {
+            return Outcome::Failed {
+                reason: "destination_not_allowed",
+                retry: Retry::Slowly,
+                message: refusal.to_string(),
+            }
+        }
+    };
+    let started = Instant::now();
+    let outcome = sender::send(
+        &ctx.connector,
+        conn,
+        addr,
+        spec,
+        &batch.webhook_id,
+        Bytes::from(batch.body.clone()),
+    )
+    .await;
+    tracing::trace!(
+        webhook = spec.name.as_str(),
+        ms = started.elapsed().as_millis() as u64,
+        ?outcome,
+        "webhook call"
+    );
+    outcome
+}
+
+async fn sleep_or_command(commands: &mut mpsc::Receiver<Command>, wait: Duration) -> Woken<()> {
+    tokio::select! {
+        _ = tokio::time::sleep(wait) => Woken::Done(()),
+        cmd = commands.recv() => Woken::Command(cmd),
+    }
+}
+
+/// Cuts one batch: a gap (only first), then events in id order, within the webhook's
+/// limits; a single event larger than `batch_max_bytes` goes alone.
+struct Builder {
+    max_events: usize,
+    max_bytes: usize,
+    gap: Option<Gap>,
+    events: Vec<SharedEvent>,
+    bytes: usize,
+}
+
+/// Bytes of the body around the events: `{"events":[]}` and a gap member.
+const BODY_OVERHEAD: usize = 96;
+
+impl Builder {
+    fn new(spec: &Spec) -> Builder {
+        Builder {
+            max_events: spec.batch_max_events,
+            max_bytes: spec.batch_max_bytes,
+            gap: None,
+            events: Vec::new(),
+            bytes: BODY_OVERHEAD,
+        }
+    }
+
+    fn full(&self) -> bool {
+        self.events.len() >= self.max_events || self.bytes >= self.max_bytes
+    }
+
+    /// Adds the first delivery of the batch.
+    fn push(&mut self, d: Delivery) {
+        match d {
+            Delivery::Gap(g) => self.gap = Some(g),
+            Delivery::Event(e) => {
+                self.bytes += e.json().len() + 1;
+                self.events.push(e);
+            }
+        }
+    }
+
+    /// Adds `d` when it fits; gives it back otherwise.
+    fn try_push(&mut self, d: Delivery) -> Option<Delivery> {
+        match d {
+            // A gap opens a batch of its own.
+            Delivery::Gap(_) if self.gap.is_some() || !self.events.is_empty() => Some(d),
+            Delivery::Event(ref e)
+                if !self.events.is_empty()
+                    && (self.events.len() >= self.max_events
+                        || self.bytes + e.json().len() + 1 > self.max_bytes) =>
+            {
+                Some(d)
+            }
+            d => {
+                self.push(d);
+                None
+            }
+        }
+    }
+
+    fn finish(self) -> Batch {
+        let mut body = Vec::with_capacity(self.bytes);
+        body.extend_from_slice(b"{\"events\":[");
+        for (i, e) in self.events.iter().enumerate() {
+            if i > 0 {
+                body.push(b',');
+            }
+            body.extend_from_slice(e.json());
+        }
+        body.push(b']');
+        if let Some(g) = self.gap {
+            body.extend_from_slice(
+                format!(
+                    ",\"gap\":{{\"requested\":{},\"oldest\":{}}}",
+                    g.requested, g.oldest
+                )
+                .as_bytes(),
+            );
+        }
+        body.push(b'}');
+        let gap_last = self.gap.map_or(0, |g| g.oldest.saturating_sub(1));
+        let first_id = self.events.first().map_or(gap_last, |e| e.id.0);
+        let last_id = self
+            .events
+            .last()
+            .map_or(gap_last, |e| e.id.0)
+            .max(gap_last);
+        let nanos = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map_or(0, |d| d.as_nanos());
+        Batch {
+            in_flight: InFlight {
+                webhook_id: format!("msg_{first_id}-{last_id}_{nanos:x}"),
+                first_id,
+                last_id,
+                events: self.events.len() as u64,
+                // JSON envelopes are UTF-8 text.
+                body: String::from_utf8_lossy(&body).into_owned(),
+            },
+            times: self.events.iter().map(|e| e.time).collect(),
+        }
+    }
+}
+
+fn now_ms() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_millis() as u64)
+}
