@@ -134,27 +134,49 @@ pub async fn run_with_keys(
 
     let opening = std::time::Instant::now();
     let opened = match config.log {
-        LogBackend::Sled => open_sled(&config, hub, metrics).await,
-        LogBackend::Nats => open_nats(&config, hub, metrics).await,
+        LogBackend::Sled => open_sled(&config, hub, metrics)
+            .await
+            .map(|log| (log, None)),
+        LogBackend::Nats => open_nats(&config, hub, metrics).await.map(|log| {
+            let js = log.jetstream();
+            (log as Arc<dyn EventLog>, Some(js))
+        }),
     };
-    let log: Arc<dyn EventLog> = match opened {
-        Ok(log) => log,
+    let (log, nats): (Arc<dyn EventLog>, _) = match opened {
+        Ok(opened) => opened,
         Err(e) => {
             let _ = stop_tx.send(true);
             let _ = accept.await;
             return Err(e.into());
         }
     };
-    let webhooks = match start_webhooks(&config, log.clone(), &state).await {
-        Ok(w) => Arc::new(w),
-        Err(e) => {
-            let _ = stop_tx.send(true);
-            let _ = accept.await;
-            let _ = log.close().await;
-            return Err(e.into());
+    // Webhooks: beside the sled log, started before the server is ready; over JetStream in
+    // KV buckets, started as soon as NATS answers (the gateway may start before it does).
+    let webhook_starter = match nats {
+        None => {
+            if let Err(e) = start_webhooks(&config, log.clone(), &state, None).await {
+                let _ = stop_tx.send(true);
+                let _ = accept.await;
+                let _ = log.close().await;
+                return Err(e.into());
+            }
+            None
+        }
+        Some(js) => {
+            let (config, log, state) = (config.clone(), log.clone(), state.clone());
+            Some(tokio::spawn(async move {
+                loop {
+                    match start_webhooks(&config, log.clone(), &state, Some(&js)).await {
+                        Ok(()) => return,
+                        Err(e) => {
+                            tracing::warn!(error = %e, "webhooks not started yet; trying again");
+                            tokio::time::sleep(Duration::from_secs(1)).await;
+                        }
+                    }
+                }
+            }))
         }
     };
-    state.set_webhooks(webhooks.clone());
     tracing::info!(
         listen = %addr,
         log = ?config.log,
@@ -182,10 +204,14 @@ pub async fn run_with_keys(
     if tokio::time::timeout(grace, drained).await.is_err() {
         tracing::warn!("connections still open after the grace period; closing anyway");
     }
-    // A call in flight is abandoned (its batch goes again after the restart), but a record
+    // A call in flight is abandoned (its batch goes again after the restart), but a state
     // being written is finished before the log closes.
-    webhooks.stop(grace).await;
-    drop(webhooks);
+    if let Some(starter) = webhook_starter {
+        starter.abort();
+    }
+    if let Some(webhooks) = state.webhooks_now() {
+        webhooks.stop(grace).await;
+    }
     log.close().await?;
     // Every handle to the log must be gone before the checkpoint can open its directory.
     drop(log);
@@ -197,19 +223,23 @@ pub async fn run_with_keys(
     Ok(())
 }
 
-/// Loads the webhooks (their records beside the log) and starts delivering.
+/// Loads the webhooks and starts delivering: their state beside the sled log, or in KV
+/// buckets of the JetStream context `nats`.
 async fn start_webhooks(
     config: &Config,
     log: Arc<dyn EventLog>,
     state: &AppState,
-) -> Result<crate::webhook::Webhooks, crate::webhook::WebhookError> {
-    use crate::webhook::{store, WebhookError};
+    nats: Option<&async_nats::jetstream::Context>,
+) -> Result<(), crate::webhook::WebhookError> {
+    use crate::webhook::{kv::KvStore, store, WebhookError};
     let opts = config
         .webhook_options()
         .map_err(|e| WebhookError::Invalid(e.to_string()))?;
-    let dir = config.data_dir.join(store::DIR);
-    let store: Arc<dyn store::Store> = Arc::new(store::FileStore::open(dir)?);
-    crate::webhook::Webhooks::start(
+    let store: Arc<dyn store::Store> = match nats {
+        None => Arc::new(store::FileStore::open(config.data_dir.join(store::DIR))?),
+        Some(js) => Arc::new(KvStore::open(js, &config.nats_stream, config.nats_replicas).await?),
+    };
+    let hooks = crate::webhook::Webhooks::start(
         log,
         state.hub.clone(),
         state.metrics.clone(),
@@ -217,7 +247,9 @@ async fn start_webhooks(
         opts,
         &config.webhooks,
     )
-    .await
+    .await?;
+    state.set_webhooks(Arc::new(hooks));
+    Ok(())
 }
 
 /// Opens the embedded sled log in `config.data_dir`.
@@ -260,11 +292,7 @@ async fn open_sled(
 }
 
 /// Connects to the JetStream stream `config` names (see [`NatsLog::open`]).
-async fn open_nats(
-    config: &Config,
-    hub: Hub,
-    metrics: Metrics,
-) -> Result<Arc<dyn EventLog>, LogError> {
+async fn open_nats(config: &Config, hub: Hub, metrics: Metrics) -> Result<Arc<NatsLog>, LogError> {
     let opts = NatsOptions {
         urls: config.nats_urls.clone(),
         stream: config.nats_stream.clone(),

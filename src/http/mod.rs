@@ -150,10 +150,16 @@ impl AppState {
         let _ = self.webhooks.set(webhooks);
     }
 
-    /// The webhooks, once the log is open (waits like [`AppState::log`]).
+    /// The webhooks, once the log is open (waits like [`AppState::log`]); 503 while they
+    /// are not started (a gateway whose NATS has not answered yet).
     pub async fn webhooks(&self) -> Result<Arc<crate::webhook::Webhooks>, ApiError> {
         self.log().await?;
         self.webhooks.get().cloned().ok_or_else(ApiError::not_ready)
+    }
+
+    /// The webhooks if started.
+    pub fn webhooks_now(&self) -> Option<Arc<crate::webhook::Webhooks>> {
+        self.webhooks.get().cloned()
     }
 
     /// Declares the server not ready (shutting down).

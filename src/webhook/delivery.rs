@@ -1,5 +1,5 @@
-//! One webhook's delivery task: the only writer of its record, so every step is recorded in
-//! order. The loop:
+//! One webhook's delivery task: the only writer of its delivery state, so every step is
+//! recorded in order. The loop:
 //! 1. with no batch in flight, wait for matching events (a [`Subscription`] from the cursor:
 //!    history, then live, with the gap signal) and cut a batch (`batch_max_events`,
 //!    `batch_max_bytes`, or a gap, which always opens a batch);
@@ -12,6 +12,7 @@
 //! while backing off; a call cut short by one counts as not delivered (the batch goes again,
 //! whole, with its `webhook-id`: a receiver may see a batch twice, never a partial one).
 
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
@@ -21,7 +22,7 @@ use tokio::sync::{mpsc, oneshot};
 use super::allow;
 use super::sender::{self, Connection, Outcome, Retry};
 use super::spec::Spec;
-use super::store::{InFlight, Record, StoreError};
+use super::store::{InFlight, State, StoreError};
 use super::Context;
 use crate::envelope::{EventId, Gap, SharedEvent};
 use crate::subscription::{Delivery, Subscription};
@@ -32,17 +33,16 @@ const LOCAL_RETRY: Duration = Duration::from_secs(1);
 
 /// What the manager asks of a task.
 pub(super) enum Command {
-    /// Use this definition from now on; `since` moves the cursor.
+    /// Use this definition from now on. An `epoch` above the state's drops the batch in
+    /// flight and moves the cursor to `since` (when given).
     Update {
         spec: Box<Spec>,
+        epoch: u64,
         since: Option<u64>,
         reply: oneshot::Sender<Result<(), StoreError>>,
     },
-    /// Forget the webhook (its record too) and end.
-    Delete {
-        reply: oneshot::Sender<Result<(), StoreError>>,
-    },
-    /// End (the server is stopping); the record stays as it is.
+    /// End (the server is stopping, the webhook was deleted or another server delivers it
+    /// now); the state stays as it is.
     Stop,
 }
 
@@ -51,12 +51,8 @@ pub(super) enum Command {
 pub struct Status {
     /// The definition in force.
     pub spec: Spec,
-    /// The record as last changed (stored, or about to be).
-    pub record: Record,
-    /// Failed attempts of the batch in flight.
-    pub attempts: u64,
-    /// When the next attempt is due (Unix ms), while backing off.
-    pub next_attempt_at: Option<u64>,
+    /// The delivery state as last changed (stored, or about to be).
+    pub state: State,
 }
 
 /// A batch cut from the subscription.
@@ -75,15 +71,17 @@ enum Woken<T> {
 pub(super) struct Task {
     ctx: Arc<Context>,
     spec: Spec,
-    record: Record,
-    /// Whether `record` is stored as it is in memory.
+    state: State,
+    /// Whether `state` is stored as it is in memory.
     saved: bool,
+    /// Until when (Unix ms) this server may call the webhook: its claim, renewed by the
+    /// manager (forever for a store used by one server only).
+    lease_until: Arc<AtomicU64>,
     status: Arc<Mutex<Status>>,
     sub: Option<Subscription>,
     /// A delivery read from the subscription that did not fit the batch it was read for.
     pending: Option<Delivery>,
     conn: Option<Connection>,
-    attempts: u32,
     /// Times of the events of the batch in flight (empty for a batch recovered from disk).
     times: Vec<u64>,
 }
@@ -92,19 +90,20 @@ impl Task {
     pub(super) fn new(
         ctx: Arc<Context>,
         spec: Spec,
-        record: Record,
+        state: State,
         status: Arc<Mutex<Status>>,
+        lease_until: Arc<AtomicU64>,
     ) -> Task {
         Task {
             ctx,
             spec,
-            record,
+            state,
             saved: true,
+            lease_until,
             status,
             sub: None,
             pending: None,
             conn: None,
-            attempts: 0,
             times: Vec::new(),
         }
     }
@@ -112,8 +111,8 @@ impl Task {
     /// Runs until deleted or stopped.
     pub(super) async fn run(mut self, mut commands: mpsc::Receiver<Command>) {
         loop {
-            self.publish_status(None);
-            if !self.spec.enabled || self.record.disabled.is_some() {
+            self.publish_status();
+            if !self.spec.enabled || self.state.disabled.is_some() {
                 self.set_lag(0);
                 let cmd = commands.recv().await;
                 if !self.handle(cmd).await {
@@ -135,7 +134,7 @@ impl Task {
                     }
                 }
             }
-            if self.record.in_flight.is_none() {
+            if self.state.in_flight.is_none() {
                 let first = match self.pending.take() {
                     Some(d) => Ok(d),
                     None => {
@@ -158,9 +157,9 @@ impl Task {
                 };
                 match batch {
                     Ok(batch) => {
-                        self.record.in_flight = Some(batch.in_flight);
+                        self.state.in_flight = Some(batch.in_flight);
                         self.times = batch.times;
-                        self.attempts = 0;
+                        self.state.progress.attempts = 0;
                         self.saved = false;
                         // Recorded before its first attempt (next turn of the loop).
                         continue;
@@ -181,10 +180,22 @@ impl Task {
                     }
                 }
             }
-            let Some(batch) = self.record.in_flight.clone() else {
+            let Some(batch) = self.state.in_flight.clone() else {
                 continue;
             };
-            self.set_lag(self.ctx.log.head().0.saturating_sub(self.record.cursor));
+            self.set_lag(self.ctx.log.head().0.saturating_sub(self.state.cursor));
+            if now_ms() >= self.lease_until.load(Ordering::Acquire) {
+                // Not ours to call now (the claim lapsed; the manager renews or stops us).
+                match sleep_or_command(&mut commands, Duration::from_millis(200)).await {
+                    Woken::Done(()) => continue,
+                    Woken::Command(cmd) => {
+                        if !self.handle(cmd).await {
+                            return;
+                        }
+                        continue;
+                    }
+                }
+            }
             let outcome = tokio::select! {
                 o = attempt(&self.ctx, &mut self.conn, &self.spec, &batch) => o,
                 cmd = commands.recv() => {
@@ -198,7 +209,7 @@ impl Task {
             };
             let wait = self.settle(&batch, outcome).await;
             if let Some(wait) = wait {
-                self.publish_status(Some(now_ms() + wait.as_millis() as u64));
+                self.publish_status();
                 if let Woken::Command(cmd) = sleep_or_command(&mut commands, wait).await {
                     if !self.handle(cmd).await {
                         return;
@@ -222,16 +233,17 @@ impl Task {
                     m.observe_webhook_latency(Duration::from_millis(now.saturating_sub(t)));
                 }
                 m.observe_webhook_delivered(name, batch.events);
-                let p = &mut self.record.progress;
+                let p = &mut self.state.progress;
                 p.delivered_events += batch.events;
                 p.delivered_batches += 1;
                 p.last_success_at = Some(now);
-                self.record.cursor = batch.last_id;
-                self.record.in_flight = None;
-                self.attempts = 0;
+                p.attempts = 0;
+                p.next_attempt_at = None;
+                self.state.cursor = batch.last_id;
+                self.state.in_flight = None;
                 // The next batch, when it is ready now, is recorded in the same write.
                 if let Some(next) = self.cut_ready().await {
-                    self.record.in_flight = Some(next.in_flight);
+                    self.state.in_flight = Some(next.in_flight);
                     self.times = next.times;
                 }
                 self.saved = false;
@@ -245,7 +257,7 @@ impl Task {
                 let why = "the receiver answered 410 Gone: delivery is disabled until the \
                            webhook is put again";
                 tracing::warn!(webhook = name, "{why}");
-                self.record.disabled = Some(why.into());
+                self.state.disabled = Some(why.into());
                 self.note_error("410 Gone".into());
                 self.saved = false;
                 if let Err(e) = self.save().await {
@@ -259,66 +271,59 @@ impl Task {
                 message,
             } => {
                 m.observe_webhook_failure(name, reason);
-                self.attempts = self.attempts.saturating_add(1);
-                self.note_error(message.clone());
+                let p = &mut self.state.progress;
+                p.attempts = p.attempts.saturating_add(1);
+                let attempts = u32::try_from(p.attempts).unwrap_or(u32::MAX);
                 let backoff = self.ctx.backoff;
                 let wait = match retry {
-                    Retry::Backoff => backoff.delay(self.attempts, fastrand::f64()),
+                    Retry::Backoff => backoff.delay(attempts, fastrand::f64()),
                     Retry::After(d) => d,
                     Retry::Slowly => backoff.max,
                 };
-                tracing::debug!(webhook = name, attempts = self.attempts, reason, %message, wait_ms = wait.as_millis() as u64, "webhook call failed");
+                p.next_attempt_at = Some(now_ms() + wait.as_millis() as u64);
+                self.note_error(message.clone());
+                tracing::debug!(webhook = name, attempts, reason, %message, wait_ms = wait.as_millis() as u64, "webhook call failed");
+                // Best effort, for a person reading the state (from any server); the batch
+                // and the cursor are unchanged.
+                self.saved = false;
+                let _ = self.save().await;
                 Some(wait)
             }
         }
     }
 
     fn note_error(&mut self, message: String) {
-        self.record.progress.last_error = Some(message);
-        self.record.progress.last_error_at = Some(now_ms());
+        self.state.progress.last_error = Some(message);
+        self.state.progress.last_error_at = Some(now_ms());
     }
 
     /// Applies `cmd`; `false` when the task should end.
     async fn handle(&mut self, cmd: Option<Command>) -> bool {
         match cmd {
             None | Some(Command::Stop) => false,
-            Some(Command::Delete { reply }) => {
-                let done = self.ctx.store.remove(self.spec.name.as_str()).await;
-                let ok = done.is_ok();
-                let _ = reply.send(done);
-                if ok {
-                    self.set_lag(0);
-                }
-                // A failed removal leaves the webhook as it was, still delivering.
-                !ok
-            }
-            Some(Command::Update { spec, since, reply }) => {
-                let before = (self.spec.clone(), self.record.clone());
-                let restart = spec.delivers_differently(&self.spec) || since.is_some();
+            Some(Command::Update {
+                spec,
+                epoch,
+                since,
+                reply,
+            }) => {
                 self.spec = *spec;
-                self.record.spec = self.spec.to_request();
-                self.record.disabled = None;
-                if let Some(c) = since {
-                    self.record.cursor = c;
-                }
-                if restart {
+                if apply_epoch(&mut self.state, epoch, since) {
                     // Another destination, other events or another cursor: the batch in
                     // flight belonged to the old definition.
-                    self.record.in_flight = None;
                     self.sub = None;
                     self.pending = None;
                     self.times.clear();
-                }
-                self.attempts = 0;
-                self.saved = false;
-                let done = self.save().await;
-                if done.is_err() {
-                    (self.spec, self.record) = before;
-                    self.saved = true;
-                } else if restart {
                     self.conn = None;
                 }
-                let _ = reply.send(done);
+                // A put resumes a webhook the receiver disabled, and starts its retries
+                // afresh.
+                self.state.disabled = None;
+                self.state.progress.attempts = 0;
+                self.state.progress.next_attempt_at = None;
+                self.saved = false;
+                // A failed write is tried again by the loop; the definition is in force.
+                let _ = reply.send(self.save().await);
                 true
             }
         }
@@ -327,7 +332,7 @@ impl Task {
     async fn save(&mut self) -> Result<(), StoreError> {
         self.ctx
             .store
-            .save(self.spec.name.as_str(), &self.record)
+            .save_state(self.spec.name.as_str(), &self.state)
             .await?;
         self.saved = true;
         Ok(())
@@ -336,10 +341,10 @@ impl Task {
     fn subscription(&mut self) -> &mut Subscription {
         let ctx = &self.ctx;
         let from = self
-            .record
+            .state
             .in_flight
             .as_ref()
-            .map_or(self.record.cursor, |b| b.last_id);
+            .map_or(self.state.cursor, |b| b.last_id);
         self.sub.get_or_insert_with(|| {
             Subscription::open(
                 ctx.log.clone(),
@@ -388,14 +393,26 @@ impl Task {
             .set_webhook_lag(self.spec.name.as_str(), lag);
     }
 
-    fn publish_status(&self, next_attempt_at: Option<u64>) {
+    fn publish_status(&self) {
         if let Ok(mut s) = self.status.lock() {
             s.spec = self.spec.clone();
-            s.record = self.record.clone();
-            s.attempts = u64::from(self.attempts);
-            s.next_attempt_at = next_attempt_at;
+            s.state = self.state.clone();
         }
     }
+}
+
+/// Brings `state` to definition `epoch`: when it is newer, the batch in flight is dropped
+/// and the cursor moves to `since` (when given). Whether it was newer.
+pub(super) fn apply_epoch(state: &mut State, epoch: u64, since: Option<u64>) -> bool {
+    if epoch <= state.epoch {
+        return false;
+    }
+    state.epoch = epoch;
+    state.in_flight = None;
+    if let Some(c) = since {
+        state.cursor = c;
+    }
+    true
 }
 
 /// One attempt of `batch`: resolve and check the destination, then call.

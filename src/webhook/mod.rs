@@ -18,6 +18,7 @@
 //! (each webhook's task; this module is the manager the HTTP API talks to).
 
 use std::collections::BTreeMap;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
@@ -32,15 +33,16 @@ use crate::metrics::Metrics;
 pub mod allow;
 pub mod backoff;
 mod delivery;
+pub mod kv;
 pub mod sender;
 pub mod sign;
 pub mod spec;
 pub mod store;
 
 pub use delivery::Status;
-use delivery::{Command, Task};
+use delivery::{apply_epoch, Command, Task};
 use spec::{Name, Request, Spec};
-use store::{Record, Store, StoreError};
+use store::{Def, State, Store, StoreError};
 
 /// Most matching events counted for a webhook's `lag` (a longer backlog shows this many).
 pub const LAG_COUNT_CAP: u64 = 10_000;
@@ -88,17 +90,33 @@ struct Context {
     connector: sender::Connector,
 }
 
+/// A running delivery task.
 struct Handle {
     commands: mpsc::Sender<Command>,
     status: Arc<Mutex<Status>>,
     task: tokio::task::JoinHandle<()>,
+    lease_until: Arc<AtomicU64>,
 }
 
-/// Every webhook of this server, each delivered by its own task.
+/// One webhook as this server knows it.
+struct Entry {
+    spec: Spec,
+    def: Def,
+    /// The store's revision of `def` (a change made by another server shows as a new one).
+    revision: u64,
+    /// Its delivery task, when this server delivers it.
+    task: Option<Handle>,
+}
+
+type Entries = tokio::sync::Mutex<BTreeMap<Name, Entry>>;
+
+/// Every webhook of this server (or, over JetStream, of every gateway: each webhook is
+/// delivered by the one gateway holding its claim).
 pub struct Webhooks {
     ctx: Arc<Context>,
-    /// Held across a whole put or delete, so changes to webhooks are applied one at a time.
-    tasks: tokio::sync::Mutex<BTreeMap<Name, Handle>>,
+    /// Held across a whole put, delete or synchronisation, so changes apply one at a time.
+    entries: Arc<Entries>,
+    sync: Mutex<Option<tokio::task::JoinHandle<()>>>,
 }
 
 /// A webhook as the API shows it (never its secret or header values).
@@ -159,7 +177,10 @@ pub struct InFlightView {
 
 impl Webhooks {
     /// Loads the stored webhooks, applies the ones `declared` in the configuration (created
-    /// when missing, updated otherwise: their cursors are kept), and starts delivering.
+    /// when missing, updated otherwise: their cursors are kept), and starts delivering the
+    /// ones this server may deliver. Over a shared store, a background loop follows changes
+    /// made by other servers and takes over webhooks whose deliverer stopped renewing its
+    /// claim.
     pub async fn start(
         log: Arc<dyn EventLog>,
         hub: Hub,
@@ -168,36 +189,22 @@ impl Webhooks {
         opts: Options,
         declared: &[Request],
     ) -> Result<Webhooks, WebhookError> {
-        let records = store.load().await?;
+        let ctx = Arc::new(Context {
+            log,
+            hub,
+            metrics,
+            store,
+            allow: opts.allow,
+            backoff: opts.backoff,
+            page_size: opts.page_size,
+            connector: sender::Connector::new(),
+        });
         let hooks = Webhooks {
-            ctx: Arc::new(Context {
-                log,
-                hub,
-                metrics,
-                store,
-                allow: opts.allow,
-                backoff: opts.backoff,
-                page_size: opts.page_size,
-                connector: sender::Connector::new(),
-            }),
-            tasks: tokio::sync::Mutex::new(BTreeMap::new()),
+            ctx: ctx.clone(),
+            entries: Arc::new(tokio::sync::Mutex::new(BTreeMap::new())),
+            sync: Mutex::new(None),
         };
-        {
-            let mut tasks = hooks.tasks.lock().await;
-            for record in records {
-                let name = record.spec.name.clone().unwrap_or_default();
-                let spec = Name::parse(&name)
-                    .and_then(|n| Spec::apply(n, &record.spec, None))
-                    .map_err(|why| {
-                        WebhookError::Store(StoreError::Corrupt {
-                            name: name.clone(),
-                            why,
-                        })
-                    })?;
-                let handle = hooks.spawn(spec.clone(), record);
-                tasks.insert(spec.name, handle);
-            }
-        }
+        sync_once(&ctx, &hooks.entries).await?;
         for req in declared {
             let name = req.name.clone().unwrap_or_default();
             let mut req = req.clone();
@@ -207,23 +214,25 @@ impl Webhooks {
                 .await
                 .map_err(|e| WebhookError::Invalid(format!("[[webhooks]] {name:?}: {e}")))?;
         }
-        Ok(hooks)
-    }
-
-    fn spawn(&self, spec: Spec, record: Record) -> Handle {
-        let status = Arc::new(Mutex::new(Status {
-            spec: spec.clone(),
-            record: record.clone(),
-            attempts: 0,
-            next_attempt_at: None,
-        }));
-        let (tx, rx) = mpsc::channel(4);
-        let task = Task::new(self.ctx.clone(), spec, record, status.clone());
-        Handle {
-            commands: tx,
-            status,
-            task: tokio::spawn(task.run(rx)),
+        if let Some(lease) = ctx.store.lease() {
+            let (ctx, entries) = (ctx.clone(), Arc::downgrade(&hooks.entries));
+            let every = lease / 6;
+            let task = tokio::spawn(async move {
+                loop {
+                    tokio::time::sleep(every).await;
+                    let Some(entries) = entries.upgrade() else {
+                        return;
+                    };
+                    if let Err(e) = sync_once(&ctx, &entries).await {
+                        tracing::warn!(error = %e, "cannot read the shared webhook state; trying again");
+                    }
+                }
+            });
+            if let Ok(mut slot) = hooks.sync.lock() {
+                *slot = Some(task);
+            }
         }
+        Ok(hooks)
     }
 
     /// Creates (`true`) or updates (`false`) the webhook `name` as `req` says, once its
@@ -235,138 +244,171 @@ impl Webhooks {
                 "the body's name differs from the path's".into(),
             ));
         }
-        let mut tasks = self.tasks.lock().await;
-        let current = match tasks.get(&name) {
-            Some(h) => h.status.lock().ok().map(|s| s.spec.clone()),
-            None => None,
-        };
-        let spec =
-            Spec::apply(name.clone(), &req, current.as_ref()).map_err(WebhookError::Invalid)?;
+        let mut entries = self.entries.lock().await;
+        let current = entries.get(&name);
+        let spec = Spec::apply(name.clone(), &req, current.map(|e| &e.spec))
+            .map_err(WebhookError::Invalid)?;
         if req.url.is_some() || current.is_none() {
             check_destination(&self.ctx.allow, &spec).await?;
         }
-        let created = match tasks.get(&name) {
-            Some(handle) => {
-                let (reply, done) = oneshot::channel();
-                let sent = handle
-                    .commands
-                    .send(Command::Update {
-                        spec: Box::new(spec),
-                        since: req.since,
-                        reply,
-                    })
-                    .await;
-                if sent.is_err() {
-                    return Err(StoreError::Io("the webhook's task has ended".into()).into());
-                }
-                done.await
-                    .map_err(|_| StoreError::Io("the webhook's task has ended".into()))??;
-                false
+        let created = current.is_none();
+        let (epoch, since) = match current {
+            Some(e) if spec.delivers_differently(&e.spec) || req.since.is_some() => {
+                (e.def.epoch + 1, req.since)
             }
+            Some(e) => (e.def.epoch, None),
             None => {
-                let record = Record {
-                    spec: spec.to_request(),
-                    cursor: match req.since {
-                        Some(c) => c,
-                        None => self.ctx.log.head().0,
-                    },
-                    in_flight: None,
-                    disabled: None,
-                    progress: Default::default(),
-                };
-                self.ctx.store.save(name.as_str(), &record).await?;
-                let handle = self.spawn(spec, record);
-                tasks.insert(name.clone(), handle);
-                true
+                // A state left by an earlier webhook of this name (written by a server that
+                // had not yet seen its deletion) must not be taken over.
+                let left = self.ctx.store.state(name.as_str()).await?;
+                (
+                    left.map_or(1, |s| s.epoch + 1),
+                    Some(req.since.unwrap_or(self.ctx.log.head().0)),
+                )
             }
         };
-        let status = tasks
-            .get(&name)
-            .and_then(|h| h.status.lock().ok().map(|s| s.clone()));
-        drop(tasks);
-        let status = status.ok_or_else(|| WebhookError::NotFound(name.as_str().into()))?;
-        Ok((self.view(status).await, created))
+        let def = Def {
+            spec: spec.to_request(),
+            epoch,
+            since,
+        };
+        let revision = self.ctx.store.put_def(name.as_str(), &def).await?;
+        let entry = entries.entry(name.clone()).or_insert_with(|| Entry {
+            spec: spec.clone(),
+            def: def.clone(),
+            revision,
+            task: None,
+        });
+        entry.spec = spec.clone();
+        entry.def = def;
+        entry.revision = revision;
+        match &entry.task {
+            Some(handle) => {
+                let (reply, done) = oneshot::channel();
+                let update = Command::Update {
+                    spec: Box::new(spec),
+                    epoch,
+                    since,
+                    reply,
+                };
+                if handle.commands.send(update).await.is_ok() {
+                    // The definition is stored and in force; a state write that failed is
+                    // retried by the task.
+                    if let Ok(Err(e)) = done.await {
+                        tracing::warn!(webhook = name.as_str(), error = %e, "cannot record the webhook's state yet");
+                    }
+                }
+            }
+            None => adopt(&self.ctx, &name, entry).await?,
+        }
+        let view = match entry
+            .task
+            .as_ref()
+            .and_then(|h| h.status.lock().ok().map(|s| s.clone()))
+        {
+            Some(status) => status,
+            None => stored_status(&self.ctx, entry).await?,
+        };
+        drop(entries);
+        Ok((self.view(view).await, created))
     }
 
     /// The webhook `name` as it stands.
     pub async fn get(&self, name: &str) -> Result<View, WebhookError> {
         let status = {
-            let tasks = self.tasks.lock().await;
-            Name::parse(name).ok().and_then(|n| {
-                tasks
-                    .get(&n)
-                    .and_then(|h| h.status.lock().ok().map(|s| s.clone()))
-            })
+            let entries = self.entries.lock().await;
+            let entry = Name::parse(name).ok().and_then(|n| {
+                entries.get(&n).map(|e| {
+                    (
+                        e.spec.clone(),
+                        e.def.clone(),
+                        e.task
+                            .as_ref()
+                            .and_then(|h| h.status.lock().ok().map(|s| s.clone())),
+                    )
+                })
+            });
+            match entry {
+                None => return Err(WebhookError::NotFound(name.into())),
+                Some((_, _, Some(status))) => status,
+                Some((spec, def, None)) => Status {
+                    state: self
+                        .ctx
+                        .store
+                        .state(name)
+                        .await?
+                        .unwrap_or_else(|| initial_state(&def)),
+                    spec,
+                },
+            }
         };
-        match status {
-            Some(s) => Ok(self.view(s).await),
-            None => Err(WebhookError::NotFound(name.into())),
-        }
+        Ok(self.view(status).await)
     }
 
     /// Every webhook, in name order.
     pub async fn list(&self) -> Vec<View> {
-        let all: Vec<Status> = {
-            let tasks = self.tasks.lock().await;
-            tasks
-                .values()
-                .filter_map(|h| h.status.lock().ok().map(|s| s.clone()))
-                .collect()
-        };
-        let mut out = Vec::with_capacity(all.len());
-        for s in all {
-            out.push(self.view(s).await);
+        let names: Vec<Name> = self.entries.lock().await.keys().cloned().collect();
+        let mut out = Vec::with_capacity(names.len());
+        for n in names {
+            if let Ok(v) = self.get(n.as_str()).await {
+                out.push(v);
+            }
         }
         out
     }
 
-    /// Deletes the webhook `name` and its record; no call of it starts after this returns.
+    /// Deletes the webhook `name`, its definition and its state; no call of it starts on this
+    /// server after this returns (another server delivering it stops within a second or so,
+    /// when it sees the deletion).
     pub async fn delete(&self, name: &str) -> Result<(), WebhookError> {
-        let mut tasks = self.tasks.lock().await;
+        let mut entries = self.entries.lock().await;
         let key = Name::parse(name).map_err(|_| WebhookError::NotFound(name.into()))?;
-        let Some(handle) = tasks.get(&key) else {
+        let Some(mut entry) = entries.remove(&key) else {
             return Err(WebhookError::NotFound(name.into()));
         };
-        let (reply, done) = oneshot::channel();
-        if handle
-            .commands
-            .send(Command::Delete { reply })
-            .await
-            .is_err()
-        {
-            return Err(StoreError::Io("the webhook's task has ended".into()).into());
+        if let Some(h) = entry.task.take() {
+            stop(h).await;
         }
-        done.await
-            .map_err(|_| StoreError::Io("the webhook's task has ended".into()))??;
-        if let Some(h) = tasks.remove(&key) {
-            let _ = h.task.await;
-        }
-        Ok(())
+        let removed = self.ctx.store.remove(key.as_str()).await;
+        self.ctx.store.release(key.as_str()).await;
+        self.ctx.metrics.set_webhook_lag(key.as_str(), 0);
+        removed.map_err(Into::into)
     }
 
     /// Stops every delivery task (a call in flight is abandoned: its batch goes again after
-    /// the restart) and waits for them, at most `grace`.
+    /// the restart) and gives their claims up, waiting at most `grace`.
     pub async fn stop(&self, grace: Duration) {
-        let mut tasks = self.tasks.lock().await;
-        for h in tasks.values() {
-            let _ = h.commands.try_send(Command::Stop);
+        if let Ok(mut slot) = self.sync.lock() {
+            if let Some(t) = slot.take() {
+                t.abort();
+            }
         }
-        let joins: Vec<_> = std::mem::take(&mut *tasks)
-            .into_values()
-            .map(|h| h.task)
-            .collect();
-        let all = futures_util::future::join_all(joins);
-        if tokio::time::timeout(grace, all).await.is_err() {
+        let mut entries = self.entries.lock().await;
+        let mut names = Vec::new();
+        let mut handles = Vec::new();
+        for (name, e) in entries.iter_mut() {
+            if let Some(h) = e.task.take() {
+                names.push(name.clone());
+                handles.push(stop(h));
+            }
+        }
+        if tokio::time::timeout(grace, futures_util::future::join_all(handles))
+            .await
+            .is_err()
+        {
             tracing::warn!("webhook tasks still busy after the grace period");
+        }
+        for n in names {
+            self.ctx.store.release(n.as_str()).await;
         }
     }
 
     async fn view(&self, s: Status) -> View {
         let lag = self.lag(&s).await;
-        let r = &s.record;
+        let r = &s.state;
         let state = if !s.spec.enabled || r.disabled.is_some() {
             "disabled"
-        } else if s.attempts > 0 {
+        } else if r.progress.attempts > 0 {
             "retrying"
         } else {
             "active"
@@ -398,13 +440,13 @@ impl Webhooks {
             },
             cursor: r.cursor,
             lag,
-            attempts: s.attempts,
+            attempts: r.progress.attempts,
             last_error: r.progress.last_error.clone(),
             last_error_at: r.progress.last_error_at,
             last_success_at: r.progress.last_success_at,
             delivered_events: r.progress.delivered_events,
             delivered_batches: r.progress.delivered_batches,
-            next_attempt_at: s.next_attempt_at,
+            next_attempt_at: r.progress.next_attempt_at,
             in_flight: r.in_flight.as_ref().map(|b| InFlightView {
                 webhook_id: b.webhook_id.clone(),
                 first_id: b.first_id,
@@ -418,7 +460,7 @@ impl Webhooks {
     /// cannot be read now).
     async fn lag(&self, s: &Status) -> u64 {
         let mut n = 0u64;
-        let mut after = EventId(s.record.cursor);
+        let mut after = EventId(s.state.cursor);
         while n < LAG_COUNT_CAP {
             let Ok(page) = self.ctx.log.read(s.spec.topics.clone(), after, 1000).await else {
                 break;
@@ -431,6 +473,176 @@ impl Webhooks {
         }
         n.min(LAG_COUNT_CAP)
     }
+}
+
+/// The state of a webhook that was never delivered: at its definition's epoch and cursor.
+fn initial_state(def: &Def) -> State {
+    State {
+        epoch: def.epoch,
+        cursor: def.since.unwrap_or(0),
+        ..State::default()
+    }
+}
+
+/// The status of a webhook another server delivers, as stored.
+async fn stored_status(ctx: &Context, entry: &Entry) -> Result<Status, WebhookError> {
+    let state = ctx
+        .store
+        .state(entry.spec.name.as_str())
+        .await?
+        .unwrap_or_else(|| initial_state(&entry.def));
+    Ok(Status {
+        spec: entry.spec.clone(),
+        state,
+    })
+}
+
+/// Starts delivering `entry` when this server may (its claim is granted): loads its state
+/// and brings it to the definition's epoch.
+async fn adopt(ctx: &Arc<Context>, name: &Name, entry: &mut Entry) -> Result<(), WebhookError> {
+    if entry.task.is_some() || !ctx.store.claim(name.as_str()).await? {
+        return Ok(());
+    }
+    let mut state = match ctx.store.state(name.as_str()).await? {
+        Some(s) => s,
+        None => initial_state(&entry.def),
+    };
+    apply_epoch(&mut state, entry.def.epoch, entry.def.since);
+    let status = Arc::new(Mutex::new(Status {
+        spec: entry.spec.clone(),
+        state: state.clone(),
+    }));
+    let lease_until = Arc::new(AtomicU64::new(lease_deadline(ctx)));
+    let (tx, rx) = mpsc::channel(4);
+    let task = Task::new(
+        ctx.clone(),
+        entry.spec.clone(),
+        state,
+        status.clone(),
+        lease_until.clone(),
+    );
+    entry.task = Some(Handle {
+        commands: tx,
+        status,
+        task: tokio::spawn(task.run(rx)),
+        lease_until,
+    });
+    Ok(())
+}
+
+/// Until when a claim granted now may be used: its lease less a second of margin (so a
+/// server stops calling before another may take over), or forever on a store of one server.
+fn lease_deadline(ctx: &Context) -> u64 {
+    match ctx.store.lease() {
+        None => u64::MAX,
+        Some(lease) => {
+            let now = std::time::SystemTime::now()
+                .duration_since(std::time::UNIX_EPOCH)
+                .map_or(0, |d| d.as_millis() as u64);
+            now + lease.saturating_sub(Duration::from_secs(1)).as_millis() as u64
+        }
+    }
+}
+
+/// Ends a delivery task and waits for it (a state write under way is finished).
+async fn stop(h: Handle) {
+    let _ = h.commands.try_send(Command::Stop);
+    let _ = h.task.await;
+}
+
+/// Reads the stored definitions: new ones are added, changed ones given to their task,
+/// deleted ones stopped; then claims are renewed (a task whose claim is lost stops) and
+/// unclaimed webhooks adopted.
+async fn sync_once(ctx: &Arc<Context>, entries: &Entries) -> Result<(), WebhookError> {
+    let defs = ctx.store.defs().await?;
+    let mut entries = entries.lock().await;
+    let mut seen = std::collections::BTreeSet::new();
+    for (def, revision) in defs {
+        let raw = def.spec.name.clone().unwrap_or_default();
+        let spec = match Name::parse(&raw).and_then(|n| Spec::apply(n, &def.spec, None)) {
+            Ok(spec) => spec,
+            Err(why) => {
+                tracing::warn!(webhook = %raw, %why, "a stored webhook definition is not valid; skipped");
+                continue;
+            }
+        };
+        let name = spec.name.clone();
+        seen.insert(name.clone());
+        match entries.get_mut(&name) {
+            None => {
+                entries.insert(
+                    name,
+                    Entry {
+                        spec,
+                        def,
+                        revision,
+                        task: None,
+                    },
+                );
+            }
+            Some(e) if e.revision != revision => {
+                e.spec = spec.clone();
+                e.def = def.clone();
+                e.revision = revision;
+                if let Some(h) = &e.task {
+                    let (reply, _) = oneshot::channel();
+                    let _ = h
+                        .commands
+                        .send(Command::Update {
+                            spec: Box::new(spec),
+                            epoch: def.epoch,
+                            since: def.since,
+                            reply,
+                        })
+                        .await;
+                }
+            }
+            Some(_) => {}
+        }
+    }
+    let gone: Vec<Name> = entries
+        .keys()
+        .filter(|n| !seen.contains(*n))
+        .cloned()
+        .collect();
+    for name in gone {
+        if let Some(e) = entries.remove(&name) {
+            if let Some(h) = e.task {
+                stop(h).await;
+            }
+        }
+    }
+    for (name, entry) in entries.iter_mut() {
+        match &entry.task {
+            Some(h) => {
+                if ctx.store.lease().is_none() {
+                    continue;
+                }
+                match ctx.store.claim(name.as_str()).await {
+                    Ok(true) => h.lease_until.store(lease_deadline(ctx), Ordering::Release),
+                    Ok(false) => {
+                        tracing::warn!(
+                            webhook = name.as_str(),
+                            "another gateway delivers this webhook now"
+                        );
+                        if let Some(h) = entry.task.take() {
+                            stop(h).await;
+                        }
+                    }
+                    // Unrenewed, the claim lapses: the task stops calling at its deadline.
+                    Err(e) => {
+                        tracing::warn!(webhook = name.as_str(), error = %e, "cannot renew the webhook's claim")
+                    }
+                }
+            }
+            None => {
+                if let Err(e) = adopt(ctx, name, entry).await {
+                    tracing::warn!(webhook = name.as_str(), error = %e, "cannot take up the webhook");
+                }
+            }
+        }
+    }
+    Ok(())
 }
 
 /// Resolves the destination of `spec` and checks it against the allow-list.

@@ -123,6 +123,12 @@ struct Inner {
 }
 
 impl NatsLog {
+    /// The JetStream context of the gateway's connection (the webhooks keep their shared
+    /// state in KV buckets beside the stream).
+    pub fn jetstream(&self) -> jetstream::Context {
+        self.inner.js.clone()
+    }
+
     /// Connects and starts following the stream. When NATS answers within the first
     /// `timeout`, the stream is created or checked before this returns (an existing stream
     /// tidewire cannot serve is an error that says why); when it does not, this returns at
