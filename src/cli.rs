@@ -235,6 +235,9 @@ pub struct TokenArgs {
     /// Signing algorithm: HS256, HS384 or HS512.
     #[arg(long, default_value = "HS256", value_parser = mint::parse_hs_alg)]
     pub alg: jsonwebtoken::Algorithm,
+    /// Grant operator rights (the `admin` claim): managing webhooks.
+    #[arg(long)]
+    pub admin: bool,
 }
 
 /// Flags of `publish`.
@@ -376,6 +379,7 @@ fn token(a: TokenArgs) -> Result<String, String> {
         aud: a.aud,
         iss: a.iss,
         alg: a.alg,
+        admin: a.admin,
     };
     mint::mint(&secret, &spec).map_err(|e| e.to_string())
 }

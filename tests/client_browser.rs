@@ -300,6 +300,7 @@ async fn a_token_that_expires_is_renewed_through_the_token_function_on_every_tra
     let publisher = mint(
         SECRET.as_bytes(),
         &TokenSpec {
+            admin: false,
             publish: vec!["tk/**".into()],
             subscribe: vec![],
             ttl: Duration::from_secs(600),
@@ -385,6 +386,7 @@ async fn with_query_tokens_turned_off_the_websocket_cannot_carry_the_token_and_t
         mint(
             SECRET.as_bytes(),
             &TokenSpec {
+                admin: false,
                 publish: vec![publish.into()],
                 subscribe: vec![subscribe.into()],
                 ttl: Duration::from_secs(600),

@@ -24,6 +24,7 @@ fn token(publish: &[&str], subscribe: &[&str]) -> String {
     mint(
         SECRET.as_bytes(),
         &TokenSpec {
+            admin: false,
             publish: publish.iter().map(|s| s.to_string()).collect(),
             subscribe: subscribe.iter().map(|s| s.to_string()).collect(),
             ttl: std::time::Duration::from_secs(600),

@@ -177,6 +177,7 @@ fn token(sub: Option<&str>) -> String {
     tidewire::auth::mint::mint(
         SECRET.as_bytes(),
         &tidewire::auth::mint::TokenSpec {
+            admin: false,
             publish: vec!["**".into()],
             subscribe: vec!["**".into()],
             ttl: Duration::from_secs(3600),
@@ -325,6 +326,7 @@ async fn rate_limits_count_per_token_subject_and_tokens_without_sub_per_client_a
     let alice2 = tidewire::auth::mint::mint(
         SECRET.as_bytes(),
         &tidewire::auth::mint::TokenSpec {
+            admin: false,
             publish: vec!["s/**".into()],
             subscribe: vec![],
             ttl: Duration::from_secs(600),

@@ -27,12 +27,16 @@ pub struct TokenSpec {
     pub iss: Option<String>,
     /// HS256, HS384 or HS512.
     pub alg: Algorithm,
+    /// Operator rights (the `admin` claim: managing webhooks).
+    pub admin: bool,
 }
 
 #[derive(Serialize)]
 struct Grants<'a> {
     publish: &'a [String],
     subscribe: &'a [String],
+    #[serde(skip_serializing_if = "std::ops::Not::not")]
+    admin: bool,
 }
 
 #[derive(Serialize)]
@@ -79,6 +83,7 @@ pub fn mint(secret: &[u8], spec: &TokenSpec) -> Result<String, KeyError> {
         tidewire: Grants {
             publish: &spec.publish,
             subscribe: &spec.subscribe,
+            admin: spec.admin,
         },
     };
     encode(
@@ -157,6 +162,7 @@ mod tests {
     fn minted_tokens_verify_with_the_same_secret() {
         let secret = "a-secret-of-at-least-thirty-two-bytes!";
         let spec = TokenSpec {
+            admin: false,
             publish: vec!["sensors/**".into()],
             subscribe: vec!["dash/**".into()],
             ttl: Duration::from_secs(60),
@@ -182,6 +188,7 @@ mod tests {
     #[test]
     fn bad_grants_and_algorithms_are_refused() {
         let spec = TokenSpec {
+            admin: false,
             publish: vec!["a/**/b".into()],
             subscribe: vec![],
             ttl: Duration::from_secs(60),

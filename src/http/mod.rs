@@ -150,10 +150,9 @@ impl AppState {
         let _ = self.webhooks.set(webhooks);
     }
 
-    /// The webhooks, once the log is open (waits like [`AppState::log`]); 503 while they
-    /// are not started (a gateway whose NATS has not answered yet).
-    pub async fn webhooks(&self) -> Result<Arc<crate::webhook::Webhooks>, ApiError> {
-        self.log().await?;
+    /// The webhooks; 503 while they are not started (the log still opening, or a gateway
+    /// whose NATS has not answered yet). An operator's API: it does not wait.
+    pub fn webhooks(&self) -> Result<Arc<crate::webhook::Webhooks>, ApiError> {
         self.webhooks.get().cloned().ok_or_else(ApiError::not_ready)
     }
 

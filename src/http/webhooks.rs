@@ -14,7 +14,7 @@ use crate::webhook::spec::Request as WebhookRequest;
 /// `GET /v1/webhooks`: `{"webhooks": [view, …]}` in name order.
 pub async fn list(state: &Arc<AppState>, access: &Access) -> Result<Response<Body>, ApiError> {
     access.check_admin()?;
-    let hooks = state.webhooks().await?;
+    let hooks = state.webhooks()?;
     let all = hooks.list().await;
     json(StatusCode::OK, &serde_json::json!({ "webhooks": all }))
 }
@@ -33,11 +33,11 @@ where
 {
     access.check_admin()?;
     if *method == Method::GET || *method == Method::HEAD {
-        let hooks = state.webhooks().await?;
+        let hooks = state.webhooks()?;
         return json(StatusCode::OK, &hooks.get(name).await?);
     }
     if *method == Method::DELETE {
-        let hooks = state.webhooks().await?;
+        let hooks = state.webhooks()?;
         hooks.delete(name).await?;
         let mut resp = Response::new(super::full(Bytes::new()));
         *resp.status_mut() = StatusCode::NO_CONTENT;
@@ -65,7 +65,7 @@ where
             e.to_string(),
         )
     })?;
-    let hooks = state.webhooks().await?;
+    let hooks = state.webhooks()?;
     let (view, created) = hooks.put(name, wanted).await?;
     let status = if created {
         StatusCode::CREATED
