@@ -209,6 +209,15 @@ impl Webhooks {
             let name = req.name.clone().unwrap_or_default();
             let mut req = req.clone();
             req.name = None;
+            // `since` only places a new webhook's cursor: one that exists keeps its own, or
+            // every restart would replay its history from the configured cursor.
+            let exists = match Name::parse(&name) {
+                Ok(n) => hooks.entries.lock().await.contains_key(&n),
+                Err(_) => false,
+            };
+            if exists {
+                req.since = None;
+            }
             hooks
                 .put(&name, req)
                 .await
