@@ -62,12 +62,6 @@ struct Batch {
     times: Vec<u64>,
 }
 
-/// What a wait ended with.
-enum Woken<T> {
-    Done(T),
-    Command(Option<Command>),
-}
-
 pub(super) struct Task {
     ctx: Arc<Context>,
     spec: Spec,
@@ -123,15 +117,10 @@ impl Task {
             if !self.saved {
                 if let Err(e) = self.save().await {
                     tracing::warn!(webhook = self.spec.name.as_str(), error = %e, "cannot record the webhook's state; trying again");
-                    match sleep_or_command(&mut commands, LOCAL_RETRY).await {
-                        Woken::Done(()) => continue,
-                        Woken::Command(cmd) => {
-                            if !self.handle(cmd).await {
-                                return;
-                            }
-                            continue;
-                        }
+                    if !self.pause(&mut commands, LOCAL_RETRY).await {
+                        return;
                     }
+                    continue;
                 }
             }
             if self.state.in_flight.is_none() {
@@ -168,15 +157,10 @@ impl Task {
                         tracing::warn!(webhook = self.spec.name.as_str(), error = %e, "reading the log for a webhook failed; trying again");
                         self.sub = None;
                         self.pending = None;
-                        match sleep_or_command(&mut commands, LOCAL_RETRY).await {
-                            Woken::Done(()) => continue,
-                            Woken::Command(cmd) => {
-                                if !self.handle(cmd).await {
-                                    return;
-                                }
-                                continue;
-                            }
+                        if !self.pause(&mut commands, LOCAL_RETRY).await {
+                            return;
                         }
+                        continue;
                     }
                 }
             }
@@ -186,15 +170,10 @@ impl Task {
             self.set_lag(self.ctx.log.head().0.saturating_sub(self.state.cursor));
             if now_ms() >= self.lease_until.load(Ordering::Acquire) {
                 // Not ours to call now (the claim lapsed; the manager renews or stops us).
-                match sleep_or_command(&mut commands, Duration::from_millis(200)).await {
-                    Woken::Done(()) => continue,
-                    Woken::Command(cmd) => {
-                        if !self.handle(cmd).await {
-                            return;
-                        }
-                        continue;
-                    }
+                if !self.pause(&mut commands, Duration::from_millis(200)).await {
+                    return;
                 }
+                continue;
             }
             let outcome = tokio::select! {
                 o = attempt(&self.ctx, &mut self.conn, &self.spec, &batch) => o,
@@ -210,16 +189,22 @@ impl Task {
             let wait = self.settle(&batch, outcome).await;
             if let Some(wait) = wait {
                 self.publish_status();
-                if let Woken::Command(cmd) = sleep_or_command(&mut commands, wait).await {
-                    if !self.handle(cmd).await {
-                        return;
-                    }
+                if !self.pause(&mut commands, wait).await {
+                    return;
                 }
             }
         }
     }
 
-    /// Applies a call's outcome to the record; how long to wait before the next attempt, if
+    /// Waits `wait`, or until a command comes (applied); `false` when the task should end.
+    async fn pause(&mut self, commands: &mut mpsc::Receiver<Command>, wait: Duration) -> bool {
+        tokio::select! {
+            _ = tokio::time::sleep(wait) => true,
+            cmd = commands.recv() => self.handle(cmd).await,
+        }
+    }
+
+    /// Applies a call's outcome to the state; how long to wait before the next attempt, if
     /// it failed.
     async fn settle(&mut self, batch: &InFlight, outcome: Outcome) -> Option<Duration> {
         let ctx = self.ctx.clone();
@@ -449,13 +434,6 @@ async fn attempt(
         "webhook call"
     );
     outcome
-}
-
-async fn sleep_or_command(commands: &mut mpsc::Receiver<Command>, wait: Duration) -> Woken<()> {
-    tokio::select! {
-        _ = tokio::time::sleep(wait) => Woken::Done(()),
-        cmd = commands.recv() => Woken::Command(cmd),
-    }
 }
 
 /// Cuts one batch: a gap (only first), then events in id order, within the webhook's
