@@ -16,6 +16,8 @@ pub mod nats;
 
 pub mod nginx;
 
+pub mod webhook;
+
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
