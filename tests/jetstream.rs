@@ -1193,3 +1193,213 @@ async fn a_mixed_batch_on_an_r3_cluster_leaves_every_node_healthy_through_kill9_
     let all = common::poll_all(&c, &g.url(""), "p").await;
     assert_eq!(common::ids(&all), stored);
 }
+
+/// The distinct batches of `calls` in order of first arrival, after checking that each is
+/// verified and that a `webhook-id` seen again carries the same events.
+fn distinct_batches(calls: &[Value]) -> Vec<(String, Vec<u64>)> {
+    let mut seen: HashMap<String, Vec<u64>> = HashMap::new();
+    let mut order = Vec::new();
+    for c in calls {
+        assert_eq!(c["verified"], true, "every call verifies: {c}");
+        let id = c["webhook_id"].as_str().expect("webhook-id").to_owned();
+        let ids: Vec<u64> = c["event_ids"]
+            .as_array()
+            .expect("event ids")
+            .iter()
+            .map(|v| v.as_u64().expect("id"))
+            .collect();
+        match seen.get(&id) {
+            Some(before) => assert_eq!(before, &ids, "{id} re-sent with other events"),
+            None => {
+                seen.insert(id.clone(), ids.clone());
+                order.push((id, ids));
+            }
+        }
+    }
+    order
+}
+
+#[tokio::test]
+async fn a_webhook_over_two_gateways_is_delivered_by_one_and_taken_over_when_it_is_killed() {
+    use common::webhook::{metric_with, secret, wait_for, Receiver};
+    let tmp = tempfile::tempdir().unwrap();
+    let nats = NatsCluster::single(tmp.path()).await;
+    let env = [
+        ("TIDEWIRE_WEBHOOK_RETRY_MIN_MS", "50"),
+        ("TIDEWIRE_WEBHOOK_RETRY_MAX_MS", "400"),
+    ];
+    let mut gateways = [
+        Gateway::spawn_with_env(&tmp.path().join("a"), &nats.urls(), "hooks", 1, &[], &env),
+        Gateway::spawn_with_env(&tmp.path().join("b"), &nats.urls(), "hooks", 1, &[], &env),
+    ];
+    for g in &gateways {
+        g.wait_ready().await;
+    }
+    let key = secret(7);
+    let receiver = Receiver::start(&key);
+    let c = client();
+    let put = |base: String, body: Value| {
+        let c = c.clone();
+        async move {
+            let r = c
+                .put(format!("{base}/v1/webhooks/fn"))
+                .json(&body)
+                .send()
+                .await
+                .expect("PUT");
+            let status = r.status().as_u16();
+            (status, r.json::<Value>().await.unwrap_or(Value::Null))
+        }
+    };
+    let (status, body) = put(
+        gateways[0].url(""),
+        json!({"url": receiver.url("/fn"), "topics": ["wh/**"], "secret": key,
+               "since": 0, "batch_max_events": 7}),
+    )
+    .await;
+    assert_eq!(status, 201, "{body}");
+    // The other gateway knows it within a second or so.
+    let other = gateways[1].url("/v1/webhooks/fn");
+    wait_for(PATIENCE, "the webhook on the second gateway", || {
+        let (c, url) = (c.clone(), other.clone());
+        async move { (c.get(url).send().await.ok()?.status() == 200).then_some(()) }
+    })
+    .await;
+
+    let mut expected = Vec::new();
+    let publish = |base: String, i: usize, topic: &'static str| {
+        let c = c.clone();
+        async move {
+            let body = json!({"data": i, "msg_id": format!("m-{i}")}).to_string();
+            publish_retrying_503(&c, &format!("{base}/v1/topics/{topic}/events"), body).await
+        }
+    };
+    for i in 0..40 {
+        let base = gateways[i % 2].url("");
+        let topic = if i % 5 == 4 { "other" } else { "wh/x" };
+        let r = publish(base, i, topic).await;
+        if topic != "other" {
+            expected.push(r["first_id"].as_u64().unwrap());
+        }
+    }
+    let delivered_through = |want: u64| {
+        let r = &receiver;
+        async move {
+            let batches = distinct_batches(&r.calls_to("/fn").await);
+            batches
+                .last()
+                .is_some_and(|(_, ids)| ids.last() == Some(&want))
+                .then_some(batches)
+        }
+    };
+    let last = *expected.last().unwrap();
+    wait_for(PATIENCE, "the first 32 events delivered", || {
+        delivered_through(last)
+    })
+    .await;
+
+    // Exactly one gateway delivers it.
+    let mut holders = Vec::new();
+    for (i, g) in gateways.iter().enumerate() {
+        let n = metric_with(
+            &g.url(""),
+            "tidewire_webhook_batches_total",
+            &[("webhook", "fn")],
+        )
+        .await;
+        if n > 0.0 {
+            holders.push(i);
+        }
+    }
+    assert_eq!(
+        holders.len(),
+        1,
+        "one gateway delivers the webhook: {holders:?}"
+    );
+    let (holder, survivor) = (holders[0], 1 - holders[0]);
+
+    // kill -9 the deliverer: the other takes over once its lease lapses (6 s), from the
+    // recorded batch and cursor, and delivers what is published meanwhile.
+    gateways[holder].kill9();
+    for i in 40..70 {
+        let r = publish(gateways[survivor].url(""), i, "wh/y").await;
+        expected.push(r["first_id"].as_u64().unwrap());
+    }
+    let last = *expected.last().unwrap();
+    let batches = wait_for(
+        PATIENCE,
+        "delivery taken over by the surviving gateway",
+        || delivered_through(last),
+    )
+    .await;
+    let ids: Vec<u64> = batches.iter().flat_map(|(_, ids)| ids.clone()).collect();
+    assert_eq!(
+        ids, expected,
+        "the distinct batches are the matching events in id order, none skipped, none outside"
+    );
+    assert!(
+        metric_with(
+            &gateways[survivor].url(""),
+            "tidewire_webhook_batches_total",
+            &[("webhook", "fn")]
+        )
+        .await
+            > 0.0,
+        "the survivor delivers now"
+    );
+
+    // The killed gateway comes back; a PUT there moving the cursor reaches the deliverer.
+    gateways[holder].restart().await;
+    let replay_from = expected[expected.len() - 4];
+    let (status, body) = put(gateways[holder].url(""), json!({"since": replay_from})).await;
+    assert_eq!(status, 200, "{body}");
+    let again = expected[expected.len() - 3];
+    let batches = wait_for(PATIENCE, "the events after the moved cursor, again", || {
+        let r = &receiver;
+        async move {
+            let batches = distinct_batches(&r.calls_to("/fn").await);
+            (batches
+                .iter()
+                .filter(|(_, ids)| ids.contains(&again))
+                .count()
+                >= 2)
+                .then_some(batches)
+        }
+    })
+    .await;
+    let replay = batches
+        .iter()
+        .rfind(|(_, ids)| ids.contains(&again))
+        .map(|(_, ids)| ids.clone())
+        .unwrap_or_default();
+    assert_eq!(
+        replay,
+        expected[expected.len() - 3..],
+        "a new batch from the moved cursor"
+    );
+    let final_view = wait_for(
+        PATIENCE,
+        "both gateways show the cursor at the last event",
+        || {
+            let (c, urls) = (
+                c.clone(),
+                [
+                    gateways[0].url("/v1/webhooks/fn"),
+                    gateways[1].url("/v1/webhooks/fn"),
+                ],
+            );
+            async move {
+                let mut views = Vec::new();
+                for u in urls {
+                    views.push(c.get(u).send().await.ok()?.json::<Value>().await.ok()?);
+                }
+                views
+                    .iter()
+                    .all(|v| v["cursor"] == last && v["state"] == "active" && v["lag"] == 0)
+                    .then_some(views)
+            }
+        },
+    )
+    .await;
+    assert_eq!(final_view[0]["in_flight"], Value::Null, "{final_view:?}");
+}
