@@ -138,8 +138,8 @@ pub async fn run_with_keys(
             .await
             .map(|log| (log, None)),
         LogBackend::Nats => open_nats(&config, hub, metrics).await.map(|log| {
-            let js = log.jetstream();
-            (log as Arc<dyn EventLog>, Some(js))
+            let nats = (log.client(), log.jetstream());
+            (log as Arc<dyn EventLog>, Some(nats))
         }),
     };
     let (log, nats): (Arc<dyn EventLog>, _) = match opened {
@@ -162,11 +162,11 @@ pub async fn run_with_keys(
             }
             None
         }
-        Some(js) => {
+        Some((client, js)) => {
             let (config, log, state) = (config.clone(), log.clone(), state.clone());
             Some(tokio::spawn(async move {
                 loop {
-                    match start_webhooks(&config, log.clone(), &state, Some(&js)).await {
+                    match start_webhooks(&config, log.clone(), &state, Some((&client, &js))).await {
                         Ok(()) => return,
                         Err(e) => {
                             tracing::warn!(error = %e, "webhooks not started yet; trying again");
@@ -229,7 +229,7 @@ async fn start_webhooks(
     config: &Config,
     log: Arc<dyn EventLog>,
     state: &AppState,
-    nats: Option<&async_nats::jetstream::Context>,
+    nats: Option<(&async_nats::Client, &async_nats::jetstream::Context)>,
 ) -> Result<(), crate::webhook::WebhookError> {
     use crate::webhook::{kv::KvStore, store, WebhookError};
     let opts = config
@@ -237,7 +237,9 @@ async fn start_webhooks(
         .map_err(|e| WebhookError::Invalid(e.to_string()))?;
     let store: Arc<dyn store::Store> = match nats {
         None => Arc::new(store::FileStore::open(config.data_dir.join(store::DIR))?),
-        Some(js) => Arc::new(KvStore::open(js, &config.nats_stream, config.nats_replicas).await?),
+        Some((client, js)) => {
+            Arc::new(KvStore::open(client, js, &config.nats_stream, config.nats_replicas).await?)
+        }
     };
     let hooks = crate::webhook::Webhooks::start(
         log,

@@ -347,7 +347,7 @@ impl Task {
         &mut self,
         first: Delivery,
     ) -> Result<Batch, crate::subscription::SubscriptionError> {
-        let mut b = Builder::new(&self.spec);
+        let mut b = Builder::new(&self.spec, self.ctx.store.max_batch_bytes());
         b.push(first);
         while !b.full() {
             let next = match self.pending.take() {
@@ -424,7 +424,7 @@ async fn attempt(
         addr,
         spec,
         &batch.webhook_id,
-        Bytes::from(batch.body.clone()),
+        Bytes::copy_from_slice(batch.body.get().as_bytes()),
     )
     .await;
     tracing::trace!(
@@ -450,10 +450,10 @@ struct Builder {
 const BODY_OVERHEAD: usize = 96;
 
 impl Builder {
-    fn new(spec: &Spec) -> Builder {
+    fn new(spec: &Spec, store_max: Option<usize>) -> Builder {
         Builder {
             max_events: spec.batch_max_events,
-            max_bytes: spec.batch_max_bytes,
+            max_bytes: store_max.map_or(spec.batch_max_bytes, |m| m.min(spec.batch_max_bytes)),
             gap: None,
             events: Vec::new(),
             bytes: BODY_OVERHEAD,
@@ -530,12 +530,20 @@ impl Builder {
                 first_id,
                 last_id,
                 events: self.events.len() as u64,
-                // JSON envelopes are UTF-8 text.
-                body: String::from_utf8_lossy(&body).into_owned(),
+                body: raw_json(body),
             },
             times: self.events.iter().map(|e| e.time).collect(),
         }
     }
+}
+
+/// The body as a raw JSON value (it is JSON: envelopes the log rendered, in an object).
+fn raw_json(body: Vec<u8>) -> Box<serde_json::value::RawValue> {
+    let text = String::from_utf8(body)
+        .unwrap_or_else(|e| String::from_utf8_lossy(e.as_bytes()).into_owned());
+    serde_json::value::RawValue::from_string(text).unwrap_or_else(|_| {
+        serde_json::value::RawValue::from_string("{\"events\":[]}".into()).expect("valid JSON")
+    })
 }
 
 fn now_ms() -> u64 {

@@ -12,11 +12,16 @@ use bytes::Bytes;
 use super::store::{Def, State, Store, StoreError};
 use crate::log::BoxFuture;
 
+/// Bytes of a state record around its batch body.
+const STATE_OVERHEAD: usize = 16 << 10;
+
 /// How long a gateway's claim on a webhook lasts unless renewed.
 pub const LEASE: Duration = Duration::from_secs(6);
 
 /// The KV buckets of the webhooks of one stream.
 pub struct KvStore {
+    /// The largest message the NATS servers take (`max_payload`).
+    max_payload: usize,
     data: kv::Store,
     leases: kv::Store,
     /// This gateway, as written in the leases it holds.
@@ -58,6 +63,7 @@ async fn bucket(
 impl KvStore {
     /// Opens (creating when missing) the buckets of `stream`'s webhooks, with `replicas`.
     pub async fn open(
+        client: &async_nats::Client,
         js: &jetstream::Context,
         stream: &str,
         replicas: usize,
@@ -80,6 +86,7 @@ impl KvStore {
             .duration_since(std::time::UNIX_EPOCH)
             .map_or(0, |d| d.as_nanos());
         Ok(KvStore {
+            max_payload: client.server_info().max_payload,
             data,
             leases,
             owner: format!("{}-{nanos:x}", std::process::id()),
@@ -211,5 +218,10 @@ impl Store for KvStore {
 
     fn lease(&self) -> Option<Duration> {
         Some(LEASE)
+    }
+
+    fn max_batch_bytes(&self) -> Option<usize> {
+        // Room for the state around the body (ids, counters, the last error).
+        Some(self.max_payload.saturating_sub(STATE_OVERHEAD).max(1024))
     }
 }

@@ -45,7 +45,7 @@ pub struct Def {
 
 /// A batch recorded before its first attempt: every retry, also after a crash, sends exactly
 /// this body under this `webhook-id`.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct InFlight {
     /// The Standard Webhooks `webhook-id` of every attempt of this batch.
     pub webhook_id: String,
@@ -55,8 +55,18 @@ pub struct InFlight {
     pub last_id: u64,
     /// Events it holds.
     pub events: u64,
-    /// The JSON body.
-    pub body: String,
+    /// The JSON body, stored as JSON (not as an escaped string: a record is about as large
+    /// as the body it holds).
+    pub body: Box<serde_json::value::RawValue>,
+}
+
+impl PartialEq for InFlight {
+    fn eq(&self, other: &Self) -> bool {
+        self.webhook_id == other.webhook_id
+            && (self.first_id, self.last_id, self.events)
+                == (other.first_id, other.last_id, other.events)
+            && self.body.get() == other.body.get()
+    }
 }
 
 /// Delivery counters and the last outcome, kept with the state so they survive restarts.
@@ -121,6 +131,12 @@ pub trait Store: Send + Sync + 'static {
     /// How long a claim lasts unless renewed; `None` for a store used by one server only
     /// (then nothing else writes it, and nothing needs to be synchronised).
     fn lease(&self) -> Option<std::time::Duration>;
+
+    /// Largest batch body a state can record (a NATS message is bounded); `None`: no bound
+    /// beyond the webhook's own `batch_max_bytes`.
+    fn max_batch_bytes(&self) -> Option<usize> {
+        None
+    }
 }
 
 /// Definitions and states as `<dir>/<name>.def.json` and `<dir>/<name>.state.json`, each

@@ -123,6 +123,11 @@ struct Inner {
 }
 
 impl NatsLog {
+    /// The gateway's NATS connection.
+    pub fn client(&self) -> async_nats::Client {
+        self.inner.client.clone()
+    }
+
     /// The JetStream context of the gateway's connection (the webhooks keep their shared
     /// state in KV buckets beside the stream).
     pub fn jetstream(&self) -> jetstream::Context {
