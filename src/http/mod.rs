@@ -166,11 +166,13 @@ impl AppState {
         self.ready.store(false, Ordering::Release);
     }
 
-    /// Whether the server takes requests.
+    /// Whether the server takes requests: the log is open and ready, and the webhooks are
+    /// started (over JetStream they start once NATS answers).
     pub fn is_ready(&self) -> bool {
         self.ready.load(Ordering::Acquire)
             && !*self.stop.borrow()
             && self.log.get().is_some_and(|log| log.is_ready())
+            && self.webhooks.get().is_some()
     }
 
     /// The log. A request that arrives while the log is still opening (just after a restart)
