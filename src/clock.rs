@@ -3,7 +3,9 @@
 //! The log's writer asks a [`Clock`] for the time of every commit and never stamps an event
 //! with a time below the previous one (see the sled writer), so `time` is non-decreasing in
 //! id order even when the machine's clock steps back (NTP, a VM resumed). Tests step a
-//! server's clock through [`Clock::step`] instead of changing the machine's clock.
+//! server's clock through [`Clock::step`] instead of changing the machine's clock. The
+//! JetStream log does not read it: there the stream leader's timestamp dates each event (see
+//! [`nats_log`](crate::log::nats_log)), so a gateway's clock, stepped or not, dates nothing.
 
 use std::sync::atomic::{AtomicI64, Ordering};
 use std::sync::Arc;

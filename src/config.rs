@@ -212,7 +212,8 @@ pub struct Config {
     /// Milliseconds a gateway waits for JetStream to answer one request (a publish's
     /// acknowledgement, a read) before the client gets a 503 it can retry.
     pub nats_timeout_ms: u64,
-    /// The clock that dates events: the system clock, except in tests that step it
+    /// The clock that dates events on the sled log (on JetStream the stream's own timestamps
+    /// do): the system clock, except in tests that step it
     /// (see [`Clock::step`](crate::clock::Clock::step)). Not configuration: never read from a file or flag.
     #[serde(skip)]
     pub clock: crate::clock::Clock,

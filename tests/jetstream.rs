@@ -1403,3 +1403,112 @@ async fn a_webhook_over_two_gateways_is_delivered_by_one_and_taken_over_when_it_
     .await;
     assert_eq!(final_view[0]["in_flight"], Value::Null, "{final_view:?}");
 }
+
+/// A gateway inside the test process (so its clock can be stepped) over `urls` and `stream`,
+/// R3 when it creates the stream.
+async fn in_process_gateway(
+    dir: &Path,
+    urls: Vec<String>,
+    stream: &str,
+    clock: tidewire::clock::Clock,
+) -> common::TestServer {
+    let stream = stream.to_owned();
+    common::TestServer::start_with(dir, move |c| {
+        c.log = tidewire::config::LogBackend::Nats;
+        c.nats_urls = urls;
+        c.nats_stream = stream;
+        c.nats_replicas = 3;
+        c.clock = clock;
+    })
+    .await
+}
+
+/// Publishes `n` events through `base` (topics `clk/0`..`clk/3`), `round` in their data;
+/// returns their ids.
+async fn publish_round(base: String, round: u64, n: u64) -> Vec<u64> {
+    let c = client();
+    let mut ids = Vec::new();
+    for i in 0..n {
+        let topic = format!("clk/{}", i % 4);
+        ids.push(common::publish_one(&c, &base, &topic, json!({"round": round, "i": i})).await);
+    }
+    ids
+}
+
+#[tokio::test]
+async fn two_gateways_whose_clocks_disagree_by_two_hours_date_events_in_stream_order_and_start_time_cuts_exactly(
+) {
+    let tmp = tempfile::tempdir().unwrap();
+    let cluster = NatsCluster::three(tmp.path()).await;
+    let ahead = tidewire::clock::Clock::system();
+    ahead.step(3_600_000);
+    let behind = tidewire::clock::Clock::system();
+    behind.step(-3_600_000);
+    let a = in_process_gateway(&tmp.path().join("a"), cluster.url_list(), "timed", ahead).await;
+    let b = in_process_gateway(&tmp.path().join("b"), cluster.url_list(), "timed", behind).await;
+    let (base_a, base_b) = (a.url(""), b.url(""));
+    // Two rounds, each published through both gateways at once; a pause between them, so
+    // every event of the second round is dated at least a millisecond after the first's.
+    let mut rounds: Vec<Vec<u64>> = Vec::new();
+    for round in 0..2 {
+        let (x, y) = tokio::join!(
+            publish_round(base_a.clone(), round, 40),
+            publish_round(base_b.clone(), round, 40)
+        );
+        let mut ids = [x, y].concat();
+        ids.sort_unstable();
+        rounds.push(ids);
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    let c = client();
+    let events = common::poll_all(&c, &base_a, "clk/*").await;
+    assert_eq!(
+        common::poll_all(&c, &base_b, "clk/*").await,
+        events,
+        "both gateways serve the same events, dated alike"
+    );
+    assert_eq!(events.len(), 160);
+    let times: Vec<u64> = events.iter().map(|e| e["time"].as_u64().unwrap()).collect();
+    assert!(
+        times.windows(2).all(|w| w[0] <= w[1]),
+        "time goes back in id order: {times:?}"
+    );
+    let now = tidewire::clock::Clock::system().now_ms();
+    assert!(
+        times.iter().all(|t| t.abs_diff(now) < 600_000),
+        "dated by a gateway's stepped clock: {times:?} (now {now})"
+    );
+    let id_time: HashMap<u64, u64> = events
+        .iter()
+        .map(|e| (e["id"].as_u64().unwrap(), e["time"].as_u64().unwrap()))
+        .collect();
+    let t = rounds[1].iter().map(|id| id_time[id]).min().unwrap();
+    assert!(rounds[0].iter().all(|id| id_time[id] < t));
+    let mut expected = rounds[1].clone();
+    for (this, other) in [(&base_a, &base_b), (&base_b, &base_a)] {
+        let body = get_json(
+            &c,
+            &format!("{this}/v1/poll?topic=clk/*&start_time={t}&timeout=0"),
+        )
+        .await;
+        assert_eq!(
+            common::ids(body["events"].as_array().unwrap()),
+            expected,
+            "poll on {this}"
+        );
+        assert!(body.get("gap").is_none(), "{body}");
+        let mut stream =
+            common::sse(&format!("{this}/v1/sse?topic=clk/*&start_time={t}"), None).await;
+        assert_eq!(
+            common::read_ids(&mut stream, expected.len()).await,
+            expected,
+            "SSE on {this}"
+        );
+        // Then live, whichever gateway took the publish.
+        let live = common::publish_one(&c, other, "clk/0", json!("live")).await;
+        assert_eq!(common::read_ids(&mut stream, 1).await, vec![live]);
+        expected.push(live);
+    }
+    a.stop().await;
+    b.stop().await;
+}

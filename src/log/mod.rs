@@ -12,9 +12,12 @@
 //!   again, whichever append or restart lies between (JetStream's `Nats-Msg-Id` window is the
 //!   same promise, so it stays behind this trait);
 //! - readers, and the hub, only ever see durable events, in id order;
-//! - an event's `time` is never below the `time` of an event with a smaller id (the writer
-//!   stamps `max(clock, previous time)`), so "every event at or after T" is one cut in id
-//!   order, found by [`EventLog::time_start`].
+//! - an event's `time` is never below the `time` of an event with a smaller id, so "every
+//!   event at or after T" is one cut in id order, found by [`EventLog::time_start`]. One clock
+//!   dates every event, where ids are assigned: sled's writer stamps `max(clock, previous
+//!   time)`; on JetStream the time is the stream leader's timestamp of the message, taken as
+//!   it assigns the sequence (see [`nats_log`]: the gateways' clocks, which need not agree,
+//!   date nothing).
 
 use std::future::Future;
 use std::pin::Pin;

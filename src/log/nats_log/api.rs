@@ -195,6 +195,8 @@ pub struct Stored {
     pub seq: u64,
     /// The subject it was published on.
     pub subject: String,
+    /// JetStream's timestamp of it (`Nats-Time-Stamp`), Unix milliseconds rounded down.
+    pub time_ms: u64,
     /// Its headers as published.
     pub headers: HeaderMap,
     /// Its payload.
@@ -275,10 +277,19 @@ pub async fn direct_batch(
             .get("Nats-Subject")
             .map(|v| v.as_str().to_owned())
             .unwrap_or_default();
+        let time_ms = headers
+            .get(TIME_STAMP)
+            .and_then(|v| parse_time_ms(v.as_str()))
+            .ok_or_else(|| {
+                LogError::Corrupt(format!(
+                    "a direct get answer without a readable {TIME_STAMP} (sequence {seq})"
+                ))
+            })?;
         let pending = header_u64(Some(&headers), "Nats-Num-Pending");
         out.messages.push(Stored {
             seq,
             subject,
+            time_ms,
             headers,
             payload: m.payload,
         });
@@ -332,4 +343,49 @@ pub async fn leader_get(inner: &Inner, body: serde_json::Value) -> Result<Option
 
 fn header_u64(headers: Option<&HeaderMap>, name: &str) -> Option<u64> {
     headers?.get(name)?.as_str().parse().ok()
+}
+
+/// The header of a direct get's answer holding the message's stored timestamp (RFC 3339,
+/// nanoseconds).
+const TIME_STAMP: &str = "Nats-Time-Stamp";
+
+/// Unix milliseconds (rounded down, 0 before 1970) of an RFC 3339 timestamp as JetStream
+/// writes them; `None` when it is none.
+pub fn parse_time_ms(text: &str) -> Option<u64> {
+    let t =
+        time::OffsetDateTime::parse(text.trim(), &time::format_description::well_known::Rfc3339)
+            .ok()?;
+    let ms = t.unix_timestamp_nanos().div_euclid(1_000_000).max(0);
+    u64::try_from(ms).ok()
+}
+
+/// `ms` (Unix milliseconds) as the RFC 3339 date-time JetStream's `start_time` takes; `None`
+/// past the years RFC 3339 can write (9999), where no message can be.
+pub fn format_time_ms(ms: u64) -> Option<String> {
+    let t = time::OffsetDateTime::from_unix_timestamp_nanos(i128::from(ms) * 1_000_000).ok()?;
+    t.format(&time::format_description::well_known::Rfc3339)
+        .ok()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn jetstream_timestamps_read_as_milliseconds_rounded_down_and_back() {
+        assert_eq!(
+            parse_time_ms("2026-12-06T07:41:51.123999999Z"),
+            Some(1_796_542_911_123)
+        );
+        assert_eq!(
+            parse_time_ms("2026-12-06T07:41:51Z"),
+            Some(1_796_542_911_000)
+        );
+        assert_eq!(parse_time_ms("1969-12-31T23:59:59.5Z"), Some(0));
+        assert_eq!(parse_time_ms("yesterday"), None);
+        let text = format_time_ms(1_796_542_911_123).unwrap();
+        assert_eq!(parse_time_ms(&text), Some(1_796_542_911_123), "{text}");
+        assert_eq!(format_time_ms(0).as_deref(), Some("1970-01-01T00:00:00Z"));
+        assert_eq!(format_time_ms(u64::MAX), None);
+    }
 }

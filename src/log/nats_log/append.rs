@@ -32,7 +32,7 @@ use bytes::Bytes;
 use tokio::sync::oneshot;
 
 use super::api::{self, code};
-use super::{now_ms, repeats_within, subject, wire, Inner};
+use super::{repeats_within, subject, wire, Inner};
 use crate::envelope::{EventId, NewEvent};
 use crate::log::{Appended, LogError};
 
@@ -72,7 +72,6 @@ pub async fn append(inner: &Arc<Inner>, events: Vec<NewEvent>) -> Result<Appende
             e.topic.as_str()
         )));
     }
-    let time = now_ms();
     // The original id of each event found to repeat one stored earlier.
     let mut stored_before: Vec<Option<u64>> = vec![None; events.len()];
     let mut stored: Option<(u64, Vec<usize>)> = None;
@@ -83,10 +82,7 @@ pub async fn append(inner: &Arc<Inner>, events: Vec<NewEvent>) -> Result<Appende
         if send.is_empty() {
             break;
         }
-        let messages: Vec<Message> = send
-            .iter()
-            .map(|&i| message(inner, &events[i], time))
-            .collect();
+        let messages: Vec<Message> = send.iter().map(|&i| message(inner, &events[i])).collect();
         let outcome = if round == 0 {
             grouped(inner, messages).await?
         } else {
@@ -183,8 +179,10 @@ fn too_large(limit: usize, n: usize) -> LogError {
 /// One event as a NATS message: subject, headers, payload.
 type Message = (String, HeaderMap, Bytes);
 
-fn message(inner: &Inner, event: &NewEvent, time: u64) -> Message {
-    let (headers, payload) = wire::encode(event, time);
+/// No time goes with it: JetStream's timestamp of the message is the event's `time` (see
+/// [`wire::decode`]).
+fn message(inner: &Inner, event: &NewEvent) -> Message {
+    let (headers, payload) = wire::encode(event);
     (
         subject::topic_subject(&inner.wanted.prefix, &event.topic),
         headers,

@@ -16,7 +16,13 @@
 //!   makes it follow again from after its head) and feeds its own hub; its head is the last
 //!   sequence it handed over, and reads by cursor
 //!   (batched direct gets, checked against the stream leader when a replica may lag) are
-//!   complete up to that head and stop there.
+//!   complete up to that head and stop there;
+//! - **time**: an event's `time` is JetStream's timestamp of its message, which the stream
+//!   leader takes as it assigns the sequence, so it follows the stream's order whichever
+//!   gateway published (the gateways' own clocks play no part); a time start is JetStream's
+//!   own lookup by time over those timestamps (see [`read::time_start`]). It holds as long as
+//!   the leader's clock does not step back (or leadership does not move to a node whose clock
+//!   is behind): the follower warns when it sees a timestamp below the previous one.
 //!
 //! The gateway starts even when NATS is unreachable: it then answers 503 (`/readyz`,
 //! publishes with `Retry-After`) until it is connected, has checked its stream and follows it.
@@ -24,7 +30,7 @@
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
-use std::time::{Duration, SystemTime, UNIX_EPOCH};
+use std::time::Duration;
 
 use async_nats::jetstream;
 use async_nats::jetstream::consumer::{pull, AckPolicy, DeliverPolicy};
@@ -32,7 +38,7 @@ use futures_util::{FutureExt, StreamExt};
 use tokio::sync::{watch, Semaphore};
 
 use super::retention::RetentionPolicy;
-use super::{Appended, BoxFuture, EventLog, Latest, LogError, Page, TopicStats};
+use super::{Appended, BoxFuture, EventLog, Latest, LogError, Page, TimeStart, TopicStats};
 use crate::envelope::{EventId, NewEvent, SharedEvent};
 use crate::hub::Hub;
 use crate::metrics::Metrics;
@@ -113,6 +119,8 @@ struct Inner {
     following: AtomicBool,
     /// The stream's last sequence, as last seen (acks and the watcher).
     stream_last: AtomicU64,
+    /// The newest `time` the follower handed over (to notice a timestamp going back).
+    followed_time: AtomicU64,
     /// Why the stream cannot be served, once a check found it so (the gateway stays unready).
     refused: Mutex<Option<String>>,
     closed: watch::Sender<bool>,
@@ -165,6 +173,7 @@ impl NatsLog {
             head_tx,
             following: AtomicBool::new(false),
             stream_last: AtomicU64::new(0),
+            followed_time: AtomicU64::new(0),
             refused: Mutex::new(None),
             closed,
             batches: Semaphore::new(BATCHES_IN_FLIGHT),
@@ -517,6 +526,19 @@ fn hand_over(
         let seq = info.stream_sequence;
         let stored_ms =
             u64::try_from(info.published.unix_timestamp_nanos() / 1_000_000).unwrap_or(0);
+        let before = inner.followed_time.fetch_max(stored_ms, Ordering::AcqRel);
+        if stored_ms < before {
+            // Nothing here can re-date a stored message: say so, for the operator to fix the
+            // servers' clocks.
+            tracing::warn!(
+                seq,
+                time = stored_ms,
+                previous = before,
+                "JetStream dated this message before the one ahead of it (the stream leader's \
+                 clock stepped back, or a new leader's clock is behind): a start_time near \
+                 here is only as exact as these times are ordered"
+            );
+        }
         last = seq;
         let m = m.split().0;
         let Some(event) = wire::decode(
@@ -570,14 +592,6 @@ async fn watch_stream(inner: Arc<Inner>) {
     }
 }
 
-/// Unix milliseconds now.
-fn now_ms() -> u64 {
-    SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .map(|d| d.as_millis() as u64)
-        .unwrap_or(0)
-}
-
 impl EventLog for NatsLog {
     fn append(&self, events: Vec<NewEvent>) -> BoxFuture<'_, Result<Appended, LogError>> {
         Box::pin(append::append(&self.inner, events))
@@ -603,6 +617,16 @@ impl EventLog for NatsLog {
         limit: usize,
     ) -> BoxFuture<'_, Result<Latest, LogError>> {
         Box::pin(async move { read::latest(&self.inner, &patterns, at_most.0, limit).await })
+    }
+
+    fn time_start(
+        &self,
+        patterns: PatternSet,
+        time_ms: u64,
+    ) -> BoxFuture<'_, Result<TimeStart, LogError>> {
+        // The cut is stream-wide (see `read::time_start`): the patterns do not move it.
+        let _ = patterns;
+        Box::pin(read::time_start(&self.inner, time_ms))
     }
 
     fn topics<'a>(

@@ -13,7 +13,7 @@ use std::collections::BTreeMap;
 use super::api::{self, Batch};
 use super::{subject, wire, Inner};
 use crate::envelope::{EventId, Gap, SharedEvent};
-use crate::log::{Latest, LogError, Page, TopicStats};
+use crate::log::{Latest, LogError, Page, TimeStart, TopicStats};
 use crate::topic::{Pattern, PatternSet, Topic};
 
 /// Most direct gets of topic statistics in flight at once.
@@ -149,7 +149,14 @@ fn merge(
         if events.len() == limit {
             break;
         }
-        if let Some(e) = wire::decode(prefix, &m.subject, seq, Some(&m.headers), m.payload, 0) {
+        if let Some(e) = wire::decode(
+            prefix,
+            &m.subject,
+            seq,
+            Some(&m.headers),
+            m.payload,
+            m.time_ms,
+        ) {
             events.push(std::sync::Arc::new(e));
         }
         if events.len() == limit {
@@ -238,7 +245,14 @@ pub async fn latest(
                     .into_iter()
                     .find(|m| m.seq == seq)
                     .and_then(|m| {
-                        wire::decode(prefix, &m.subject, seq, Some(&m.headers), m.payload, 0)
+                        wire::decode(
+                            prefix,
+                            &m.subject,
+                            seq,
+                            Some(&m.headers),
+                            m.payload,
+                            m.time_ms,
+                        )
                     })
                     .map(std::sync::Arc::new))
             })
@@ -254,6 +268,55 @@ pub async fn latest(
         events,
         cursor: EventId(at_most),
         truncated,
+    })
+}
+
+/// Where a start at `time_ms` begins (see
+/// [`EventLog::time_start`](crate::log::EventLog::time_start)): the first message of the stream
+/// whose JetStream timestamp is at or after `time_ms`, by JetStream's own lookup by time
+/// (`start_time` with the stream's subjects as `next_by_subj`, asked of the leader, which
+/// never lags), a binary search over the stored timestamps that date the events (see
+/// [`wire::decode`]), so the cut agrees with the `time` clients see. Then the stream's first
+/// sequence, for the gap. Two requests, never a scan.
+///
+/// The cut is stream-wide, not per pattern: every event after it is at or after the time,
+/// whichever topic it is on. The gap is stream-wide too, as for reads by cursor: when the
+/// start lies at or before the oldest retained event and the stream's limits removed events
+/// (of any topic), those may have been at or after the time.
+pub async fn time_start(inner: &Inner, time_ms: u64) -> Result<TimeStart, LogError> {
+    inner.check_ready()?;
+    let head = inner.head();
+    // Past the years RFC 3339 can write no message can be: nothing is at or after it.
+    let first_at_or_after =
+        match api::format_time_ms(time_ms) {
+            Some(at) => api::leader_get(
+                inner,
+                serde_json::json!({ "start_time": at, "next_by_subj": inner.wanted.subjects() }),
+            )
+            .await?,
+            None => None,
+        };
+    // What is beyond this gateway's head arrives live; the subscription drops what is dated
+    // before the start, so a cut past the head is the head.
+    let Some(seq) = first_at_or_after else {
+        return Ok(TimeStart {
+            cursor: EventId(head),
+            gap: None,
+        });
+    };
+    let state = api::stream_state(inner).await?;
+    if seq <= state.first_seq && state.first_seq > 1 {
+        return Ok(TimeStart {
+            cursor: EventId((state.first_seq - 1).min(head)),
+            gap: Some(Gap {
+                requested: 0,
+                oldest: state.first_seq,
+            }),
+        });
+    }
+    Ok(TimeStart {
+        cursor: EventId((seq - 1).min(head)),
+        gap: None,
     })
 }
 
@@ -311,10 +374,11 @@ mod tests {
             msg_id: None,
             data: Data::Json(seq.to_string().into()),
         };
-        let (headers, payload) = wire::encode(&event, 1);
+        let (headers, payload) = wire::encode(&event);
         api::Stored {
             seq,
             subject: subject::topic_subject(P, &event.topic),
+            time_ms: 1,
             headers,
             payload,
         }

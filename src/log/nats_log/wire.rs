@@ -3,16 +3,19 @@
 //! The message's subject is its topic (see [`subject`](super::subject)); its payload is the
 //! event's data as published (compact JSON text, or the bytes themselves); headers carry the
 //! rest:
-//! - `Tw-Time`: the receive time, Unix milliseconds (the gateway's clock);
 //! - `Tw-Type`: the event type, or `Tw-Type-B64` (base64url) when the type has characters a
 //!   header value would not keep as they are (leading or trailing spaces, non-ASCII);
 //! - `Tw-Data: bytes` when the data is bytes (absent: JSON);
 //! - `Nats-Msg-Id`: `<topic>|<base64url(msg_id)>`, when the event has a `msg_id`. JetStream's
 //!   duplicate window is per stream; the topic in the id makes it per `(topic, msg_id)`, as
 //!   the contract wants, and base64 keeps any `msg_id` a valid header value.
+//!
+//! An event's `time` is not a header: it is JetStream's own timestamp of the message, which
+//! the stream leader takes as it assigns the sequence (see [`decode`]). Messages written by
+//! earlier gateways carry a `Tw-Time` header with their gateway's clock; it is ignored, so
+//! every event of a stream is dated by the same clock.
 
 pub use async_nats::HeaderMap;
-use async_nats::HeaderValue;
 use base64::engine::general_purpose::URL_SAFE_NO_PAD;
 use base64::Engine as _;
 use bytes::Bytes;
@@ -21,8 +24,6 @@ use super::subject::subject_topic;
 use crate::envelope::{Data, Event, EventId, NewEvent};
 use crate::topic::Topic;
 
-/// Header holding the receive time (Unix ms).
-pub const TIME: &str = "Tw-Time";
 /// Header holding the event type as it is.
 pub const TYPE: &str = "Tw-Type";
 /// Header holding the event type in base64url.
@@ -53,10 +54,9 @@ fn header_safe(value: &str) -> bool {
         && !value.ends_with(' ')
 }
 
-/// The headers and payload of `event`, received at `time`.
-pub fn encode(event: &NewEvent, time: u64) -> (HeaderMap, Bytes) {
+/// The headers and payload of `event`.
+pub fn encode(event: &NewEvent) -> (HeaderMap, Bytes) {
     let mut headers = HeaderMap::new();
-    headers.insert(TIME, HeaderValue::from(time));
     if let Some(t) = &event.event_type {
         if header_safe(t) {
             headers.insert(TYPE, t.to_string());
@@ -77,10 +77,19 @@ pub fn encode(event: &NewEvent, time: u64) -> (HeaderMap, Bytes) {
     (headers, payload)
 }
 
-/// The event stored as stream sequence `seq` on `subject`. `stored_ms` (JetStream's own
-/// timestamp) stands in for a missing `Tw-Time`. `None` when the subject is no topic under
-/// `prefix` (something else published there); a payload that is not JSON and not marked as
-/// bytes is taken as bytes, so a foreign message never stops a reader.
+/// The event stored as stream sequence `seq` on `subject` at `stored_ms` (JetStream's
+/// timestamp of the message, Unix milliseconds rounded down: the event's `time`). `None` when
+/// the subject is no topic under `prefix` (something else published there); a payload that
+/// is not JSON and not marked as bytes is taken as bytes, so a foreign message never stops a
+/// reader.
+///
+/// Why JetStream's timestamp and not the clock of the gateway that took the publish: several
+/// gateways append to one stream, each with its own clock, so their stamps need not be
+/// ordered by sequence (a gateway whose clock is behind, or that stamps a moment before
+/// another one's publish overtakes it), and a time start would not be one cut in id order.
+/// The stream leader takes its timestamp while it assigns the sequence, so one clock dates
+/// every event in stream order, whichever gateway published it; JetStream's own start-time
+/// lookup (used by [`time_start`](super::read::time_start)) rests on the same order.
 pub fn decode(
     prefix: &str,
     subject: &str,
@@ -91,9 +100,6 @@ pub fn decode(
 ) -> Option<Event> {
     let topic = subject_topic(prefix, subject)?;
     let header = |name: &str| headers.and_then(|h| h.get(name)).map(|v| v.as_str());
-    let time = header(TIME)
-        .and_then(|t| t.parse::<u64>().ok())
-        .unwrap_or(stored_ms);
     let event_type = match (header(TYPE), header(TYPE_B64)) {
         (Some(t), _) => Some(t.to_owned()),
         (None, Some(b)) => URL_SAFE_NO_PAD
@@ -114,7 +120,7 @@ pub fn decode(
     };
     Some(Event::new(
         EventId(seq),
-        time,
+        stored_ms,
         NewEvent {
             topic,
             event_type: event_type.map(Into::into),
@@ -147,9 +153,9 @@ mod tests {
     }
 
     fn round_trip(e: &NewEvent) -> Event {
-        let (headers, payload) = encode(e, 1_700_000_000_123);
+        let (headers, payload) = encode(e);
         let subject = super::super::subject::topic_subject(P, &e.topic);
-        decode(P, &subject, 7, Some(&headers), payload, 0).expect("decodes")
+        decode(P, &subject, 7, Some(&headers), payload, 1_700_000_000_123).expect("decodes")
     }
 
     #[test]
@@ -187,6 +193,14 @@ mod tests {
                 (other, _) => panic!("{text:?} read as {other:?}"),
             }
         }
+    }
+
+    #[test]
+    fn the_time_is_the_streams_timestamp_even_where_an_old_gateway_wrote_its_own() {
+        let mut headers = HeaderMap::new();
+        headers.insert("Tw-Time", "1700000000999");
+        let e = decode(P, "tidewire.w.x", 2, Some(&headers), Bytes::from("1"), 42).unwrap();
+        assert_eq!(e.time, 42);
     }
 
     #[test]
