@@ -105,7 +105,9 @@ pub(super) fn check(dir: &Path, checkpoint: u64, stored: u64) -> Result<(), LogE
 
 /// Keeps a zero-filled spare WAL segment ready for the writer (see
 /// [`prepare_spare`](super::wal::prepare_spare)), on its own thread so the writer never
-/// waits for the zeros. Runs until the sender of its stop channel is dropped.
+/// waits for the zeros. Runs until the sender of its stop channel is dropped; a fill in
+/// progress then stops at its next block, so joining the thread (the log's close) waits for
+/// one block's write, not for a whole segment's writes and fsync.
 pub(super) struct SpareMaker {
     pub(super) wal_dir: PathBuf,
     /// Bytes of a WAL segment.
@@ -126,10 +128,21 @@ impl SpareMaker {
         std::thread::Builder::new()
             .name("tidewire-wal-spare".into())
             .spawn(move || loop {
-                if let Err(e) =
-                    super::wal::prepare_spare(&self.wal_dir, self.segment_bytes, self.min_free)
-                {
-                    tracing::warn!(error = %e, "preparing a WAL segment failed; retrying later");
+                // Nothing is ever sent on the channel: it is disconnected exactly when the
+                // writer stops.
+                let stopping =
+                    || matches!(stop.try_recv(), Err(std_mpsc::TryRecvError::Disconnected));
+                match super::wal::prepare_spare(
+                    &self.wal_dir,
+                    self.segment_bytes,
+                    self.min_free,
+                    &stopping,
+                ) {
+                    Ok(_) => {}
+                    Err(e) if e.kind() == std::io::ErrorKind::Interrupted => return,
+                    Err(e) => {
+                        tracing::warn!(error = %e, "preparing a WAL segment failed; retrying later")
+                    }
                 }
                 match stop.recv_timeout(SPARE_CHECK_EVERY) {
                     Ok(()) | Err(std_mpsc::RecvTimeoutError::Timeout) => {}

@@ -28,7 +28,18 @@ const SPARE_TMP: &str = "spare.tmp";
 /// spare, so one cut short by a crash is as good as a shorter one. Not while the filesystem
 /// would keep less than `min_free` bytes free after it (the writer then starts its next
 /// segment as a growing file); a spare that could not be finished is removed.
-pub(super) fn prepare_spare(wal_dir: &Path, bytes: u64, min_free: u64) -> std::io::Result<bool> {
+///
+/// `stopping` is asked before each block of zeros: once it says true the fill is abandoned
+/// (the partial file removed, nothing synced) and the error is [`std::io::ErrorKind::Interrupted`].
+/// Why: the log's close waits for the spare maker, and a spare is only ever a head start for
+/// a segment that a stopping log will not write; finishing it cost a whole segment's writes
+/// and fsync on every stop (seconds on a slow or busy disk, past any shutdown deadline).
+pub(super) fn prepare_spare(
+    wal_dir: &Path,
+    bytes: u64,
+    min_free: u64,
+    stopping: &dyn Fn() -> bool,
+) -> std::io::Result<bool> {
     let spare = wal_dir.join(SPARE);
     if spare.exists() {
         return Ok(false);
@@ -37,9 +48,10 @@ pub(super) fn prepare_spare(wal_dir: &Path, bytes: u64, min_free: u64) -> std::i
         return Ok(false);
     }
     let tmp = wal_dir.join(SPARE_TMP);
-    let filled = zero_fill(&tmp, bytes).and_then(|()| std::fs::rename(&tmp, &spare));
+    let filled = zero_fill(&tmp, bytes, stopping).and_then(|()| std::fs::rename(&tmp, &spare));
     if filled.is_err() {
-        // A half-filled spare would only hold on to the room that ran out.
+        // A half-filled spare would only hold on to the room that ran out (or, abandoned, to
+        // room nobody is going to use).
         let _ = std::fs::remove_file(&tmp);
     }
     filled.map(|()| true)
@@ -49,8 +61,15 @@ pub(super) fn prepare_spare(wal_dir: &Path, bytes: u64, min_free: u64) -> std::i
 /// glibc's mmap threshold (see the writer's `RECORD_CAPACITY`).
 static ZEROS: [u8; 64 << 10] = [0; 64 << 10];
 
-/// Writes `bytes` zeros to a new file at `path`, synced.
-fn zero_fill(path: &Path, bytes: u64) -> std::io::Result<()> {
+/// Writes `bytes` zeros to a new file at `path`, synced; stops with `Interrupted` before the
+/// next block (and before the sync) once `stopping` says so.
+fn zero_fill(path: &Path, bytes: u64, stopping: &dyn Fn() -> bool) -> std::io::Result<()> {
+    let abandoned = || {
+        std::io::Error::new(
+            std::io::ErrorKind::Interrupted,
+            "the log is closing: spare segment abandoned",
+        )
+    };
     let file = OpenOptions::new()
         .create(true)
         .truncate(true)
@@ -58,9 +77,15 @@ fn zero_fill(path: &Path, bytes: u64) -> std::io::Result<()> {
         .open(path)?;
     let mut at = 0;
     while at < bytes {
+        if stopping() {
+            return Err(abandoned());
+        }
         let n = ZEROS.len().min((bytes - at) as usize);
         file.write_all_at(&ZEROS[..n], at)?;
         at += n as u64;
+    }
+    if stopping() {
+        return Err(abandoned());
     }
     file.sync_data()
 }

@@ -264,3 +264,64 @@ async fn checkpoints_delete_covered_segments_and_a_clean_close_leaves_no_wal() {
     assert_eq!(stored(&again).await, acked);
     again.close().await.unwrap();
 }
+
+#[test]
+fn a_spare_fill_asked_to_stop_stops_at_the_next_block_and_leaves_no_file() {
+    let tmp = tempfile::tempdir().unwrap();
+    let asked = std::cell::Cell::new(0u32);
+    // Says "stopping" on its third question: two blocks are written, then the fill ends.
+    let stopping = || {
+        asked.set(asked.get() + 1);
+        asked.get() >= 3
+    };
+    let err = wal::prepare_spare(tmp.path(), 64 << 20, 0, &stopping).expect_err("abandoned");
+    assert_eq!(err.kind(), std::io::ErrorKind::Interrupted, "{err}");
+    assert_eq!(
+        asked.get(),
+        3,
+        "the fill went on after it was asked to stop"
+    );
+    let left: Vec<_> = std::fs::read_dir(tmp.path()).unwrap().collect();
+    assert!(left.is_empty(), "an abandoned spare left {left:?}");
+    // Not stopping: the spare is made, whole.
+    assert!(wal::prepare_spare(tmp.path(), 1 << 20, 0, &|| false).expect("filled"));
+    let spare = std::fs::metadata(tmp.path().join("spare")).expect("spare");
+    assert_eq!(spare.len(), 1 << 20);
+}
+
+#[tokio::test]
+async fn closing_a_log_abandons_the_spare_segment_being_filled_instead_of_finishing_it() {
+    // A restart on the same directory stops the log first, and the stop used to wait for the
+    // spare maker to write and fsync a whole segment of zeros: seconds on a busy disk (a
+    // test server's stop ran past its deadline that way). Segments this big cannot be filled
+    // in the moment between the fill starting and the close.
+    let tmp = tempfile::tempdir().unwrap();
+    let o = LogOptions {
+        wal_segment_bytes: 256 << 20,
+        ..opts(tmp.path())
+    };
+    let wal_dir = o.dir.join(wal::WAL_DIR);
+    let log = SledLog::open(&o, Hub::new(16), Metrics::new()).expect("open");
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while !wal_dir.join("spare.tmp").exists() {
+        assert!(
+            !wal_dir.join("spare").exists(),
+            "the spare was finished before the test saw it start"
+        );
+        assert!(Instant::now() < deadline, "the spare maker never started");
+        tokio::time::sleep(Duration::from_millis(1)).await;
+    }
+    log.close().await.expect("close");
+    drop(log);
+    assert!(
+        !wal_dir.join("spare").exists(),
+        "the close waited until the spare segment was filled"
+    );
+    assert!(
+        !wal_dir.join("spare.tmp").exists(),
+        "a partial spare was left"
+    );
+    // The directory opens again at once, and makes its spare then.
+    let again = SledLog::open(&o, Hub::new(16), Metrics::new()).expect("reopen");
+    again.close().await.expect("close");
+}
