@@ -23,6 +23,7 @@ use jsonwebtoken::{Algorithm, EncodingKey, Header};
 use serde_json::json;
 use tidewire::envelope::{Data, Event, EventId, NewEvent};
 use tidewire::log::record::{self, ChunkBuilder, DedupeEntry, TopicRecord};
+use tidewire::log::wal_record;
 use tidewire::topic::Topic;
 
 struct Corpus {
@@ -460,6 +461,53 @@ fn export_parse(root: &Path) -> usize {
     c.count
 }
 
+fn wal_scan(root: &Path) -> usize {
+    let mut c = Corpus::new(root, "wal_scan");
+    let events = sample_events();
+    let chunk_of = |from: usize, n: usize| {
+        let mut b = ChunkBuilder::new();
+        for (i, e) in events.iter().cycle().skip(from).take(n).enumerate() {
+            assert!(b.push_event(1_763_800_000_000 + i as u64, e));
+        }
+        b.finish().expect("chunk")
+    };
+    // Three group commits: ids 1..=2, 3..=6 (two chunks), 7..=7.
+    let (a, b1, b2, d) = (
+        chunk_of(0, 2),
+        chunk_of(2, 3),
+        chunk_of(1, 1),
+        chunk_of(3, 1),
+    );
+    let mut segment = Vec::new();
+    let mut ends = Vec::new();
+    segment.extend(wal_record::encode(1, 2, &[(1, &a)]));
+    ends.push(segment.len());
+    segment.extend(wal_record::encode(3, 6, &[(3, &b1), (6, &b2)]));
+    ends.push(segment.len());
+    segment.extend(wal_record::encode(7, 7, &[(7, &d)]));
+    c.add2("clean", &[0], &segment);
+    let mut padded = segment.clone();
+    padded.resize(segment.len() + 512, 0);
+    c.add2("zero-filled", &[0], &padded);
+    c.add2("torn", &[0], &segment[..ends[1] + 20]);
+    let mut torn_in_zeros = segment[..ends[1] + 20].to_vec();
+    torn_in_zeros.resize(segment.len() + 64, 0);
+    c.add2("torn-in-zeros", &[0], &torn_in_zeros);
+    let mut corrupt = segment.clone();
+    corrupt[ends[0] + 30] ^= 0x01;
+    c.add2("corrupt", &[0], &corrupt);
+    // Built mode: a first id, record and chunk counts, events, then damage choices.
+    c.add(
+        "built",
+        &[
+            1, 0, 0, 0, 0, 0, 1, 0, 0, 2, 1, 0, 0x18, 1, b't', 2, b'm', b'1', 3, 1, 2, 3, 9, 0, 0,
+            0, 0, 0, 0, 0, 1, 2, 0x01, 4, 0, 0, 0, 0, 0, 0, 0, 0, 40, 1, 2, 0, 9, 0, 0, 0, 0, 0, 0,
+            0, 0x5a,
+        ],
+    );
+    c.count
+}
+
 fn main() {
     let root = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("corpus");
     let written = [
@@ -471,6 +519,7 @@ fn main() {
         ("jwt", jwt(&root)),
         ("log_record", log_record(&root)),
         ("export_parse", export_parse(&root)),
+        ("wal_scan", wal_scan(&root)),
     ];
     for (target, n) in written {
         println!("{n:3} seeds in fuzz/corpus/{target}/");
