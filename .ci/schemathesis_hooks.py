@@ -9,6 +9,12 @@ request bodies and topic paths on the wire, where OpenAPI 3.1 has no words for i
   `application/msgpack` bodies and answers are MessagePack (Schemathesis knows neither).
 - A one-topic publish whose envelope names a topic must name the path's topic: a cross-field rule
   JSON Schema cannot state, applied to schema-valid (positive) cases only.
+- A webhook's `url` must resolve to an address `webhook_allow` lists (loopback by default) and
+  a webhook's first PUT must name `url`, `topics` and `secret`: rules about the network and
+  about what was put before, which JSON Schema cannot state. A schema-valid (positive) PUT of
+  `/v1/webhooks/{name}` gets a loopback url (on the discard port, where nothing listens: calls
+  fail and are retried, harmlessly), when it lacks them topics and a secret, and in `name`
+  (meant for configuration tables) the path's name.
 - `start=latest` and `start_time` are two starts, and both at once is a 400 (`invalid_start`):
   a rule between two query parameters OpenAPI cannot state. A schema-valid (positive) case
   that carries both keeps `start` only.
@@ -74,9 +80,29 @@ def _json_bytes(value) -> bytes:
     return json.dumps(_plain(value), default=str).encode()
 
 
+def _webhook_creatable(ctx, value):
+    case = ctx.case
+    if not case.meta or not case.meta.generation.mode.is_positive:
+        return value
+    if case.method.upper() != "PUT" or case.path != "/v1/webhooks/{name}":
+        return value
+    if not isinstance(value, dict):
+        return value
+    fixed = dict(value)
+    # The body's `name` (for configuration tables) must be the path's.
+    if "name" in fixed:
+        fixed["name"] = str((case.path_parameters or {}).get("name", fixed["name"]))
+    fixed["url"] = "http://127.0.0.1:9/schemathesis"
+    if not fixed.get("topics"):
+        fixed["topics"] = ["schemathesis/**"]
+    if not isinstance(fixed.get("secret"), str):
+        fixed["secret"] = "whsec_MfKQ9r8GKYqrTwjUPD8ILPZIo2LaLaSw"
+    return fixed
+
+
 @schemathesis.serializer("application/json")
 def json_body(ctx, value):
-    return _wire(ctx, _json_bytes(_align_topics(ctx, value)))
+    return _wire(ctx, _json_bytes(_webhook_creatable(ctx, _align_topics(ctx, value))))
 
 
 @schemathesis.serializer("application/x-ndjson")

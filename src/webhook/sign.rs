@@ -4,7 +4,7 @@
 //! The signed content is `{webhook-id}.{webhook-timestamp}.{body}`; the signature is
 //! HMAC-SHA256 under the secret's bytes, base64-encoded, prefixed with the scheme `v1,`.
 
-use base64::engine::general_purpose::STANDARD;
+use base64::engine::general_purpose::{GeneralPurpose, GeneralPurposeConfig, STANDARD};
 use base64::Engine as _;
 use hmac::{Hmac, Mac};
 use sha2::Sha256;
@@ -15,6 +15,13 @@ pub const SECRET_PREFIX: &str = "whsec_";
 pub const MIN_SECRET_BYTES: usize = 24;
 /// Most secret bytes accepted.
 pub const MAX_SECRET_BYTES: usize = 64;
+
+/// Standard base64, lenient about the unused bits of the last symbol (other Standard Webhooks
+/// implementations accept such secrets, and so must we).
+const SECRET_BASE64: GeneralPurpose = GeneralPurpose::new(
+    &base64::alphabet::STANDARD,
+    GeneralPurposeConfig::new().with_decode_allow_trailing_bits(true),
+);
 
 /// A webhook's signing key: its bytes, and the `whsec_` text it was given as.
 #[derive(Clone, PartialEq, Eq)]
@@ -35,7 +42,7 @@ impl Secret {
         let b64 = text
             .strip_prefix(SECRET_PREFIX)
             .ok_or_else(|| format!("a secret starts with {SECRET_PREFIX:?} (Standard Webhooks)"))?;
-        let key = STANDARD
+        let key = SECRET_BASE64
             .decode(b64)
             .map_err(|e| format!("the secret after {SECRET_PREFIX:?} is not base64: {e}"))?;
         if !(MIN_SECRET_BYTES..=MAX_SECRET_BYTES).contains(&key.len()) {
@@ -96,6 +103,13 @@ mod tests {
             assert!(Secret::parse(bad).is_err(), "{bad}");
         }
         assert!(Secret::parse(&format!("whsec_{}", STANDARD.encode([7u8; 24]))).is_ok());
+        // Unused bits set in the last symbol: still the same 24 bytes.
+        let canonical = STANDARD.encode([7u8; 25]);
+        let loose = format!("{}B==", &canonical[..canonical.len() - 3]);
+        assert_eq!(
+            Secret::parse(&format!("whsec_{loose}")).map(|s| s.key.len()),
+            Ok(25)
+        );
         assert_eq!(
             format!(
                 "{:?}",

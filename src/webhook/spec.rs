@@ -25,6 +25,16 @@ pub const MAX_TOPICS: usize = 64;
 /// Most static headers one webhook may add.
 pub const MAX_HEADERS: usize = 32;
 
+/// Longest static header name.
+const MAX_HEADER_NAME: usize = 64;
+/// Longest static header value.
+const MAX_HEADER_VALUE: usize = 4096;
+
+/// A byte of an HTTP token (a header name).
+fn is_token_byte(b: u8) -> bool {
+    b.is_ascii_alphanumeric() || b"!#$%&'*+.^_`|~-".contains(&b)
+}
+
 /// Headers tidewire sets itself on every call; a webhook cannot replace them.
 const RESERVED_HEADERS: &[&str] = &[
     "host",
@@ -70,36 +80,113 @@ impl Name {
 #[serde(deny_unknown_fields)]
 pub struct Request {
     /// The webhook's name (config tables only; the path names it in the API).
-    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[serde(
+        default,
+        deserialize_with = "present",
+        skip_serializing_if = "Option::is_none"
+    )]
     pub name: Option<String>,
     /// `http://` or `https://` destination.
-    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[serde(
+        default,
+        deserialize_with = "present",
+        skip_serializing_if = "Option::is_none"
+    )]
     pub url: Option<String>,
     /// Topic patterns whose events are delivered.
-    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[serde(
+        default,
+        deserialize_with = "present",
+        skip_serializing_if = "Option::is_none"
+    )]
     pub topics: Option<Vec<String>>,
     /// Signing secret, `whsec_<base64>`.
-    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[serde(
+        default,
+        deserialize_with = "present",
+        skip_serializing_if = "Option::is_none"
+    )]
     pub secret: Option<String>,
     /// Start after this cursor (0: the oldest retained event). Omitted: from now on a create,
     /// unchanged on an update.
-    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[serde(
+        default,
+        deserialize_with = "whole",
+        skip_serializing_if = "Option::is_none"
+    )]
     pub since: Option<u64>,
     /// Most events per call.
-    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[serde(
+        default,
+        deserialize_with = "whole",
+        skip_serializing_if = "Option::is_none"
+    )]
     pub batch_max_events: Option<usize>,
     /// Most body bytes per call (a single larger event goes alone).
-    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[serde(
+        default,
+        deserialize_with = "whole",
+        skip_serializing_if = "Option::is_none"
+    )]
     pub batch_max_bytes: Option<usize>,
     /// Time allowed for one call: connecting, sending and the receiver's answer.
-    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[serde(
+        default,
+        deserialize_with = "whole",
+        skip_serializing_if = "Option::is_none"
+    )]
     pub timeout_ms: Option<u64>,
     /// Static headers added to every call (a function's own auth header).
-    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[serde(
+        default,
+        deserialize_with = "present",
+        skip_serializing_if = "Option::is_none"
+    )]
     pub headers: Option<BTreeMap<String, String>>,
     /// `false` pauses delivery; `true` (or omitted on a PUT) resumes it.
-    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[serde(
+        default,
+        deserialize_with = "present",
+        skip_serializing_if = "Option::is_none"
+    )]
     pub enabled: Option<bool>,
+}
+
+/// A field that is given must hold a value: `null` is refused like any other wrong type
+/// (leave the field out to keep, or default, its value).
+fn present<'de, D, T>(d: D) -> Result<Option<T>, D::Error>
+where
+    D: serde::Deserializer<'de>,
+    T: Deserialize<'de>,
+{
+    T::deserialize(d).map(Some)
+}
+
+/// A whole number that is given: `7` or `7.0` (JSON Schema's integers include the latter),
+/// never a fraction, a negative number or `null`.
+fn whole<'de, D, T>(d: D) -> Result<Option<T>, D::Error>
+where
+    D: serde::Deserializer<'de>,
+    T: TryFrom<u64>,
+{
+    #[derive(Deserialize)]
+    #[serde(untagged)]
+    enum Number {
+        Int(u64),
+        Float(f64),
+    }
+    let n = match Number::deserialize(d)? {
+        Number::Int(n) => n,
+        Number::Float(f) if f >= 0.0 && f.fract() == 0.0 && f < u64::MAX as f64 => f as u64,
+        Number::Float(f) => {
+            return Err(serde::de::Error::custom(format!(
+                "{f} is not a whole number of at least 0"
+            )))
+        }
+    };
+    T::try_from(n)
+        .map(Some)
+        .map_err(|_| serde::de::Error::custom(format!("{n} is too large")))
 }
 
 /// Where calls go.
@@ -315,6 +402,17 @@ fn parse_headers(map: &BTreeMap<String, String>) -> Result<Vec<(HeaderName, Head
     }
     map.iter()
         .map(|(k, v)| {
+            if k.is_empty() || k.len() > MAX_HEADER_NAME || !k.bytes().all(is_token_byte) {
+                return Err(format!("header name {k:?} is not valid"));
+            }
+            if v.len() > MAX_HEADER_VALUE
+                || !v.bytes().all(|b| b == b'\t' || (0x20..0x7f).contains(&b))
+            {
+                return Err(format!(
+                    "the value of header {k:?} is not valid (visible ASCII, spaces and tabs, at \
+                     most {MAX_HEADER_VALUE} bytes)"
+                ));
+            }
             let name = HeaderName::from_bytes(k.as_bytes())
                 .map_err(|_| format!("header name {k:?} is not valid"))?;
             if RESERVED_HEADERS.contains(&name.as_str()) {
@@ -349,6 +447,9 @@ mod tests {
         assert_eq!(s.target.path_and_query, "/hook?x=1");
         assert_eq!(s.batch_max_events, 100);
         assert_eq!(s.timeout_ms, 10_000);
+        let req: Request =
+            serde_json::from_value(serde_json::json!({"since": 7.0, "timeout_ms": 500})).unwrap();
+        assert_eq!((req.since, req.timeout_ms), (Some(7), Some(500)));
         assert!(s.enabled);
         for missing in ["url", "topics", "secret"] {
             let mut j = serde_json::json!({
