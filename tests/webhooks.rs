@@ -495,6 +495,114 @@ async fn under_random_failures_outages_and_kill_9_every_matching_event_arrives_i
     drop(tw);
 }
 
+// ---- The retry schedule ------------------------------------------------------------------------
+
+#[tokio::test]
+async fn failures_wait_per_the_schedule_backoff_retry_after_exactly_and_other_4xx_slowly() {
+    let tmp = tempfile::tempdir().unwrap();
+    let key = secret(13);
+    let rx = Receiver::start(&key);
+    // (path, how the receiver answers it, the wait after the n-th failure, ms). Backoff:
+    // delay_n = min(max, min·2^(n-1)) drawn uniformly from [delay_n/2, delay_n].
+    let backoff = |n: u64| {
+        let d = 20_000u64.min(1000 << (n - 1).min(20));
+        d / 2..=d
+    };
+    let exactly = |ms: u64| move |_: u64| ms..=ms;
+    type Wait = Box<dyn Fn(u64) -> std::ops::RangeInclusive<u64>>;
+    let cases: [(&str, Value, Wait); 6] = [
+        ("/e500", json!({"status": 500}), Box::new(backoff)),
+        ("/e503", json!({"status": 503}), Box::new(backoff)),
+        ("/e429", json!({"status": 429}), Box::new(backoff)),
+        // Retry-After in seconds is honoured exactly, for 429 and 503.
+        (
+            "/r429",
+            json!({"status": 429, "retry_after": "30"}),
+            Box::new(exactly(30_000)),
+        ),
+        (
+            "/r503",
+            json!({"status": 503, "retry_after": "7"}),
+            Box::new(exactly(7_000)),
+        ),
+        // Other 4xx: retried "slowly", at the maximum delay.
+        ("/e400", json!({"status": 400}), Box::new(exactly(20_000))),
+    ];
+    for (path, answer, _) in &cases {
+        let mut c = answer.clone();
+        c["path"] = json!(path);
+        rx.control(c).await;
+    }
+    let tw = serve(
+        &tmp,
+        "webhook_retry_min_ms = 1000\nwebhook_retry_max_ms = 20000\n",
+    )
+    .await;
+    let base = tw.url("");
+    for (path, _, _) in &cases {
+        let name = &path[1..];
+        let (status, body) = put_hook(
+            &base,
+            name,
+            hook(&rx.url(path), &[&format!("t/{name}")], &key, json!({})),
+        )
+        .await;
+        assert_eq!(status, 201, "{body}");
+        publish_one(
+            &reqwest::Client::new(),
+            &base,
+            &format!("t/{name}"),
+            json!(1),
+        )
+        .await;
+    }
+    for (path, answer, wait) in &cases {
+        let name = &path[1..];
+        let v = wait_view(&base, name, PATIENCE, "a first failure", |v| {
+            v["attempts"].as_u64() >= Some(1) && v["next_attempt_at"].is_u64()
+        })
+        .await;
+        assert_eq!(v["state"], "retrying", "{v}");
+        let next = v["next_attempt_at"].as_u64().unwrap();
+        let failed = v["last_error_at"].as_u64().expect("last_error_at");
+        // Both stamps are taken a moment apart on the server: allow 200 ms around the range.
+        let scheduled = next.saturating_sub(failed);
+        let wait = wait(v["attempts"].as_u64().unwrap());
+        assert!(
+            scheduled + 200 >= *wait.start() && scheduled <= wait.end() + 200,
+            "{path} answered {answer}: next attempt {scheduled} ms after the failure, expected \
+             {wait:?}: {v}"
+        );
+    }
+    // The long waits really are waited: one call each so far.
+    tokio::time::sleep(Duration::from_millis(1500)).await;
+    for path in ["/r429", "/r503", "/e400"] {
+        assert_eq!(
+            rx.calls_to(path).await.len(),
+            1,
+            "{path} was called again too soon"
+        );
+    }
+    assert!(
+        metric_with(
+            &base,
+            "tidewire_webhook_failures_total",
+            &[("webhook", "e400"), ("reason", "status_4xx")]
+        )
+        .await
+            >= 1.0
+    );
+    assert!(
+        metric_with(
+            &base,
+            "tidewire_webhook_failures_total",
+            &[("webhook", "r429"), ("reason", "status_429")]
+        )
+        .await
+            >= 1.0
+    );
+}
+
 // ---- 410 Gone ----------------------------------------------------------------------------------
 
 #[tokio::test]
