@@ -35,33 +35,18 @@ const SETTLE: Duration = Duration::from_secs(120);
 async fn serve(tmp: &tempfile::TempDir, config: &str) -> BinServer {
     let path = config_path(tmp);
     std::fs::write(&path, config).expect("write the config file");
-    let server = BinServer::spawn(&tmp.path().join("data"), &["--config", path_str(&path)]).await;
-    webhooks_started(&server).await;
-    server
+    BinServer::spawn(&tmp.path().join("data"), &["--config", path_str(&path)]).await
 }
 
 /// The same server again on the address it had (its data dir and config kept).
 async fn restart(tmp: &tempfile::TempDir, addr: std::net::SocketAddr) -> BinServer {
     let path = config_path(tmp);
-    let server = BinServer::spawn_on(
+    BinServer::spawn_on(
         addr,
         &tmp.path().join("data"),
         &["--config", path_str(&path)],
     )
-    .await;
-    webhooks_started(&server).await;
-    server
-}
-
-/// Waits until the webhook routes stop answering 503 `not_ready`: over NATS the webhooks start
-/// once NATS answers, which may be after `/readyz` said 200.
-async fn webhooks_started(server: &BinServer) {
-    let url = server.url("/v1/webhooks");
-    wait_for(PATIENCE, "the webhook routes to be ready", || async {
-        let (status, _) = call(reqwest::Method::GET, &url, None, None).await;
-        (status != 503).then_some(())
-    })
-    .await;
+    .await
 }
 
 fn config_path(tmp: &tempfile::TempDir) -> PathBuf {
