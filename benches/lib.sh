@@ -20,6 +20,11 @@ pid=""
 # Starts a release server on $addr with a fresh data dir and any extra serve flags given;
 # waits until /readyz answers 200.
 start() {
+  # Another server already answering there would be measured (and loaded) instead of ours.
+  if curl -fs "http://$addr/readyz" >/dev/null 2>&1; then
+    echo "something already answers on $addr: choose another PORT" >&2
+    exit 1
+  fi
   dir=$(mktemp -d /tmp/tidewire-bench.XXXXXX)
   RUST_LOG=warn "$bin/tidewire" serve --listen "$addr" --data-dir "$dir/data" "$@" &
   pid=$!
