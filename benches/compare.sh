@@ -42,6 +42,9 @@
 # {"metric","server","run","report":<tidewire bench --json>}, the start-up times as metric
 # "startup"), startup-build.json (the log's build), env.txt (machine, versions), table.txt.
 #
+# METRICS=publish,ws-json (comma-separated metric names as in the raw lines; `startup` for the
+# start-up log) measures only those: a focused rerun of the figures a change is about.
+#
 # Usage: bash benches/compare.sh [--quick] [RUNS]   (default 3 runs; --quick: 3 s loads,
 #        smaller counts, a 1,000,000-event start-up log: a smoke test, not a measurement)
 # Needs: apt-get (nginx, libnginx-mod-nchan are installed when missing), curl, python3, and for
@@ -148,10 +151,13 @@ measure() {
     printf '{"metric":"%s","server":"%s","run":%d,"report":null}\n' "$metric" "$server" "$run" >> "$raw"
   fi
 }
+# wanted METRIC: whether METRICS (when set) names it.
+wanted() { [ -z "${METRICS:-}" ] || [[ ",$METRICS," == *",$1,"* ]]; }
 # on SERVER METRIC MODE BENCH-ARGS...: the same command against a fresh tidewire or nginx.
 on() {
   local server=$1 metric=$2 mode=$3
   shift 3
+  wanted "$metric" || return 0
   if [ "$server" = tidewire ]; then
     start
     measure "$metric" tidewire "$mode" --addr "$addr" --pid "$pid" "$@"
@@ -174,7 +180,9 @@ startup_dir=$(mktemp -d "$tmp/tidewire-startup.XXXXXX")
 need_kib=$((startup_events / 1000 * 800))
 free_kib=$(df -Pk "$startup_dir" | awk 'NR == 2 { print $4 }')
 startup=1
-if [ "$free_kib" -lt "$need_kib" ]; then
+if ! wanted startup; then
+  startup=0
+elif [ "$free_kib" -lt "$need_kib" ]; then
   echo "## start-up: only $((free_kib / 1024)) MiB free under $tmp, $((need_kib / 1024)) MiB needed: skipped" >&2
   startup=0
 else
