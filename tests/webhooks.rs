@@ -784,6 +784,44 @@ async fn the_allow_list_refuses_every_destination_it_does_not_name_and_stores_no
 }
 
 #[tokio::test]
+async fn a_name_is_judged_by_the_addresses_it_resolves_to_not_by_how_it_reads() {
+    // Only IPv6 loopback is listed: `localhost` resolves to 127.0.0.1 (also on a machine whose
+    // hosts file lists nothing else), which is elsewhere, so it is refused even though it
+    // names this machine; the listed address itself is accepted.
+    let tmp = tempfile::tempdir().unwrap();
+    let key = secret(9);
+    let rx = Receiver::start(&key);
+    let tw = serve(
+        &tmp,
+        &format!("{FAST_RETRY}webhook_allow = [\"::1/128\"]\n"),
+    )
+    .await;
+    let base = tw.url("");
+    let by_name = format!("http://localhost:{}/hook", rx.port);
+    let (status, body) = put_hook(&base, "n", hook(&by_name, &["s/**"], &key, json!({}))).await;
+    assert_eq!(
+        (status, code(&body)),
+        (403, "destination_not_allowed"),
+        "PUT {by_name}: {body}"
+    );
+    assert!(
+        body["error"]["message"]
+            .as_str()
+            .unwrap_or("")
+            .contains("127.0.0.1"),
+        "the refusal names the address the name resolved to: {body}"
+    );
+    assert_eq!(get_hook(&base, "n").await.0, 404, "nothing stored");
+    let listed = format!("http://[::1]:{}/hook", rx.port);
+    let (status, body) = put_hook(&base, "n", hook(&listed, &["s/**"], &key, json!({}))).await;
+    assert_eq!(status, 201, "PUT {listed}: {body}");
+    assert!(
+        rx.calls().await.is_empty(),
+        "nothing reached the receiver by name"
+    );
+}
+
+#[tokio::test]
 async fn by_default_only_loopback_destinations_are_allowed() {
     let tmp = tempfile::tempdir().unwrap();
     let key = secret(4);
