@@ -528,9 +528,9 @@ pub async fn metric(base: &str, series: &str) -> f64 {
     metric_via(&reqwest::Client::new(), base, series).await
 }
 
-/// [`metric`] through `client` (e.g. one that trusts a test CA, for `https://` bases).
-pub async fn metric_via(client: &reqwest::Client, base: &str, series: &str) -> f64 {
-    let text = client
+/// The Prometheus text of `base`'s `/metrics`, through `client`.
+pub async fn metrics_text(client: &reqwest::Client, base: &str) -> String {
+    client
         .get(format!("{base}/metrics"))
         .timeout(PATIENCE)
         .send()
@@ -538,7 +538,12 @@ pub async fn metric_via(client: &reqwest::Client, base: &str, series: &str) -> f
         .expect("GET /metrics")
         .text()
         .await
-        .expect("metrics body");
+        .expect("metrics body")
+}
+
+/// [`metric`] through `client` (e.g. one that trusts a test CA, for `https://` bases).
+pub async fn metric_via(client: &reqwest::Client, base: &str, series: &str) -> f64 {
+    let text = metrics_text(client, base).await;
     text.lines()
         .find_map(|l| l.strip_prefix(series)?.strip_prefix(' '))
         .map(|v| v.trim().parse().expect("metric value"))

@@ -254,15 +254,7 @@ where
 /// The sum of the `/metrics` samples named `name` whose labels include every `labels` pair
 /// (in any order). 0 when none.
 pub async fn metric_with(base: &str, name: &str, labels: &[(&str, &str)]) -> f64 {
-    let text = reqwest::Client::new()
-        .get(format!("{base}/metrics"))
-        .timeout(PATIENCE)
-        .send()
-        .await
-        .expect("GET /metrics")
-        .text()
-        .await
-        .expect("metrics body");
+    let text = super::metrics_text(&reqwest::Client::new(), base).await;
     let mut sum = 0.0;
     for line in text.lines().filter(|l| !l.starts_with('#')) {
         let Some((series, value)) = line.rsplit_once(' ') else {
