@@ -307,17 +307,28 @@ pub fn ids(events: &[Value]) -> Vec<u64> {
         .collect()
 }
 
-/// Publishes one JSON event to `topic` and returns its id (asserts 201).
+/// Publishes one JSON event to `topic` and returns its id (asserts 201). The contract's
+/// retryable `503 log_unavailable` (a gateway whose JetStream stream is electing a leader, or
+/// whose server has not yet learnt where the stream is: "no responders") is asked again, as a
+/// client would, for at most [`PATIENCE`]; nothing was stored by a refused attempt.
 pub async fn publish_one(client: &reqwest::Client, base: &str, topic: &str, data: Value) -> u64 {
-    let (status, body) = post(
-        client,
-        &format!("{base}/v1/topics/{topic}/events"),
-        "application/json",
-        serde_json::json!({ "data": data }).to_string(),
-    )
-    .await;
-    assert_eq!(status, 201, "publish refused: {body}");
-    body["first_id"].as_u64().expect("first_id")
+    let deadline = Instant::now() + PATIENCE;
+    loop {
+        let (status, body) = post(
+            client,
+            &format!("{base}/v1/topics/{topic}/events"),
+            "application/json",
+            serde_json::json!({ "data": data }).to_string(),
+        )
+        .await;
+        if status == 503 && body["error"]["code"] == "log_unavailable" && Instant::now() < deadline
+        {
+            tokio::time::sleep(Duration::from_millis(100)).await;
+            continue;
+        }
+        assert_eq!(status, 201, "publish refused: {body}");
+        return body["first_id"].as_u64().expect("first_id");
+    }
 }
 
 /// Opens an SSE stream with an independent client (reqwest + eventsource-stream).
