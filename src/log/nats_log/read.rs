@@ -149,15 +149,8 @@ fn merge(
         if events.len() == limit {
             break;
         }
-        if let Some(e) = wire::decode(
-            prefix,
-            &m.subject,
-            seq,
-            Some(&m.headers),
-            m.payload,
-            m.time_ms,
-        ) {
-            events.push(std::sync::Arc::new(e));
+        if let Some(e) = decode(prefix, seq, m) {
+            events.push(e);
         }
         if events.len() == limit {
             through = seq;
@@ -244,17 +237,7 @@ pub async fn latest(
                     .messages
                     .into_iter()
                     .find(|m| m.seq == seq)
-                    .and_then(|m| {
-                        wire::decode(
-                            prefix,
-                            &m.subject,
-                            seq,
-                            Some(&m.headers),
-                            m.payload,
-                            m.time_ms,
-                        )
-                    })
-                    .map(std::sync::Arc::new))
+                    .and_then(|m| decode(prefix, seq, m)))
             })
             .buffered(STATS_IN_FLIGHT)
             .collect()
@@ -358,6 +341,20 @@ async fn stats_of(
         count,
         bytes: None,
     }))
+}
+
+/// The event a direct-get message holds (`None` for one that is not tidewire's), dated by
+/// JetStream's stored timestamp.
+fn decode(prefix: &str, seq: u64, m: api::Stored) -> Option<SharedEvent> {
+    wire::decode(
+        prefix,
+        &m.subject,
+        seq,
+        Some(&m.headers),
+        m.payload,
+        m.time_ms,
+    )
+    .map(std::sync::Arc::new)
 }
 
 #[cfg(test)]
