@@ -425,10 +425,10 @@ def free_port():
         return s.getsockname()[1]
 
 
-def http(method, url, body=None, headers=None):
+def http(method, url, body=None, headers=None, timeout=5):
     req = urllib.request.Request(url, data=body, method=method, headers=headers or {})
     try:
-        with urllib.request.urlopen(req, timeout=5) as r:
+        with urllib.request.urlopen(req, timeout=timeout) as r:
             return r.status, r.read()
     except urllib.error.HTTPError as e:
         return e.code, e.read()
@@ -1280,14 +1280,27 @@ def gateways(label, binary, nats_bin, cfg, gw_argvs, env, tmp, secret, stream, r
                                 "--subscribe", "deploy/**", "--ttl", "5m"], capture_output=True, text=True,
                                check=True).stdout.strip()
         auth = {"authorization": f"Bearer {token}"}
-        status, out = http("POST", a["base"] + url, body, {**ct, **auth})
-        check(status == 201, f"{label}: a publish on {a['name']} gets 201 (stored by the stream)")
+
+        def publish(base, body):
+            """A client's publish: asks again with the same msg_id while the answer is the contract's
+            retryable 503 (a stream just created may still be electing its leader)."""
+            deadline = time.monotonic() + 30
+            while True:
+                status, out = http("POST", base + url, body, {**ct, **auth}, timeout=15)
+                if status != 503 or time.monotonic() > deadline:
+                    return status, out
+                time.sleep(0.5)
+
+        body = b'{"data":{"t":21.5},"msg_id":"deploy-check-1"}'
+        status, out = publish(a["base"], body)
+        check(status == 201, f"{label}: a publish on {a['name']} gets 201 (stored by the stream; got {status} "
+                             f"{out[:300]!r})")
         first = json.loads(out).get("last_id") if status == 201 else None
         status, out = http("GET", b["base"] + "/v1/poll?topic=deploy/**&since=0&timeout=5", headers=auth)
         events = json.loads(out).get("events", []) if status == 200 else []
         check(any(e.get("id") == first and e.get("data") == {"t": 21.5} for e in events),
               f"{label}: {b['name']} serves the event {a['name']} stored (id {first})")
-        status, out = http("POST", b["base"] + url, b'{"data":{"t":21.6}}', {**ct, **auth})
+        status, out = publish(b["base"], b'{"data":{"t":21.6},"msg_id":"deploy-check-2"}')
         second = json.loads(out).get("last_id") if status == 201 else None
         check(status == 201 and first is not None and second is not None and second > first,
               f"{label}: a publish on {b['name']} gets the next id ({second} > {first})")

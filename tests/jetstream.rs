@@ -1526,3 +1526,116 @@ async fn two_gateways_whose_clocks_disagree_by_two_hours_date_events_in_stream_o
     a.stop().await;
     b.stop().await;
 }
+
+#[tokio::test]
+async fn publishes_during_stream_leader_elections_are_stored_once_and_never_refused_for_want_of_a_leader(
+) {
+    // While a replicated stream elects a leader no server listens on its subjects, and NATS
+    // answers a publish "no responders" at once. Nothing was stored then, so the gateway sends
+    // it again within its request timeout instead of refusing it. What the old leader took and
+    // never answered is the contract's retryable 503 (the outcome is unknown); publishers ask
+    // again with the same msg_ids, and each event is stored exactly once.
+    let tmp = tempfile::tempdir().unwrap();
+    let cluster = NatsCluster::three(tmp.path()).await;
+    // One NATS server for the gateway, so the leader is elsewhere two times out of three.
+    let g = Gateway::start(&tmp.path().join("g"), &cluster.node(0).url(), "elect", 3).await;
+    let c = client();
+    publish_retrying_503(
+        &c,
+        &g.url("/v1/topics/e/events"),
+        json!({"data": "first", "msg_id": "first"}).to_string(),
+    )
+    .await;
+    let stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let mut publishers = Vec::new();
+    for p in 0..3u64 {
+        let (c, base, stop) = (c.clone(), g.url(""), stop.clone());
+        publishers.push(tokio::spawn(async move {
+            // (msg_ids acknowledged, 503 answers)
+            let (mut acked, mut refusals): (Vec<String>, Vec<Value>) = (Vec::new(), Vec::new());
+            for k in 0..2000u64 {
+                if stop.load(std::sync::atomic::Ordering::Acquire) {
+                    break;
+                }
+                // Publisher 0 sends atomic batches of three, the others single events.
+                let msg_ids: Vec<String> = match p {
+                    0 => (0..3).map(|i| format!("p{p}-{k}-{i}")).collect(),
+                    _ => vec![format!("p{p}-{k}")],
+                };
+                let events: Vec<Value> = msg_ids
+                    .iter()
+                    .map(|m| json!({"topic": "e", "data": m, "msg_id": m}))
+                    .collect();
+                let deadline = Instant::now() + PATIENCE;
+                loop {
+                    let (status, body) = publish_batch(&c, &base, &events).await;
+                    if status == 201 {
+                        break;
+                    }
+                    assert_eq!(status, 503, "publisher {p}, publish {k}: {body}");
+                    assert!(Instant::now() < deadline, "still refused: {body}");
+                    refusals.push(body);
+                }
+                acked.extend(msg_ids);
+            }
+            (acked, refusals)
+        }));
+    }
+    let admin = cluster.connect().await;
+    let mut stepdowns = 0;
+    for _ in 0..4 {
+        tokio::time::sleep(Duration::from_millis(700)).await;
+        let answer = tokio::time::timeout(
+            PATIENCE,
+            admin.request("$JS.API.STREAM.LEADER.STEPDOWN.elect", "".into()),
+        )
+        .await
+        .expect("stepdown answered in time");
+        if let Ok(m) = answer {
+            let v: Value = serde_json::from_slice(&m.payload).unwrap_or_default();
+            if v["success"] == json!(true) {
+                stepdowns += 1;
+            }
+        }
+        // Until the new leader is known, a further stepdown would be refused.
+        let deadline = Instant::now() + PATIENCE;
+        while cluster.stream_leader("elect").await.is_none() {
+            assert!(Instant::now() < deadline, "the stream found no leader");
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    }
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    stop.store(true, std::sync::atomic::Ordering::Release);
+    assert!(stepdowns >= 3, "only {stepdowns} stepdowns took effect");
+    let (mut acked, mut refusals) = (vec!["first".to_string()], Vec::new());
+    for p in publishers {
+        let (a, r) = p.await.unwrap();
+        acked.extend(a);
+        refusals.extend(r);
+    }
+    assert!(
+        acked.len() > 100,
+        "too few publishes to mean anything: {}",
+        acked.len()
+    );
+    let unled: Vec<&Value> = refusals
+        .iter()
+        .filter(|r| r.to_string().contains("no responders"))
+        .collect();
+    assert!(
+        unled.is_empty(),
+        "refused while the stream elected a leader: {unled:?}"
+    );
+    // Each acknowledged event is stored exactly once, and nothing else is.
+    let all = common::poll_all(&c, &g.url(""), "e").await;
+    let mut stored: Vec<String> = all
+        .iter()
+        .map(|e| e["data"].as_str().expect("data").to_string())
+        .collect();
+    let mut seen = HashSet::new();
+    let repeated: Vec<&String> = stored.iter().filter(|m| !seen.insert(*m)).collect();
+    assert!(repeated.is_empty(), "stored more than once: {repeated:?}");
+    stored.sort();
+    acked.sort();
+    assert_eq!(stored, acked);
+}

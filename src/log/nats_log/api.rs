@@ -2,6 +2,8 @@
 //! or not with the fields they need): acknowledgements, stream state, per-subject counts,
 //! batched direct gets and leader gets.
 
+use std::time::Duration;
+
 use async_nats::{HeaderMap, Message};
 use bytes::Bytes;
 use serde::Deserialize;
@@ -71,16 +73,27 @@ pub fn unavailable(e: impl std::fmt::Display) -> LogError {
     LogError::Unavailable(format!("NATS JetStream: {e}"))
 }
 
-/// Sends a request and waits for its one answer.
-pub async fn request(
+/// Why one request got no answer.
+pub enum Unanswered {
+    /// No one listens on the subject yet, so nothing received the request: the stream was
+    /// just created, or its leader's interest has not reached this gateway's NATS server.
+    /// Sending again is always safe.
+    NoResponders,
+    /// Anything else (timeout, lost connection, too big), as the log's error.
+    Failed(LogError),
+}
+
+/// Sends a request once and waits at most `wait` for its one answer.
+pub async fn request_once(
     inner: &Inner,
     subject: String,
     headers: Option<HeaderMap>,
     payload: Bytes,
-) -> Result<Message, LogError> {
+    wait: Duration,
+) -> Result<Message, Unanswered> {
     let mut req = async_nats::Request::new()
         .payload(payload)
-        .timeout(Some(inner.opts.timeout));
+        .timeout(Some(wait));
     if let Some(h) = headers {
         req = req.headers(h);
     }
@@ -89,9 +102,83 @@ pub async fn request(
         .send_request(subject, req)
         .await
         .map_err(|e| match e.kind() {
-            async_nats::client::RequestErrorKind::MaxPayloadExceeded => too_big(&e),
-            _ => unavailable(e),
+            async_nats::client::RequestErrorKind::NoResponders => Unanswered::NoResponders,
+            async_nats::client::RequestErrorKind::MaxPayloadExceeded => {
+                Unanswered::Failed(too_big(&e))
+            }
+            _ => Unanswered::Failed(unavailable(e)),
         })
+}
+
+/// Paces sending again while no one listens; every try, waits included, fits within one
+/// request timeout.
+pub struct NoRespondersRetry {
+    deadline: tokio::time::Instant,
+    pause: Duration,
+}
+
+impl NoRespondersRetry {
+    /// Starts the budget now: sending again is allowed for one `nats_timeout_ms`.
+    pub fn new(inner: &Inner) -> Self {
+        NoRespondersRetry {
+            deadline: tokio::time::Instant::now() + inner.opts.timeout,
+            pause: Duration::from_millis(20),
+        }
+    }
+
+    /// How long the next try may wait for its answer: what is left of the budget.
+    pub fn remaining(&self) -> Duration {
+        self.deadline
+            .saturating_duration_since(tokio::time::Instant::now())
+            .max(Duration::from_millis(1))
+    }
+
+    /// Waits before the next try and says `true`, or says `false` when the budget is spent.
+    pub async fn again(&mut self) -> bool {
+        let wake = tokio::time::Instant::now() + self.pause;
+        if wake >= self.deadline {
+            return false;
+        }
+        tokio::time::sleep_until(wake).await;
+        self.pause = (self.pause * 2).min(Duration::from_millis(500));
+        true
+    }
+}
+
+/// The error a request that never found a listener within its budget becomes.
+pub fn no_responders() -> LogError {
+    unavailable("no responders (the stream has no leader reachable from this NATS server yet)")
+}
+
+/// Sends a request and waits for its one answer, sending it again while no one listens on
+/// the subject; at most one request timeout in all.
+pub async fn request(
+    inner: &Inner,
+    subject: String,
+    headers: Option<HeaderMap>,
+    payload: Bytes,
+) -> Result<Message, LogError> {
+    let mut retry = NoRespondersRetry::new(inner);
+    loop {
+        let wait = retry.remaining();
+        match request_once(
+            inner,
+            subject.clone(),
+            headers.clone(),
+            payload.clone(),
+            wait,
+        )
+        .await
+        {
+            Ok(m) => return Ok(m),
+            Err(Unanswered::Failed(e)) => return Err(e),
+            Err(Unanswered::NoResponders) => {
+                if !retry.again().await {
+                    return Err(no_responders());
+                }
+            }
+        }
+    }
 }
 
 /// The error a message larger than the NATS servers take becomes (nothing was sent).

@@ -21,11 +21,18 @@
 //! publishes costs JetStream one commit (and, with `sync_interval: always`, one fsync) instead
 //! of one each. A combined batch that JetStream refuses because some member repeats a
 //! `msg_id` is sent again member by member, the slow path above.
+//!
+//! Elections: while the stream has no leader listening (just created, a node lost, a stepdown)
+//! NATS answers "no responders" and nothing is stored, so a publish, a probe or a whole batch
+//! is sent again, paced, within one `nats_timeout_ms`; only past it does the caller get
+//! `Unavailable`. A request some server took and never answered stays `Unavailable` at once
+//! after its timeout: whether it was stored is unknown, and only the client's retry with the
+//! same `msg_id` can settle that.
 
 use std::collections::HashSet;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
 use async_nats::HeaderMap;
 use bytes::Bytes;
@@ -351,32 +358,25 @@ async fn publish_one(
 
 /// Publishes `messages` as one atomic batch. `Ok(Ok(last))`: stored, the last id;
 /// `Ok(Err(()))`: refused whole because a message repeats a stored `msg_id`.
+///
+/// A commit no one listened to stored nothing (the stream never saw it, so it drops whatever
+/// parts it got when the batch times out): the whole batch is sent again under a new id while
+/// the request budget lasts.
 async fn publish_batch(inner: &Inner, messages: Vec<Message>) -> Result<Result<u64, ()>, LogError> {
     let _slot = inner
         .batches
         .acquire()
         .await
         .map_err(|_| LogError::Closed)?;
-    let id = batch_id();
     let n = messages.len();
-    for (k, (subject, mut headers, payload)) in messages.into_iter().enumerate() {
-        headers.insert("Nats-Batch-Id", id.as_str());
-        headers.insert("Nats-Batch-Sequence", (k + 1).to_string());
-        if k + 1 < n {
-            // JetStream acknowledges only the commit; a lost message makes it refuse the
-            // batch at the commit (a gap in Nats-Batch-Sequence), never store part of it.
-            inner
-                .client
-                .publish_with_headers(subject, headers, payload)
-                .await
-                .map_err(|e| match e.kind() {
-                    async_nats::client::PublishErrorKind::MaxPayloadExceeded => api::too_big(&e),
-                    _ => api::unavailable(e),
-                })?;
-            continue;
-        }
-        headers.insert("Nats-Batch-Commit", "1");
-        let answer = api::request(inner, subject, Some(headers), payload).await?;
+    let mut retry = api::NoRespondersRetry::new(inner);
+    loop {
+        let answer = match send_batch(inner, &messages, retry.remaining()).await? {
+            Ok(answer) => answer,
+            Err(api::Unanswered::NoResponders) if retry.again().await => continue,
+            Err(api::Unanswered::NoResponders) => return Err(api::no_responders()),
+            Err(api::Unanswered::Failed(e)) => return Err(e),
+        };
         return match api::parse_ack(&answer.payload)? {
             Ok(ack) => {
                 if ack.count != Some(n as u64) {
@@ -390,6 +390,39 @@ async fn publish_batch(inner: &Inner, messages: Vec<Message>) -> Result<Result<u
             Err(e) if e.err_code == code::BATCH_HAS_DUPLICATE => Ok(Err(())),
             Err(e) => Err(refused(inner, e)),
         };
+    }
+}
+
+/// Sends `messages` once as one atomic batch under a fresh batch id; the commit's answer
+/// (awaited at most `wait`), or why it had none.
+async fn send_batch(
+    inner: &Inner,
+    messages: &[Message],
+    wait: Duration,
+) -> Result<Result<async_nats::Message, api::Unanswered>, LogError> {
+    let id = batch_id();
+    let n = messages.len();
+    for (k, (subject, headers, payload)) in messages.iter().enumerate() {
+        let mut headers = headers.clone();
+        headers.insert("Nats-Batch-Id", id.as_str());
+        headers.insert("Nats-Batch-Sequence", (k + 1).to_string());
+        if k + 1 < n {
+            // JetStream acknowledges only the commit; a lost message makes it refuse the
+            // batch at the commit (a gap in Nats-Batch-Sequence), never store part of it.
+            inner
+                .client
+                .publish_with_headers(subject.clone(), headers, payload.clone())
+                .await
+                .map_err(|e| match e.kind() {
+                    async_nats::client::PublishErrorKind::MaxPayloadExceeded => api::too_big(&e),
+                    _ => api::unavailable(e),
+                })?;
+            continue;
+        }
+        headers.insert("Nats-Batch-Commit", "1");
+        let commit =
+            api::request_once(inner, subject.clone(), Some(headers), payload.clone(), wait);
+        return Ok(commit.await);
     }
     Err(LogError::Storage("empty batch".into()))
 }
