@@ -1537,8 +1537,17 @@ async fn publishes_during_stream_leader_elections_are_stored_once_and_never_refu
     // again with the same msg_ids, and each event is stored exactly once.
     let tmp = tempfile::tempdir().unwrap();
     let cluster = NatsCluster::three(tmp.path()).await;
-    // One NATS server for the gateway, so the leader is elsewhere two times out of three.
-    let g = Gateway::start(&tmp.path().join("g"), &cluster.node(0).url(), "elect", 3).await;
+    // One NATS server for the gateway, so the leader is elsewhere two times out of three. The
+    // budget covers a whole raft election (up to 9 s when a leadership transfer fails).
+    let g = Gateway::spawn_with_env(
+        &tmp.path().join("g"),
+        &cluster.node(0).url(),
+        "elect",
+        3,
+        &[],
+        &[("TIDEWIRE_NATS_TIMEOUT_MS", "15000")],
+    );
+    g.wait_ready().await;
     let c = client();
     publish_retrying_503(
         &c,
