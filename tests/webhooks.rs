@@ -148,6 +148,12 @@ fn code(body: &Value) -> &str {
     body["error"]["code"].as_str().unwrap_or("")
 }
 
+/// Asserts that `answer` is the contract's error `status` with `code`; `what` names the call.
+fn assert_refused(answer: &(u16, Value), status: u16, code_wanted: &str, what: &str) {
+    let (got, body) = answer;
+    assert_eq!((*got, code(body)), (status, code_wanted), "{what}: {body}");
+}
+
 /// A create body for `url` over `topics` signed with `key`, plus `extra` members.
 fn hook(url: &str, topics: &[&str], key: &str, extra: Value) -> Value {
     let mut body = json!({"url": url, "topics": topics, "secret": key});
@@ -740,11 +746,12 @@ async fn the_allow_list_refuses_every_destination_it_does_not_name_and_stores_no
         refused.push(format!("http://{name}:{}/hook", rx.port));
     }
     for url in &refused {
-        let (status, body) = put_hook(&base, "h", hook(url, &["s/**"], &key, json!({}))).await;
-        assert_eq!(
-            (status, code(&body)),
-            (403, "destination_not_allowed"),
-            "PUT {url}: {body}"
+        let answer = put_hook(&base, "h", hook(url, &["s/**"], &key, json!({}))).await;
+        assert_refused(
+            &answer,
+            403,
+            "destination_not_allowed",
+            &format!("PUT {url}"),
         );
         assert_eq!(get_hook(&base, "h").await.0, 404, "{url} was stored");
     }
@@ -770,12 +777,8 @@ async fn the_allow_list_refuses_every_destination_it_does_not_name_and_stores_no
     assert_whole_batches_in_order(&calls, &[id]);
 
     // Moving it to a destination not listed is refused and changes nothing.
-    let (status, body) = put_hook(&base, "h", json!({"url": bystander.url("/hook")})).await;
-    assert_eq!(
-        (status, code(&body)),
-        (403, "destination_not_allowed"),
-        "{body}"
-    );
+    let answer = put_hook(&base, "h", json!({"url": bystander.url("/hook")})).await;
+    assert_refused(&answer, 403, "destination_not_allowed", "PUT");
     assert_eq!(view(&base, "h").await["url"], rx.url("/hook"));
     assert!(
         bystander.calls().await.is_empty(),
@@ -798,12 +801,14 @@ async fn a_name_is_judged_by_the_addresses_it_resolves_to_not_by_how_it_reads() 
     .await;
     let base = tw.url("");
     let by_name = format!("http://localhost:{}/hook", rx.port);
-    let (status, body) = put_hook(&base, "n", hook(&by_name, &["s/**"], &key, json!({}))).await;
-    assert_eq!(
-        (status, code(&body)),
-        (403, "destination_not_allowed"),
-        "PUT {by_name}: {body}"
+    let answer = put_hook(&base, "n", hook(&by_name, &["s/**"], &key, json!({}))).await;
+    assert_refused(
+        &answer,
+        403,
+        "destination_not_allowed",
+        &format!("PUT {by_name}"),
     );
+    let body = &answer.1;
     assert!(
         body["error"]["message"]
             .as_str()
@@ -841,11 +846,12 @@ async fn by_default_only_loopback_destinations_are_allowed() {
         eprintln!("{name} resolves to 127.0.0.1 only: its refusal is not tested here");
     }
     for url in &refused {
-        let (status, body) = put_hook(&base, "h", hook(url, &["s/**"], &key, json!({}))).await;
-        assert_eq!(
-            (status, code(&body)),
-            (403, "destination_not_allowed"),
-            "PUT {url}: {body}"
+        let answer = put_hook(&base, "h", hook(url, &["s/**"], &key, json!({}))).await;
+        assert_refused(
+            &answer,
+            403,
+            "destination_not_allowed",
+            &format!("PUT {url}"),
         );
     }
     assert!(list_hooks(&base).await.is_empty());
@@ -1106,10 +1112,18 @@ async fn put_creates_then_updates_get_shows_state_without_secrets_and_delete_rem
 
     // DELETE: 204, then 404 webhook_not_found for GET and DELETE alike; nothing more is called.
     assert_eq!(delete_hook(&base, "beta").await.0, 204);
-    let (status, body) = get_hook(&base, "beta").await;
-    assert_eq!((status, code(&body)), (404, "webhook_not_found"), "{body}");
-    let (status, body) = delete_hook(&base, "beta").await;
-    assert_eq!((status, code(&body)), (404, "webhook_not_found"), "{body}");
+    assert_refused(
+        &get_hook(&base, "beta").await,
+        404,
+        "webhook_not_found",
+        "GET",
+    );
+    assert_refused(
+        &delete_hook(&base, "beta").await,
+        404,
+        "webhook_not_found",
+        "DELETE",
+    );
     let before = rx.calls_to("/b").await.len();
     publish_one(&reqwest::Client::new(), &base, "b/x", json!(4)).await;
     tokio::time::sleep(Duration::from_millis(800)).await;
@@ -1179,21 +1193,22 @@ async fn invalid_webhooks_get_422_invalid_webhook_bad_json_400_and_nothing_is_st
         ("unknown field", with("colour", json!("blue"))),
     ];
     for (what, body) in cases {
-        let (status, answer) = put_hook(&base, "h", body.clone()).await;
-        assert_eq!(
-            (status, code(&answer)),
-            (422, "invalid_webhook"),
-            "{what}: PUT {body} answered {answer}"
+        let answer = put_hook(&base, "h", body.clone()).await;
+        assert_refused(
+            &answer,
+            422,
+            "invalid_webhook",
+            &format!("{what}: PUT {body}"),
         );
-        assert!(answer["error"]["message"].is_string(), "{what}: {answer}");
+        assert!(
+            answer.1["error"]["message"].is_string(),
+            "{what}: {}",
+            answer.1
+        );
     }
     for name in ["bad%20name", "bad*name", &"n".repeat(65)] {
-        let (status, answer) = put_hook(&base, name, good()).await;
-        assert_eq!(
-            (status, code(&answer)),
-            (422, "invalid_webhook"),
-            "name {name:?}: {answer}"
-        );
+        let answer = put_hook(&base, name, good()).await;
+        assert_refused(&answer, 422, "invalid_webhook", &format!("name {name:?}"));
     }
     let (status, answer) = put_hook(&base, "h", Value::String("{\"url\": ".into())).await;
     assert_eq!(status, 400, "bad JSON: {answer}");
@@ -1203,12 +1218,8 @@ async fn invalid_webhooks_get_422_invalid_webhook_bad_json_400_and_nothing_is_st
     // A bad update changes nothing either.
     assert_eq!(put_hook(&base, "h", good()).await.0, 201);
     let before = view(&base, "h").await;
-    let (status, answer) = put_hook(&base, "h", json!({"topics": ["a/**/b"]})).await;
-    assert_eq!(
-        (status, code(&answer)),
-        (422, "invalid_webhook"),
-        "{answer}"
-    );
+    let answer = put_hook(&base, "h", json!({"topics": ["a/**/b"]})).await;
+    assert_refused(&answer, 422, "invalid_webhook", "a bad update");
     assert_eq!(view(&base, "h").await, before);
     let _ = tw;
 }
@@ -1343,12 +1354,9 @@ async fn with_authorization_on_managing_webhooks_needs_the_admin_claim() {
         let (status, answer) = call(method.clone(), url, body.clone(), None).await;
         assert_eq!(status, 401, "{method} {url} without a token: {answer}");
         for token in [&everything_else, &not_admin] {
-            let (status, answer) = call(method.clone(), url, body.clone(), Some(token)).await;
-            assert_eq!(
-                (status, code(&answer)),
-                (403, "forbidden"),
-                "{method} {url} without the admin claim: {answer}"
-            );
+            let answer = call(method.clone(), url, body.clone(), Some(token)).await;
+            let what = format!("{method} {url} without the admin claim");
+            assert_refused(&answer, 403, "forbidden", &what);
         }
     }
     let (status, answer) = call(Method::GET, &all, None, Some(&admin)).await;

@@ -102,13 +102,6 @@ fn state_key(name: &str) -> String {
     format!("s.{name}")
 }
 
-fn corrupt(name: &str, e: impl std::fmt::Display) -> StoreError {
-    StoreError::Corrupt {
-        name: name.to_owned(),
-        why: e.to_string(),
-    }
-}
-
 impl Store for KvStore {
     fn defs(&self) -> BoxFuture<'_, Result<Vec<(Def, u64)>, StoreError>> {
         Box::pin(async move {
@@ -129,7 +122,8 @@ impl Store for KvStore {
                 if entry.operation != kv::Operation::Put {
                     continue;
                 }
-                let def: Def = serde_json::from_slice(&entry.value).map_err(|e| corrupt(key, e))?;
+                let def: Def = serde_json::from_slice(&entry.value)
+                    .map_err(|e| StoreError::corrupt(key, e))?;
                 out.push((def, entry.revision));
             }
             Ok(out)
@@ -161,7 +155,7 @@ impl Store for KvStore {
         Box::pin(async move {
             match self.data.entry(state_key(name)).await.map_err(io)? {
                 Some(e) if e.operation == kv::Operation::Put => Ok(Some(
-                    serde_json::from_slice(&e.value).map_err(|e| corrupt(name, e))?,
+                    serde_json::from_slice(&e.value).map_err(|e| StoreError::corrupt(name, e))?,
                 )),
                 _ => Ok(None),
             }

@@ -31,6 +31,16 @@ pub enum StoreError {
     },
 }
 
+impl StoreError {
+    /// The record `name` cannot be read back, for the reason `e`.
+    pub fn corrupt(name: &str, e: impl std::fmt::Display) -> StoreError {
+        StoreError::Corrupt {
+            name: name.to_owned(),
+            why: e.to_string(),
+        }
+    }
+}
+
 /// A webhook's definition as stored.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct Def {
@@ -181,13 +191,6 @@ async fn blocking<T: Send + 'static>(
         .map_err(|e| StoreError::Io(e.to_string()))
 }
 
-fn corrupt(name: &str, e: impl std::fmt::Display) -> StoreError {
-    StoreError::Corrupt {
-        name: name.to_owned(),
-        why: e.to_string(),
-    }
-}
-
 impl Store for FileStore {
     fn defs(&self) -> BoxFuture<'_, Result<Vec<(Def, u64)>, StoreError>> {
         let dir = self.dir.clone();
@@ -211,7 +214,8 @@ impl Store for FileStore {
             files
                 .into_iter()
                 .map(|(name, bytes)| {
-                    let def: Def = serde_json::from_slice(&bytes).map_err(|e| corrupt(&name, e))?;
+                    let def: Def = serde_json::from_slice(&bytes)
+                        .map_err(|e| StoreError::corrupt(&name, e))?;
                     Ok((def, 0))
                 })
                 .collect()
@@ -252,7 +256,7 @@ impl Store for FileStore {
             })
             .await?;
             bytes
-                .map(|b| serde_json::from_slice(&b).map_err(|e| corrupt(name, e)))
+                .map(|b| serde_json::from_slice(&b).map_err(|e| StoreError::corrupt(name, e)))
                 .transpose()
         })
     }
