@@ -187,11 +187,14 @@ async fn inspect_verify_export_and_import_round_trip_a_stopped_servers_log() {
     .await;
     assert_eq!(fresh_receipt["first_id"], 52);
 
-    // While the server runs, its directory is locked: the command says what to do instead.
+    // While the server runs, its directory is locked: the command names the server's
+    // process and says what to do instead.
     let locked = tidewire(&["inspect", "--data-dir", r]);
     assert!(!locked.status.success());
+    let said = String::from_utf8_lossy(&locked.stderr);
+    assert!(said.contains("--server"), "{locked:?}");
     assert!(
-        String::from_utf8_lossy(&locked.stderr).contains("--server"),
+        said.contains(&format!("held by process {}", server.child.id())),
         "{locked:?}"
     );
 }

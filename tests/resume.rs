@@ -270,6 +270,66 @@ async fn resume_by_last_event_id_query_after_a_clean_restart_delivers_every_miss
     resume_after_clean_restart(false).await;
 }
 
+/// Takes the exclusive `flock` sled keeps on `data/db`, from this process, once it is free.
+fn hold_sled_lock(data: &std::path::Path) -> std::fs::File {
+    use std::os::fd::AsRawFd;
+    let file = std::fs::OpenOptions::new()
+        .read(true)
+        .write(true)
+        .open(data.join("db"))
+        .expect("open data/db");
+    let deadline = Instant::now() + PATIENCE;
+    // SAFETY: flock on a descriptor this function owns; no memory is involved.
+    while unsafe { libc::flock(file.as_raw_fd(), libc::LOCK_EX | libc::LOCK_NB) } != 0 {
+        assert!(Instant::now() < deadline, "the lock never came free");
+        std::thread::sleep(Duration::from_millis(5));
+    }
+    file
+}
+
+/// sled's I/O threads keep the data file, and so its lock, until a write or truncation queued
+/// before the last handle dropped is done (an fsync, as long as the disk takes). A restart in
+/// place that found the lock still held used to give up, and the server was never ready.
+/// Here this process holds the lock for longer than another process would be waited for;
+/// the restarted server waits it out and resumes every event.
+#[tokio::test]
+async fn a_restart_in_place_waits_out_the_lock_the_closed_log_left_behind_and_resumes_every_event()
+{
+    if sled_only("about the sled directory's lock") {
+        return;
+    }
+    let tmp = tempfile::tempdir().unwrap();
+    let client = reqwest::Client::new();
+    let server = TestServer::start(&tmp).await;
+    let base = server.url("");
+    let mut published = Vec::new();
+    for i in 0..5 {
+        published.push(publish_one(&client, &base, "lock/a", json!({"n": i})).await);
+    }
+    server.stop().await;
+
+    let held = hold_sled_lock(&tmp.path().join("data"));
+    let hold_for = Duration::from_secs(3);
+    let releaser = std::thread::spawn(move || {
+        std::thread::sleep(hold_for);
+        drop(held);
+    });
+    let started = Instant::now();
+    let server = TestServer::start(&tmp).await;
+    assert!(
+        started.elapsed() >= hold_for - Duration::from_millis(500),
+        "ready after {:?}, while the lock was still held",
+        started.elapsed()
+    );
+    releaser.join().expect("releaser");
+    let mut sub = open(&server.url("/v1/sse?topic=lock/a"), Some(0)).await;
+    let seen = read_through(&mut sub, *published.last().unwrap()).await;
+    assert_eq!(seen.iter().map(|s| s.id).collect::<Vec<_>>(), published);
+    let live = publish_one(&client, &server.url(""), "lock/a", json!({"n": 5})).await;
+    assert_eq!(parse(&next_event(&mut sub).await).id, live);
+    server.stop().await;
+}
+
 // ---------------------------------------------------------------------------------------------
 // kill -9
 // ---------------------------------------------------------------------------------------------

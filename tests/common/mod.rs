@@ -310,17 +310,22 @@ pub fn ids(events: &[Value]) -> Vec<u64> {
 /// Publishes one JSON event to `topic` and returns its id (asserts 201). The contract's
 /// retryable `503 log_unavailable` (a gateway whose JetStream stream is electing a leader, or
 /// whose server has not yet learnt where the stream is: "no responders") is asked again, as a
-/// client would, for at most [`PATIENCE`]; nothing was stored by a refused attempt.
+/// client would, for at most [`PATIENCE`]; nothing was stored by a refused attempt. Each
+/// attempt must be answered within [`PATIENCE`].
 pub async fn publish_one(client: &reqwest::Client, base: &str, topic: &str, data: Value) -> u64 {
     let deadline = Instant::now() + PATIENCE;
     loop {
-        let (status, body) = post(
-            client,
-            &format!("{base}/v1/topics/{topic}/events"),
-            "application/json",
-            serde_json::json!({ "data": data }).to_string(),
+        let (status, body) = tokio::time::timeout(
+            PATIENCE,
+            post(
+                client,
+                &format!("{base}/v1/topics/{topic}/events"),
+                "application/json",
+                serde_json::json!({ "data": data }).to_string(),
+            ),
         )
-        .await;
+        .await
+        .unwrap_or_else(|_| panic!("publish to {topic}: no answer within PATIENCE"));
         if status == 503 && body["error"]["code"] == "log_unavailable" && Instant::now() < deadline
         {
             tokio::time::sleep(Duration::from_millis(100)).await;
@@ -341,7 +346,10 @@ pub async fn sse(
     if let Some(id) = last_event_id {
         req = req.header("last-event-id", id.to_string());
     }
-    let resp = req.send().await.expect("SSE connect");
+    let resp = tokio::time::timeout(PATIENCE, req.send())
+        .await
+        .unwrap_or_else(|_| panic!("SSE {url}: no response headers within PATIENCE"))
+        .expect("SSE connect");
     assert_eq!(resp.status(), 200, "SSE refused");
     Box::pin(
         resp.bytes_stream()

@@ -37,6 +37,7 @@ mod compact;
 mod dedupe;
 #[cfg(test)]
 mod dedupe_tests;
+mod lock;
 mod mark;
 mod ops;
 #[cfg(test)]
@@ -59,6 +60,7 @@ use checkpoint::StoreSync;
 pub use compact::Compacted;
 use dedupe::Dedupe;
 pub use dedupe::DedupeOptions;
+use lock::{open_db, LockWait};
 pub use ops::{ImportEvent, Inspection, Verification};
 use read::*;
 use wal::Wal;
@@ -74,13 +76,6 @@ const MAX_MERGED_TOPICS: usize = 64;
 const INLINE_READ_EVENTS: u64 = 256;
 /// Publishes waiting for the writer before publishers are made to wait.
 const QUEUE_DEPTH: usize = 4096;
-/// How long an open waits for a directory whose sled lock is still held.
-///
-/// Why: sled 0.34 releases its file lock from its own background threads a moment after the
-/// last handle drops (spacejam/sled#1234, #1289), so a close followed at once by an open of
-/// the same directory (a restart inside one process, or a checkpoint) can find it still
-/// locked. A directory held by a live log stays locked past this wait, and the open fails.
-const LOCK_WAIT: Duration = Duration::from_secs(2);
 /// How often the writer forgets expired `(topic, msg_id)` pairs.
 const SWEEP_EVERY: Duration = Duration::from_secs(1);
 /// Ids reserved at a time under the fsync policies that acknowledge before a flush: one
@@ -258,9 +253,9 @@ impl SledLog {
     ///
     /// Call it only after the log is closed and every handle to it dropped: while a log
     /// still holds the directory, sled's lock refuses the open and this fails (after
-    /// waiting [`LOCK_WAIT`] for the lock) without touching anything.
+    /// waiting 2 s for the lock) without touching anything.
     pub fn checkpoint(dir: &std::path::Path) -> Result<(), LogError> {
-        let db = open_db(&sled::Config::new().path(dir), LOCK_WAIT)
+        let db = open_db(&sled::Config::new().path(dir), dir, LockWait::CHECKPOINT)
             .map_err(|e| LogError::Open(format!("{}: {e}", dir.display())))?;
         db.flush().map_err(storage)?;
         Ok(())
@@ -268,7 +263,9 @@ impl SledLog {
 
     /// Opens (or creates) the log in `opts.dir` and starts its writer. Committed batches go
     /// to `hub`. Refuses a directory that holds something other than a tidewire log, and
-    /// one another open log holds (after waiting [`LOCK_WAIT`] for its lock).
+    /// one another open log holds: a lock another process holds is waited for 2 s (a server
+    /// still exiting), one this process holds up to 30 s (sled's own threads finishing after
+    /// the last close, as long as an fsync takes); the error names the holder.
     pub fn open(opts: &LogOptions, hub: Hub, metrics: Metrics) -> Result<Arc<Self>, LogError> {
         Self::open_with_clock(opts, hub, metrics, Clock::system())
     }
@@ -295,7 +292,7 @@ impl SledLog {
         let config = sled::Config::new()
             .path(&opts.dir)
             .cache_capacity(opts.cache_bytes);
-        let db = open_db(&config, LOCK_WAIT)
+        let db = open_db(&config, &opts.dir, LockWait::OPEN)
             .map_err(|e| LogError::Open(format!("{}: {e}", opts.dir.display())))?;
         let tree = db.open_tree("log").map_err(storage)?;
         // Synced by every flush, and named durably: the directory is synced once here.
@@ -658,24 +655,6 @@ impl EventLog for SledLog {
             }
             Ok(())
         })
-    }
-}
-
-/// Opens sled with `config`, waiting up to `wait` while another handle still holds the
-/// directory's lock; any other error is returned at once.
-fn open_db(config: &sled::Config, wait: Duration) -> sled::Result<sled::Db> {
-    let deadline = Instant::now() + wait;
-    loop {
-        match config.open() {
-            // sled reports a held lock only in its message (an `Other` I/O error).
-            Err(sled::Error::Io(e))
-                if e.to_string().contains("could not acquire lock")
-                    && Instant::now() < deadline =>
-            {
-                std::thread::sleep(Duration::from_millis(10));
-            }
-            other => return other,
-        }
     }
 }
 

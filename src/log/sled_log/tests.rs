@@ -755,43 +755,6 @@ async fn a_log_sled_recovers_short_of_its_durable_mark_refuses_to_open() {
     assert!(err.to_string().contains("damaged"), "{err}");
 }
 
-#[test]
-fn an_open_waits_for_a_lock_its_last_holder_releases_moments_later() {
-    let tmp = tempfile::tempdir().unwrap();
-    let config = sled::Config::new().path(tmp.path().join("db"));
-    let held = config.open().expect("first open");
-    let (opened_tx, opened_rx) = std::sync::mpsc::channel();
-    let waiter = {
-        let config = config.clone();
-        std::thread::spawn(move || {
-            let got = open_db(&config, LOCK_WAIT);
-            let _ = opened_tx.send(());
-            got.map(drop)
-        })
-    };
-    // The waiter finds the lock held and keeps trying instead of failing.
-    assert!(
-        opened_rx.recv_timeout(Duration::from_millis(300)).is_err(),
-        "the open returned while the lock was held"
-    );
-    drop(held);
-    waiter
-        .join()
-        .expect("waiter thread")
-        .expect("the open after the holder let go");
-}
-
-#[test]
-fn an_open_of_a_directory_a_live_handle_holds_fails_after_the_wait() {
-    let tmp = tempfile::tempdir().unwrap();
-    let config = sled::Config::new().path(tmp.path().join("db"));
-    let _held = config.open().expect("first open");
-    let started = Instant::now();
-    let err = open_db(&config, Duration::from_millis(200)).expect_err("the lock is held");
-    assert!(err.to_string().contains("could not acquire lock"), "{err}");
-    assert!(started.elapsed() >= Duration::from_millis(200));
-}
-
 #[tokio::test]
 async fn a_log_closed_and_reopened_at_once_many_times_keeps_every_event() {
     // The directory lock outlives the last handle by a moment (sled's background
