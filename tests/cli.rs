@@ -872,6 +872,64 @@ async fn serve_refuses_unknown_keys_and_bad_values() {
     .await;
 }
 
+/// A second server on a data dir that a running one holds gives up after the short wait
+/// (the holder might have been a server still exiting), saying which process holds it; the
+/// first goes on serving.
+#[tokio::test]
+async fn a_second_server_on_a_data_dir_in_use_exits_naming_the_process_that_holds_it() {
+    if common::sled_only("about the sled directory's lock") {
+        return;
+    }
+    let root = tempfile::tempdir().expect("tempdir");
+    let data = root.path().join("data");
+    let data_s = data.to_str().expect("utf-8");
+    let addr = free_addr();
+    let mut first = serve(
+        addr,
+        &["--listen", &addr.to_string(), "--data-dir", data_s],
+        &[],
+    )
+    .await;
+
+    let second = free_addr().to_string();
+    let started = Instant::now();
+    let out = run(&["serve", "--listen", &second, "--data-dir", data_s], &[]).await;
+    let took = started.elapsed();
+    assert!(!out.status.success(), "the second server must not start");
+    let holder = format!("held by process {}", first.child.id());
+    assert!(
+        out.stderr.contains(&holder),
+        "names {holder:?}: {}",
+        out.stderr
+    );
+    assert!(
+        took >= Duration::from_millis(1900),
+        "gave up before the short wait: {took:?}"
+    );
+    assert!(
+        took < Duration::from_secs(15),
+        "waited as if its own process held the lock: {took:?}"
+    );
+
+    // The first server is untouched.
+    let client = reqwest::Client::new();
+    let id = publish(&format!("http://{addr}"), "still/here", 1, None).await;
+    let stored = client
+        .get(format!(
+            "http://{addr}/v1/poll?topic=still/here&since=0&timeout=0"
+        ))
+        .timeout(PATIENCE)
+        .send()
+        .await
+        .expect("poll")
+        .json::<Value>()
+        .await
+        .expect("poll body");
+    assert_eq!(stored["events"][0]["id"], id);
+    let st = first.sigterm();
+    assert!(st.success(), "exit after SIGTERM: {st}: {}", first.stderr());
+}
+
 /// An open server (no auth configured) must not listen beyond loopback unless told
 /// `--insecure-open`. Only the refusal is tested; nothing binds a non-loopback address.
 #[tokio::test]
