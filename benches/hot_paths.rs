@@ -13,6 +13,8 @@
 //! - `frames`: the SSE frame (`Event::sse_frame`, what `http::sse` writes) and the WebSocket
 //!   frames (`ws_frame::encode_event`, `encode_batch`) in JSON and MessagePack, on events
 //!   never rendered before ("cold", as after a log read) and on cached renderings;
+//! - `client_frames`: `ws_frame::parse_client` on what a WebSocket client sends (a publish op
+//!   carrying a reading, a subscribe op) in JSON and MessagePack;
 //! - `log_append`: `SledLog::append` of single events and 100-event batches (over 100 topics,
 //!   and of one topic) into a real sled log in a temp dir, with `FsyncPolicy::Never` and with
 //!   the default `Always`;
@@ -42,7 +44,7 @@ use tidewire::log::retention::RetentionPolicy;
 use tidewire::log::{EventLog, FsyncPolicy, LogOptions, SledLog};
 use tidewire::metrics::Metrics;
 use tidewire::topic::{Pattern, PatternSet, Topic};
-use tidewire::ws_frame::{encode_batch, encode_event, Encoding};
+use tidewire::ws_frame::{encode_batch, encode_event, parse_client, Encoding};
 
 // ------------------------------------------------------------------------------- fixtures
 
@@ -539,6 +541,38 @@ fn frames(c: &mut Criterion) {
     g.finish();
 }
 
+/// What a WebSocket client sends, decoded: the check that a MessagePack frame is one value,
+/// then the op and, for a publish, its envelope through the codec.
+fn client_frames(c: &mut Criterion) {
+    let mut g = c.benchmark_group("client_frames");
+    g.warm_up_time(Duration::from_millis(300))
+        .measurement_time(Duration::from_secs(2));
+    let limits = Limits::default();
+    let publish = serde_json::json!({
+        "op": "publish", "topic": "sensors/room-12/temp", "data": reading(12), "ref": 42,
+    });
+    let subscribe = serde_json::json!({
+        "op": "subscribe", "topics": ["sensors/**", "alarms/*"], "since": 1200, "ref": "s1",
+    });
+    for (op, value) in [("publish", &publish), ("subscribe", &subscribe)] {
+        for (enc_name, enc) in [("json", Encoding::Json), ("msgpack", Encoding::Msgpack)] {
+            let frame = match enc {
+                Encoding::Json => value.to_string().into_bytes(),
+                Encoding::Msgpack => rmp_serde::to_vec_named(value).expect("msgpack"),
+            };
+            assert!(
+                parse_client(enc, &frame, &limits).is_ok(),
+                "{op}/{enc_name}"
+            );
+            g.throughput(Throughput::Bytes(frame.len() as u64));
+            g.bench_function(format!("{op}/{enc_name}"), |b| {
+                b.iter(|| parse_client(enc, black_box(&frame), &limits))
+            });
+        }
+    }
+    g.finish();
+}
+
 // ------------------------------------------------------------------------------------ log
 
 fn runtime() -> tokio::runtime::Runtime {
@@ -687,6 +721,7 @@ criterion_group!(
     decode,
     gzip_stream,
     frames,
+    client_frames,
     log_append,
     log_read
 );

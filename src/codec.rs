@@ -574,13 +574,15 @@ impl From<MsgpackEnvelope> for RawEnvelope {
     }
 }
 
-/// `Ok` when `body` is exactly one well-formed MessagePack value (whatever it holds); else
-/// why it is not MessagePack: truncated, a byte the format never uses (0xc1), bytes after it.
-/// Walks the markers without building anything, iteratively, so nesting costs no stack.
-fn msgpack_well_formed(body: &[u8]) -> Result<(), String> {
+/// `Ok` when `body` (an HTTP body, a WebSocket frame) is exactly one well-formed MessagePack
+/// value, whatever it holds; else why it is not MessagePack: cut short, a byte the format
+/// never uses (0xc1), bytes after the value. This is the line between malformed input and a
+/// well-formed value of the wrong shape. Walks the markers without building anything,
+/// iteratively, so nesting costs no stack; pure.
+pub fn msgpack_well_formed(body: &[u8]) -> Result<(), String> {
     let mut at = 0usize;
     let mut pending: u64 = 1;
-    let truncated = || "not MessagePack: the body ends inside a value".to_string();
+    let truncated = || "not MessagePack: it ends inside a value".to_string();
     let take = |at: &mut usize, n: usize| -> Result<usize, String> {
         let start = *at;
         let end = start

@@ -184,19 +184,10 @@ fn read<'a, T: Deserialize<'a>>(enc: Encoding, frame: &'a [u8]) -> Result<T, Fra
                 FrameError::new("malformed_frame", format!("invalid JSON: {e}"))
             }
         }),
-        Encoding::Msgpack => rmp_serde::from_slice(frame).map_err(|e| {
-            use rmp_serde::decode::Error as E;
-            match e {
-                E::Syntax(_)
-                | E::Uncategorized(_)
-                | E::TypeMismatch(_)
-                | E::OutOfRange
-                | E::LengthMismatch(_) => {
-                    FrameError::new("invalid_frame", format!("not a tidewire op: {e}"))
-                }
-                _ => FrameError::new("malformed_frame", format!("invalid MessagePack: {e}")),
-            }
-        }),
+        // `parse_client` has checked that the frame is one well-formed MessagePack value, so
+        // whatever rmp-serde refuses here is a value of the wrong shape.
+        Encoding::Msgpack => rmp_serde::from_slice(frame)
+            .map_err(|e| FrameError::new("invalid_frame", format!("not a tidewire op: {e}"))),
     }
 }
 
@@ -232,6 +223,14 @@ fn decode_error(e: DecodeError) -> FrameError {
 /// Decodes one client message of the socket's encoding. The caller has already checked the
 /// frame type (text for JSON, binary for MessagePack) and the size limit.
 pub fn parse_client(enc: Encoding, frame: &[u8], limits: &Limits) -> Result<ClientOp, FrameError> {
+    // The line an HTTP body has too: bytes that are not one MessagePack value are malformed.
+    // rmp-serde alone would call a never-used byte a type mismatch and ignore bytes after the
+    // value; serde_json already refuses both as syntax.
+    if enc == Encoding::Msgpack {
+        if let Err(why) = codec::msgpack_well_formed(frame) {
+            return Err(FrameError::new("malformed_frame", why));
+        }
+    }
     let head: Head = match read(enc, frame) {
         Ok(h) => h,
         Err(e) => {
@@ -574,6 +573,72 @@ mod tests {
         assert_eq!(r#ref, Some(Ref::Int(9)));
         let e = parse_client(Encoding::Msgpack, b"\x82\xa2o", &limits()).unwrap_err();
         assert_eq!(e.code, "malformed_frame");
+    }
+
+    /// A MessagePack map of `pairs` (string keys), each value given as its encoded bytes.
+    fn msgpack_map(pairs: &[(&str, &[u8])]) -> Vec<u8> {
+        let mut out = vec![0x80 | pairs.len() as u8];
+        for (k, v) in pairs {
+            out.push(0xa0 | k.len() as u8);
+            out.extend_from_slice(k.as_bytes());
+            out.extend_from_slice(v);
+        }
+        out
+    }
+
+    /// The same line as for an HTTP body: bytes that are not one JSON or MessagePack value
+    /// (cut short, a byte MessagePack never uses, bytes after the value) are
+    /// `malformed_frame`; a well-formed value that is not a tidewire op is `invalid_frame`.
+    #[test]
+    fn frames_that_are_not_one_value_are_malformed_and_values_that_are_no_op_are_invalid() {
+        let mp = |frame: &[u8]| parse_client(Encoding::Msgpack, frame, &limits());
+        let code = |r: Result<ClientOp, FrameError>| r.map(|_| ()).unwrap_err().code;
+        let str8 = |s: &str| {
+            let mut v = vec![0xa0 | s.len() as u8];
+            v.extend_from_slice(s.as_bytes());
+            v
+        };
+        let topics = [&[0x91u8][..], &str8("a")].concat();
+        let subscribe = msgpack_map(&[("op", &str8("subscribe")), ("topics", &topics)]);
+        assert!(mp(&subscribe).is_ok());
+
+        // Not MessagePack at all.
+        assert_eq!(code(mp(&[0xc1])), "malformed_frame");
+        let reserved = msgpack_map(&[("op", &str8("subscribe")), ("x", &[0xc1])]);
+        assert_eq!(code(mp(&reserved)), "malformed_frame");
+        let publish_reserved = msgpack_map(&[
+            ("op", &str8("publish")),
+            ("topic", &str8("a")),
+            ("data", &[0xc1]),
+        ]);
+        assert_eq!(code(mp(&publish_reserved)), "malformed_frame");
+        assert_eq!(
+            code(mp(&[subscribe.as_slice(), &[0x00]].concat())),
+            "malformed_frame"
+        );
+        assert_eq!(
+            code(mp(&subscribe[..subscribe.len() - 1])),
+            "malformed_frame"
+        );
+        assert_eq!(code(mp(&[])), "malformed_frame");
+
+        // MessagePack, but no op.
+        assert_eq!(code(mp(&[0x01])), "invalid_frame");
+        assert_eq!(code(mp(&msgpack_map(&[("x", &[0x01])]))), "invalid_frame");
+        assert_eq!(code(mp(&[0x92, 0x01, 0x02])), "invalid_frame");
+
+        // JSON draws the same line.
+        assert_eq!(
+            code(json(r#"{"op":"subscribe","topics":["a"]} x"#)),
+            "malformed_frame"
+        );
+        assert_eq!(
+            code(json(r#"{"op":"subscribe","topics":["a"]"#)),
+            "malformed_frame"
+        );
+        assert_eq!(code(json("")), "malformed_frame");
+        assert_eq!(code(json("42")), "invalid_frame");
+        assert_eq!(code(json(r#"{"x":1}"#)), "invalid_frame");
     }
 
     #[test]

@@ -541,6 +541,120 @@ async fn every_bad_input_gets_its_error_frame_and_the_socket_keeps_working() {
     server.stop().await;
 }
 
+/// A MessagePack map with string keys; each value given as its encoded bytes, so a test can
+/// put bytes there that no encoder would write.
+fn raw_msgpack_map(pairs: &[(&str, &[u8])]) -> Vec<u8> {
+    let mut out = vec![0x80 | pairs.len() as u8];
+    for (k, v) in pairs {
+        out.extend(rmp_serde::to_vec(k).expect("a key"));
+        out.extend_from_slice(v);
+    }
+    out
+}
+
+/// The line an HTTP body has between 400 `malformed_body` and 422, drawn the same way for
+/// frames in both encodings: bytes that are not one value are `malformed_frame`, a value that
+/// is no op is `invalid_frame`. Nothing refused is stored, and the socket keeps working.
+#[tokio::test]
+async fn frames_that_are_not_one_value_are_malformed_and_values_that_are_no_op_are_invalid() {
+    let tmp = tempfile::tempdir().unwrap();
+    let server = TestServer::start(&tmp).await;
+    let http = reqwest::Client::new();
+
+    let mut mp = connect(server.addr, "", Some(MSGPACK)).await;
+    let str_of = |s: &str| rmp_serde::to_vec(s).expect("a string");
+    let publish = |data: &[u8]| {
+        raw_msgpack_map(&[
+            ("op", &str_of("publish")),
+            ("topic", &str_of("line")),
+            ("data", data),
+        ])
+    };
+    let good = publish(&[0x07]);
+    let binary_cases: Vec<(&str, Vec<u8>, &str)> = vec![
+        ("the never-used byte alone", vec![0xc1], "malformed_frame"),
+        (
+            "the never-used byte as data",
+            publish(&[0xc1]),
+            "malformed_frame",
+        ),
+        (
+            "a byte after the op",
+            [good.clone(), vec![0x00]].concat(),
+            "malformed_frame",
+        ),
+        (
+            "an op cut short",
+            good[..good.len() - 1].to_vec(),
+            "malformed_frame",
+        ),
+        ("a number", vec![0x01], "invalid_frame"),
+        (
+            "a map with no op",
+            raw_msgpack_map(&[("x", &[0x01])]),
+            "invalid_frame",
+        ),
+        ("an array", vec![0x92, 0x01, 0x02], "invalid_frame"),
+    ];
+    for (what, frame, code) in binary_cases {
+        timeout(PATIENCE, mp.send(Message::binary(frame)))
+            .await
+            .expect("send timed out")
+            .expect("send");
+        let e = recv(&mut mp, Enc::Msgpack).await;
+        assert_eq!(e["op"], "error", "{what}: {e}");
+        assert_eq!(e["code"], code, "{what}: {e}");
+        sync(&mut mp, Enc::Msgpack).await;
+    }
+
+    let mut js = connect(server.addr, "", Some(JSON)).await;
+    let text_cases = [
+        (
+            "a word after the op",
+            r#"{"op":"publish","topic":"line","data":1} x"#,
+            "malformed_frame",
+        ),
+        (
+            "an op cut short",
+            r#"{"op":"publish","topic":"line","data":1"#,
+            "malformed_frame",
+        ),
+        ("a number", "42", "invalid_frame"),
+        ("an object with no op", r#"{"x":1}"#, "invalid_frame"),
+    ];
+    for (what, frame, code) in text_cases {
+        timeout(PATIENCE, js.send(Message::text(frame)))
+            .await
+            .expect("send timed out")
+            .expect("send");
+        let e = recv(&mut js, Enc::Json).await;
+        assert_eq!(e["code"], code, "{what}: {e}");
+        sync(&mut js, Enc::Json).await;
+    }
+
+    // Nothing refused was stored; the well-formed publish still goes through, as id 1.
+    let topics: Value = http
+        .get(server.url("/v1/topics"))
+        .timeout(PATIENCE)
+        .send()
+        .await
+        .expect("GET /v1/topics")
+        .json()
+        .await
+        .expect("topics");
+    assert!(!topics.to_string().contains("\"line\""), "{topics}");
+    let with_ref = raw_msgpack_map(&[
+        ("op", &str_of("publish")),
+        ("topic", &str_of("line")),
+        ("data", &[0x07]),
+        ("ref", &str_of("ok")),
+    ]);
+    mp.send(Message::binary(with_ref)).await.expect("send");
+    let ack = recv(&mut mp, Enc::Msgpack).await;
+    assert_eq!(ack, json!({"op": "ack", "ref": "ok", "id": 1}));
+    server.stop().await;
+}
+
 #[tokio::test]
 async fn oversized_beyond_the_hard_limit_closes_with_1009() {
     let tmp = tempfile::tempdir().unwrap();

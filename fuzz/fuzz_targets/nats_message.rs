@@ -55,7 +55,12 @@ fuzz_target!(|data: &[u8]| {
                 let s = topic_subject(P, &t);
                 assert_eq!(subject_topic(P, &s), Some(t));
                 let tokens: Vec<&str> = s[P.len() + 1..].split('.').collect();
-                assert!(tokens.iter().all(|t| !t.is_empty() && *t != "*" && *t != ">"), "{s}");
+                assert!(
+                    tokens
+                        .iter()
+                        .all(|t| !t.is_empty() && *t != "*" && *t != ">"),
+                    "{s}"
+                );
             }
         }
         1 => {
@@ -76,7 +81,11 @@ fuzz_target!(|data: &[u8]| {
                     }
                 }
             }
-            let subject = if a.contains('.') { a.to_owned() } else { format!("{P}.{a}") };
+            let subject = if a.contains('.') {
+                a.to_owned()
+            } else {
+                format!("{P}.{a}")
+            };
             let payload = bytes::Bytes::copy_from_slice(c.as_bytes());
             if let Some(e) = wire::decode(P, &subject, 7, Some(&headers), payload, 5) {
                 let env: serde_json::Value =

@@ -13,6 +13,8 @@
 //!   meeting `common::check_event`; auth: a non-empty token;
 //! - a refused frame has one of the contract's codes, echoes a readable `ref`, and its error
 //!   frame renders as JSON and MessagePack that read back to the same code, message and ref;
+//! - a MessagePack frame that is not one well-formed value (`codec::msgpack_well_formed`) is
+//!   refused as `malformed_frame`, never as a frame of the wrong shape, and never accepted;
 //! - a JSON frame that is accepted reads the same once transcoded to MessagePack;
 //! - a gzip frame is never an op; `encode_batch` of the events read is gzip of exactly
 //!   their envelopes.
@@ -198,6 +200,16 @@ fuzz_target!(|data: &[u8]| {
         Encoding::Msgpack => frame,
     };
     let got = ws_frame::parse_client(enc, frame, &limits);
+    if enc == Encoding::Msgpack {
+        if let Err(why) = codec::msgpack_well_formed(frame) {
+            let code = got.as_ref().err().map(|e| e.code);
+            assert_eq!(
+                code,
+                Some("malformed_frame"),
+                "not one MessagePack value: {why}"
+            );
+        }
+    }
     if ws_frame::is_gzip(frame) {
         assert!(got.is_err(), "a gzip frame is not an op");
     }
