@@ -8,7 +8,7 @@ use std::io::Read as _;
 use std::net::SocketAddr;
 use std::time::{Duration, Instant};
 
-use common::{metric, post, publish_one, BinServer, TestServer, PATIENCE};
+use common::{get_json, metric, post, publish_one, BinServer, TestServer, PATIENCE};
 use futures_util::{SinkExt, StreamExt};
 use serde_json::{json, Value};
 use tokio::net::TcpStream;
@@ -552,6 +552,19 @@ fn raw_msgpack_map(pairs: &[(&str, &[u8])]) -> Vec<u8> {
     out
 }
 
+/// Sends `frame` (described by `what`) and asserts the error frame with `code` answers it,
+/// then that the socket still answers a ping.
+async fn assert_frame_refused(ws: &mut Ws, enc: Enc, frame: Message, what: &str, code: &str) {
+    timeout(PATIENCE, ws.send(frame))
+        .await
+        .expect("send timed out")
+        .expect("send");
+    let e = recv(ws, enc).await;
+    assert_eq!(e["op"], "error", "{what}: {e}");
+    assert_eq!(e["code"], code, "{what}: {e}");
+    sync(ws, enc).await;
+}
+
 /// The line an HTTP body has between 400 `malformed_body` and 422, drawn the same way for
 /// frames in both encodings: bytes that are not one value are `malformed_frame`, a value that
 /// is no op is `invalid_frame`. Nothing refused is stored, and the socket keeps working.
@@ -597,14 +610,7 @@ async fn frames_that_are_not_one_value_are_malformed_and_values_that_are_no_op_a
         ("an array", vec![0x92, 0x01, 0x02], "invalid_frame"),
     ];
     for (what, frame, code) in binary_cases {
-        timeout(PATIENCE, mp.send(Message::binary(frame)))
-            .await
-            .expect("send timed out")
-            .expect("send");
-        let e = recv(&mut mp, Enc::Msgpack).await;
-        assert_eq!(e["op"], "error", "{what}: {e}");
-        assert_eq!(e["code"], code, "{what}: {e}");
-        sync(&mut mp, Enc::Msgpack).await;
+        assert_frame_refused(&mut mp, Enc::Msgpack, Message::binary(frame), what, code).await;
     }
 
     let mut js = connect(server.addr, "", Some(JSON)).await;
@@ -623,25 +629,11 @@ async fn frames_that_are_not_one_value_are_malformed_and_values_that_are_no_op_a
         ("an object with no op", r#"{"x":1}"#, "invalid_frame"),
     ];
     for (what, frame, code) in text_cases {
-        timeout(PATIENCE, js.send(Message::text(frame)))
-            .await
-            .expect("send timed out")
-            .expect("send");
-        let e = recv(&mut js, Enc::Json).await;
-        assert_eq!(e["code"], code, "{what}: {e}");
-        sync(&mut js, Enc::Json).await;
+        assert_frame_refused(&mut js, Enc::Json, Message::text(frame), what, code).await;
     }
 
     // Nothing refused was stored; the well-formed publish still goes through, as id 1.
-    let topics: Value = http
-        .get(server.url("/v1/topics"))
-        .timeout(PATIENCE)
-        .send()
-        .await
-        .expect("GET /v1/topics")
-        .json()
-        .await
-        .expect("topics");
+    let topics = get_json(&http, &server.url("/v1/topics")).await;
     assert!(!topics.to_string().contains("\"line\""), "{topics}");
     let with_ref = raw_msgpack_map(&[
         ("op", &str_of("publish")),
