@@ -154,6 +154,24 @@ fn assert_refused(answer: &(u16, Value), status: u16, code_wanted: &str, what: &
     assert_eq!((*got, code(body)), (status, code_wanted), "{what}: {body}");
 }
 
+/// PUTs a new webhook `name` to `url` (topics `s/**`, secret `key`) and asserts the answer is
+/// 403 `destination_not_allowed`; returns it.
+async fn put_hook_refused_for_its_destination(
+    base: &str,
+    name: &str,
+    url: &str,
+    key: &str,
+) -> (u16, Value) {
+    let answer = put_hook(base, name, hook(url, &["s/**"], key, json!({}))).await;
+    assert_refused(
+        &answer,
+        403,
+        "destination_not_allowed",
+        &format!("PUT {url}"),
+    );
+    answer
+}
+
 /// A create body for `url` over `topics` signed with `key`, plus `extra` members.
 fn hook(url: &str, topics: &[&str], key: &str, extra: Value) -> Value {
     let mut body = json!({"url": url, "topics": topics, "secret": key});
@@ -746,13 +764,7 @@ async fn the_allow_list_refuses_every_destination_it_does_not_name_and_stores_no
         refused.push(format!("http://{name}:{}/hook", rx.port));
     }
     for url in &refused {
-        let answer = put_hook(&base, "h", hook(url, &["s/**"], &key, json!({}))).await;
-        assert_refused(
-            &answer,
-            403,
-            "destination_not_allowed",
-            &format!("PUT {url}"),
-        );
+        put_hook_refused_for_its_destination(&base, "h", url, &key).await;
         assert_eq!(get_hook(&base, "h").await.0, 404, "{url} was stored");
     }
     assert!(list_hooks(&base).await.is_empty());
@@ -801,13 +813,7 @@ async fn a_name_is_judged_by_the_addresses_it_resolves_to_not_by_how_it_reads() 
     .await;
     let base = tw.url("");
     let by_name = format!("http://localhost:{}/hook", rx.port);
-    let answer = put_hook(&base, "n", hook(&by_name, &["s/**"], &key, json!({}))).await;
-    assert_refused(
-        &answer,
-        403,
-        "destination_not_allowed",
-        &format!("PUT {by_name}"),
-    );
+    let answer = put_hook_refused_for_its_destination(&base, "n", &by_name, &key).await;
     let body = &answer.1;
     assert!(
         body["error"]["message"]
@@ -846,13 +852,7 @@ async fn by_default_only_loopback_destinations_are_allowed() {
         eprintln!("{name} resolves to 127.0.0.1 only: its refusal is not tested here");
     }
     for url in &refused {
-        let answer = put_hook(&base, "h", hook(url, &["s/**"], &key, json!({}))).await;
-        assert_refused(
-            &answer,
-            403,
-            "destination_not_allowed",
-            &format!("PUT {url}"),
-        );
+        put_hook_refused_for_its_destination(&base, "h", url, &key).await;
     }
     assert!(list_hooks(&base).await.is_empty());
     let (status, body) = put_hook(
